@@ -1,0 +1,339 @@
+"""Config schemas for every stage, YAML recipes and `key=value` overrides.
+
+One `Config` holds a section per stage. A recipe is YAML whose keys mirror these dataclasses;
+any key can be overridden from the command line (`model.n_layer=4 train.lr=1e-3`). Unknown keys
+and wrong types are errors that name the key and suggest the closest valid one, because a typo
+that silently falls back to a default wastes a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LmforgeError
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 32000
+    min_frequency: int = 2
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    from_file: str = ""  # adopt an existing tokenizer.json instead of training one
+    sources: list[str] = field(default_factory=list)  # empty: use data.sources
+    max_train_bytes: int = 0  # 0: train on everything; else a deterministic sample of about this size
+    held_out_fraction: float = 0.02  # documents kept out of training to report bytes per token
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # files, directories, globs
+    text_field: str = "text"  # for .jsonl/.json/.csv/.parquet
+    val_fraction: float = 0.01
+    workers: int = 0  # 0: all cores
+    dedup: bool = True
+    shard_tokens: int = 100_000_000  # tokens per shard file
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""  # tiny | small | medium | large | xl | gpt2-*; explicit keys override it
+    arch: str = "llama"  # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
+    vocab_size: int = 0  # 0: take it from the tokenizer, padded up to `pad_vocab_to`
+    pad_vocab_to: int = 64  # multiples of 64 keep matmuls on fast kernels
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 0  # 0: same as n_head; 1: multi-query attention
+    ffn_dim: int = 0  # 0: derived from n_embd (8/3 for SwiGLU, 4x otherwise), multiple of 64
+    mlp: str = "swiglu"  # swiglu | gelu | relu2
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    pos: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    bias: bool = False
+    tie_embeddings: bool = True
+    max_seq_len: int = 1024
+    logit_softcap: float = 0.0  # 0: off; else tanh soft-capping of logits at this value
+    zero_init_out: bool = False  # zero-init the output projections of attention and MLP
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    micro_batch: int = 8  # sequences per process per forward
+    batch_tokens: int = 0  # global batch in tokens; 0: micro_batch * seq_len * world
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # >0: fix the step count from measured step time to fit this budget
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (never all fp32 logits)
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = ""
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    init_from: str = ""  # checkpoint to start from (continued pretraining, fine-tuning)
+    tensorboard: bool = False
+    wandb: bool = False
+    swanlab: bool = False
+    progress: bool = True
+    detect_anomaly: bool = False
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # "" : latest checkpoint of the run
+    split: str = "val"
+    files: list[str] = field(default_factory=list)  # raw text files instead of a prepared split
+    max_batches: int = 0  # 0: the whole split
+    batch_size: int = 8
+    seq_len: int = 0  # 0: model's max_seq_len
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = ""
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+    stream: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    stages: list[str] = field(default_factory=list)  # for `lmforge run`
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotated type `tp`, converting where it is unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        last: Exception | None = None
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Merge a nested mapping into dataclass `obj`, checking every key and type."""
+    hints = typing.get_type_hints(type(obj))
+    fields = _fields(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown key '{key}'{_suggest(name, list(fields), prefix)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def set_key(cfg: Any, dotted: str, raw: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 1e-3, true, [a, b] work)."""
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        fields = _fields(type(obj))
+        key = ".".join(parts[: i + 1])
+        if part not in fields:
+            pre = ".".join(parts[:i]) + "." if i else ""
+            raise ConfigError(f"unknown key '{key}'{_suggest(part, list(fields), pre)}")
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"'{key}' is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    tp = typing.get_type_hints(type(obj))[parts[-1]]
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=...")
+    if tp is str and not isinstance(value, str):
+        value = raw  # keep "0123" or "1e3" as typed when a string is wanted
+    setattr(obj, parts[-1], _coerce(value, tp, dotted))
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Build a Config from defaults, an optional YAML recipe, then `key=value` overrides."""
+    cfg = base if base is not None else Config()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        k, v = item.split("=", 1)
+        set_key(cfg, k.strip(), v.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    choices = {
+        "model.arch": (cfg.model.arch, ("llama", "gpt2")),
+        "model.mlp": (cfg.model.mlp, ("swiglu", "gelu", "relu2")),
+        "model.norm": (cfg.model.norm, ("rmsnorm", "layernorm")),
+        "model.pos": (cfg.model.pos, ("rope", "learned")),
+        "train.optimizer": (cfg.train.optimizer, ("adamw", "muon")),
+        "train.schedule": (cfg.train.schedule, ("cosine", "linear", "wsd", "constant")),
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16", "fp16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{_suggest(value, list(allowed))}")
+    for key, value in (("train.micro_batch", cfg.train.micro_batch), ("train.seq_len", cfg.train.seq_len),
+                       ("model.n_layer", cfg.model.n_layer), ("model.n_head", cfg.model.n_head)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from lmforge.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def section_from_dict(cls: type, data: dict) -> Any:
+    """Rebuild one section (e.g. ModelConfig from a checkpoint), ignoring keys a newer version dropped."""
+    obj = cls()
+    known = {k: v for k, v in data.items() if k in _fields(cls)}
+    _apply(obj, known)
+    return obj

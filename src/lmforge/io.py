@@ -1,0 +1,118 @@
+"""Atomic file and folder writes.
+
+Every artifact is written to a temporary path beside its destination, fsynced, then renamed into
+place. A rename within one filesystem is atomic, so a reader (or a resume after a crash) sees
+either the old artifact or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class DiskFullError(OSError):
+    """Raised instead of a bare ENOSPC so the message says what was being written."""
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _explain(e: OSError, what: Path) -> OSError:
+    if e.errno == errno.ENOSPC:
+        return DiskFullError(errno.ENOSPC, f"no space left on device while writing {what}; "
+                             "the previous artifact is untouched. Free some space and run again")
+    return e
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)`, then fsync and rename tmp_path onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise _explain(e, path) from e
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class AtomicDir:
+    """Build a folder under a temporary name and rename it into place on success.
+
+    `with AtomicDir(final) as tmp: write files into tmp`. On an exception the temporary folder is
+    removed and `final` is untouched; on success, every file is fsynced before the rename.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, DiskFullError):
+                explained = _explain(exc, self.final)
+                if explained is not exc:
+                    raise explained from exc
+            return False
+        try:
+            for p in self.tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+            fsync_dir(self.tmp)
+            if self.final.exists():
+                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+                os.replace(self.final, old)
+                os.replace(self.tmp, self.final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise _explain(e, self.final) from e
+        return False
