@@ -8,6 +8,7 @@ that silently falls back to a default wastes a whole training run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -275,7 +276,7 @@ def set_key(cfg: Any, dotted: str, raw: str) -> None:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
     """Build a Config from defaults, an optional YAML recipe, then `key=value` overrides."""
-    cfg = base if base is not None else Config()
+    data: dict = {}
     if recipe:
         path = Path(recipe)
         if not path.is_file():
@@ -286,15 +287,36 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
-        try:
-            _apply(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    pairs = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         k, v = item.split("=", 1)
-        set_key(cfg, k.strip(), v.strip())
+        pairs.append((k.strip(), v.strip()))
+
+    def build(start: Config) -> Config:
+        if recipe:
+            try:
+                _apply(start, data)
+            except ConfigError as e:
+                raise ConfigError(f"{recipe}: {e}") from None
+        for k, v in pairs:
+            set_key(start, k, v)
+        return start
+
+    # Two passes: the first finds the model preset/arch the user asked for, the second applies
+    # that preset's values first so that every explicit key (recipe or command line) wins over it.
+    first = build(copy.deepcopy(base) if base is not None else Config())
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    from lmforge.model.presets import ARCH_DEFAULTS, preset_values
+
+    implied = preset_values(first.model.preset) if first.model.preset else {}
+    arch = implied.get("arch", first.model.arch)
+    if arch in ARCH_DEFAULTS:
+        implied = {**ARCH_DEFAULTS[arch], **implied}
+    for k, v in implied.items():
+        setattr(cfg.model, k, v)
+    cfg = build(cfg)
     validate(cfg)
     return cfg
 

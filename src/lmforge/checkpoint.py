@@ -1,0 +1,237 @@
+"""Checkpoint folders: a Hugging Face model folder plus the state needed to resume bit-exactly.
+
+    step_000100/
+      config.json            transformers config (llama / qwen3) + the lmforge ModelConfig
+      model.safetensors      HF-named weights (tied head omitted, as transformers does)
+      tokenizer.json, tokenizer_config.json, chat_template.jinja
+      lmforge.yaml           the resolved run config
+      optimizer.pt           optimizer state (loaded with weights_only=True)
+      trainer_state.json     step, tokens, schedule, data position, metrics
+      rng.pt                 torch / CUDA / python RNG states of every rank
+
+The folder is built under a temporary name and renamed into place (lmforge.io.AtomicDir), so a
+crash during a save leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.config import ModelConfig, section_from_dict
+from lmforge.errors import LmforgeError
+from lmforge.io import AtomicDir, atomic_write_json
+from lmforge.model.transformer import Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile / FSDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The transformers config.json for this architecture (llama, or qwen3 when QK-norm is on)."""
+    out: dict = {}
+    if cfg.arch == "llama" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" and cfg.pos == "rope" \
+            and not cfg.logit_softcap:
+        from lmforge.model.transformer import ffn_dim
+
+        head_dim = cfg.n_embd // cfg.n_head
+        out = {
+            "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+            "model_type": "qwen3" if cfg.qk_norm else "llama",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd,
+            "intermediate_size": ffn_dim(cfg),
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_scaling": None,
+            "attention_bias": cfg.bias,
+            "mlp_bias": cfg.bias,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+            "torch_dtype": "float32",
+            "use_cache": True,
+        }
+    out["lmforge"] = {k: v for k, v in vars(cfg).items()}
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = unwrap(model)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; transformers re-ties it
+    return sd
+
+
+def _fault_point(name: str) -> None:
+    """Crash here if LMFORGE_FAULT names this point: the crash-safety tests kill a real process."""
+    if os.environ.get("LMFORGE_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | Path | None = None,
+                    config_yaml: str | None = None, optimizer_state: dict | None = None,
+                    trainer_state: dict | None = None, rng_state: dict | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete checkpoint folder atomically; returns its path."""
+    path = Path(path)
+    m = unwrap(model)
+    with AtomicDir(path) as tmp:
+        save_file(model_state(m), tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_config(m.cfg))
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+        if config_yaml is not None:
+            (tmp / "lmforge.yaml").write_text(config_yaml, encoding="utf-8")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        if rng_state is not None:
+            torch.save(rng_state, tmp / "rng.pt")
+        if extra is not None:
+            extra(tmp)
+        _fault_point("mid-save")
+        if trainer_state is not None:  # written last: its presence marks a resumable checkpoint
+            atomic_write_json(tmp / "trainer_state.json", trainer_state)
+    return path
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").is_file():
+        raise LmforgeError(f"no tokenizer.json in {src}; run `lmforge tokenizer` first")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LmforgeError(f"{path} is not a checkpoint: config.json is missing")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{cfg_file}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if "lmforge" not in data:
+        raise LmforgeError(f"{cfg_file} has no 'lmforge' section: a Hugging Face folder must be imported "
+                           "first with `lmforge import hf PATH`")
+    return section_from_dict(ModelConfig, data["lmforge"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model a checkpoint describes and load its weights, checking every tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"checkpoint folder not found: {path}")
+    cfg = read_model_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmforgeError(f"{path} is incomplete: model.safetensors is missing")
+    try:
+        sd = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmforgeError(f"{weights} cannot be read ({e}); the checkpoint is damaged or truncated") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise LmforgeError(f"{weights} does not match its config.json: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for k, v in model.state_dict().items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            raise LmforgeError(f"{weights}: tensor {k} has shape {tuple(sd[k].shape)}, config says {tuple(v.shape)}")
+    model.load_state_dict(sd, strict=False, assign=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if cfg.pos == "rope":  # non-persistent buffers were left empty by to_empty()
+        from lmforge.model.transformer import rope_cache
+
+        cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def list_checkpoints(root: str | Path, resumable: bool = False) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders of a crashed save skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file():
+            if not resumable or (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path, resumable: bool = False) -> Path | None:
+    found = list_checkpoints(root, resumable)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints; also clear leftovers of interrupted saves."""
+    root = Path(root)
+    if keep_last > 0:
+        for p in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:
+    """(trainer_state, optimizer_state, rng_state) of a resumable checkpoint."""
+    path = Path(path)
+    for name in ("trainer_state.json", "optimizer.pt"):
+        if not (path / name).is_file():
+            raise LmforgeError(f"{path} cannot be resumed from: {name} is missing (a weights-only checkpoint "
+                               "can start a new run with train.init_from=...)")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else {}
+    except (json.JSONDecodeError, RuntimeError, EOFError, OSError) as e:
+        raise LmforgeError(f"{path}: training state cannot be read ({e}); the checkpoint is damaged") from None
+    return state, opt, rng

@@ -1,0 +1,68 @@
+"""Named model sizes, the GPT-2 architecture switch, and the memory/FLOPs arithmetic for `model info`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+# Block choices that come with `model.arch`; a preset or explicit key can still override them.
+ARCH_DEFAULTS: dict[str, dict] = {
+    "llama": {},
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True),
+}
+
+PRESETS: dict[str, dict] = {
+    # A few million parameters: trains on a laptop CPU in minutes.
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, max_seq_len=512),
+    "small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, max_seq_len=1024),  # ~125M
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, max_seq_len=1024),  # ~350M
+    "large": dict(n_layer=24, n_embd=1536, n_head=16, n_kv_head=16, max_seq_len=2048),  # ~760M
+    "xl": dict(n_layer=24, n_embd=2048, n_head=16, n_kv_head=16, max_seq_len=2048),  # ~1.3B
+    "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
+    "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
+    "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),
+}
+
+# The vocabulary `model info` assumes when none is given: GPT-2's, padded to a multiple of 64.
+DEFAULT_INFO_VOCAB = 50304
+
+
+def preset_values(name: str) -> dict:
+    """The key values a preset implies, arch defaults included (applied before the user's keys)."""
+    if name not in PRESETS:
+        raise LmforgeError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    return {**ARCH_DEFAULTS[values.get("arch", "llama")], **values}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    cfg = ModelConfig(preset=name)
+    cfg = replace(cfg, **preset_values(name))
+    return replace(cfg, **overrides)
+
+
+def training_memory(cfg: ModelConfig, n_params: int, batch: int, seq_len: int, precision: str,
+                    optimizer: str = "adamw", activation_checkpointing: bool = False) -> dict:
+    """Estimate the bytes one process needs to train: weights, grads, optimizer, activations.
+
+    fp32 master weights and grads (4 + 4 bytes), AdamW moments (8 bytes; Muon keeps one buffer for
+    matrices, about 4). Activations follow Korthikanti et al. (2022) with a flash-style attention
+    that stores no T x T scores: about 34 * C bytes per token per layer at 16-bit, twice that in
+    fp32; with activation checkpointing only each block's input (2 * C bytes at 16 bit) stays.
+    The logits term is the fp32 logits and their gradient.
+    """
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    tokens = batch * seq_len
+    per_layer = (2 * cfg.n_embd if activation_checkpointing else 34 * cfg.n_embd) * act_bytes / 2
+    opt_bytes = 8 if optimizer == "adamw" else 4
+    out = {
+        "weights": 4 * n_params,
+        "grads": 4 * n_params,
+        "optimizer": opt_bytes * n_params,
+        "activations": int(tokens * cfg.n_layer * per_layer),
+        "logits": int(tokens * cfg.vocab_size * 4 * 2),
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,311 @@
+"""One decoder-only Transformer, in the Llama / Qwen3 family, with a GPT-2 variant by config.
+
+Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses
+the rotate-half convention, so exporting to `transformers` is writing a config.json, not renaming
+tensors. The model never mentions parallelism: DDP/FSDP/compile are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+
+def padded_vocab(n: int, multiple: int) -> int:
+    return n if multiple <= 1 else ((n + multiple - 1) // multiple) * multiple
+
+
+def ffn_dim(cfg: ModelConfig) -> int:
+    if cfg.ffn_dim:
+        return cfg.ffn_dim
+    if cfg.mlp == "swiglu":  # 8/3 keeps SwiGLU's parameter count equal to a 4x GELU MLP
+        return padded_vocab(int(8 * cfg.n_embd / 3), 64)
+    return 4 * cfg.n_embd
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 as transformers does, so logits match under bf16 autocast too.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
+def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [f0..f(d/2-1), f0..f(d/2-1)]
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D) gathered at each token's position.
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for generation, shared write position for the whole batch.
+
+    Prompts of different lengths are left-padded; `key_mask[b, j]` is False for padding so no
+    query attends to it. Keeping the cache outside the model (as nanochat's engine does) leaves
+    the training forward pass free of generation state.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.has_padding = False  # set by whoever left-pads prompts and clears key_mask entries
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the batch rows in `index` (drop finished sequences)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+        self.key_mask = self.key_mask[index]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if gqa and mask is not None and x.device.type == "cpu":
+            # The CPU kernel has no GQA path with an explicit mask; expanding is cheap at these sizes.
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_dim(cfg)
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
+        else:  # GPT-2's tanh approximation, so logits match GPT2LMHeadModel ("gelu_new")
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.n_embd)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named `model` inside `Transformer`, mirroring transformers' `LlamaForCausalLM.model`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg, cfg.n_embd)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it is taken from the tokenizer by the stages)")
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"model.n_embd={cfg.n_embd} is not divisible by model.n_head={cfg.n_head}")
+        n_kv = cfg.n_kv_head or cfg.n_head
+        if cfg.n_head % n_kv:
+            raise ValueError(f"model.n_head={cfg.n_head} is not divisible by model.n_kv_head={n_kv}")
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.head_dim = cfg.n_embd // cfg.n_head
+        if cfg.pos == "rope":
+            cos, sin = rope_cache(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # --- initialisation -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layer)  # GPT-2: scale residual projections by depth
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.zeros_(p) if self.cfg.zero_init_out else nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        if self.cfg.pos == "rope":  # buffers are not saved; recompute after to_empty()/meta init
+            cos, sin = rope_cache(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    # --- forward ----------------------------------------------------------------------------
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
+                      doc_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, C); objectives turn them into losses.
+
+        positions: (B, T) token positions (default: 0..T-1, or continuing the cache).
+        doc_ids: (B, T) document index per token for packed sequences; attention never crosses
+        documents (positions should then restart at 0 per document).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of "
+                                 f"{self.cfg.max_seq_len} (model.max_seq_len)")
+            positions = torch.arange(start, start + T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        rope = None
+        if self.cfg.pos == "learned":
+            x = x + self.model.embed_positions(positions)
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
+                    self.rope_sin[positions].unsqueeze(1).to(x.dtype))
+        mask = self._mask(B, T, start, doc_ids, cache, input_ids.device)
+        for block in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def _mask(self, B: int, T: int, start: int, doc_ids: Tensor | None, cache: KVCache | None,
+              device: torch.device) -> Tensor | None:
+        """None means plain causal attention (the fast SDPA path); else a boolean (B,1,T,S) mask."""
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+            return (same & causal).unsqueeze(1)
+        if cache is None or (start == 0 and not cache.has_padding):
+            return None
+        return self._cache_mask(B, T, start, cache, device)
+
+    @staticmethod
+    def _cache_mask(B: int, T: int, start: int, cache: KVCache, device: torch.device) -> Tensor:
+        S = start + T
+        q_pos = torch.arange(start, S, device=device).unsqueeze(1)
+        causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
+        return (causal.unsqueeze(0) & cache.key_mask[:, :S].unsqueeze(1)).unsqueeze(1)
+
+    def logits(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(h)
+        if self.cfg.logit_softcap > 0:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab)."""
+        return self.logits(self.hidden_states(input_ids, positions, doc_ids, cache))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head or self.cfg.n_head, max_len,
+                       self.head_dim, dtype or p.dtype, device or p.device)
+
+    # --- accounting -------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+            if self.cfg.pos == "learned":
+                n -= self.model.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM)."""
+        n = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings:  # the head matmul still runs with tied weights
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
