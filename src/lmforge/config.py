@@ -274,7 +274,8 @@ def set_key(cfg: Any, dotted: str, raw: str) -> None:
     setattr(obj, parts[-1], _coerce(value, tp, dotted))
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
     """Build a Config from defaults, an optional YAML recipe, then `key=value` overrides."""
     data: dict = {}
     if recipe:

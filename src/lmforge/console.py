@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-console = Console(stderr=True, highlight=False)
+# Pipes and CI logs get long unwrapped lines; a terminal gets rich wrapping and live bars.
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def is_main_process() -> bool:

@@ -284,9 +284,14 @@ class Transformer(nn.Module):
         return logits
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, vocab)."""
-        return self.logits(self.hidden_states(input_ids, positions, doc_ids, cache))
+                cache: KVCache | None = None, return_hidden: bool = False) -> Tensor:
+        """Logits (B, T, vocab), or the final hidden states with return_hidden=True.
+
+        Training objectives ask for hidden states through the (DDP / compiled) wrapper, then apply
+        the head themselves, so the loss can be chunked without materialising all logits.
+        """
+        h = self.hidden_states(input_ids, positions, doc_ids, cache)
+        return h if return_hidden else self.logits(h)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

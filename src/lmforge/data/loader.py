@@ -1,0 +1,87 @@
+"""Batches of token windows from shards, in a seeded order whose position is part of a checkpoint.
+
+A split is cut into windows of seq_len + 1 tokens with stride seq_len (every token is predicted
+once per epoch). Each epoch visits the windows in a permutation seeded by (seed, epoch), so the
+whole data order is a pure function of the seed: the state to resume is just (epoch, cursor).
+
+Optimizer step s consumes the next G = micro_batch * world * accum windows of the permutation;
+rank r takes micro-batch a from offset (a * world + r) * micro_batch. One process with accum=2
+therefore sees exactly the sequences two processes with accum=1 see, which is what makes the
+DDP-parity test an equality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.shards import open_shards
+from lmforge.errors import LmforgeError
+
+
+class TokenWindows:
+    def __init__(self, split_dir: str | Path, seq_len: int):
+        self.split_dir = Path(split_dir)
+        self.shards, self.manifest = open_shards(self.split_dir)
+        self.seq_len = seq_len
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.offsets = np.cumsum([0] + counts)
+        if self.offsets[-1] == 0:
+            total = int(self.manifest.get("tokens", 0))
+            raise LmforgeError(f"{self.split_dir}: {total} tokens is less than one sequence of "
+                               f"{seq_len + 1}; use more data or a smaller train.seq_len")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, i: int) -> np.ndarray:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        start = (i - int(self.offsets[s])) * self.seq_len
+        return np.asarray(self.shards[s][start:start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.from_numpy(np.stack([self.get(int(i)) for i in indices]))
+        return w[:, :-1], w[:, 1:]
+
+
+class LMBatches:
+    """The training stream: each call to `next_step` returns this rank's micro-batches for one step."""
+
+    def __init__(self, windows: TokenWindows, micro_batch: int, accum: int, rank: int, world: int, seed: int):
+        self.windows, self.micro, self.accum = windows, micro_batch, accum
+        self.rank, self.world, self.seed = rank, world, seed
+        self.per_step = micro_batch * world * accum
+        if len(windows) < self.per_step:
+            raise LmforgeError(f"{windows.split_dir}: {len(windows)} sequences of {windows.seq_len} tokens, "
+                               f"but one optimizer step needs {self.per_step}; lower train.batch_tokens / "
+                               "train.micro_batch / train.seq_len or add data")
+        self.epoch, self.cursor = 0, 0
+        self._perm: np.ndarray | None = None
+
+    def _order(self) -> np.ndarray:
+        if self._perm is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._perm = rng.permutation(len(self.windows))
+        return self._perm
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cursor + self.per_step > len(self.windows):  # drop the ragged tail of the epoch
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        perm = self._order()
+        out = []
+        for a in range(self.accum):
+            lo = self.cursor + (a * self.world + self.rank) * self.micro
+            out.append(self.windows.batch(perm[lo:lo + self.micro]))
+        self.cursor += self.per_step
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "per_step": self.per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("per_step", self.per_step) != self.per_step:
+            raise LmforgeError(f"cannot resume: the checkpoint consumed {state['per_step']} sequences per step, "
+                               f"this run {self.per_step}; keep train.batch_tokens/micro_batch/seq_len as they were")
+        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None

@@ -1,0 +1,113 @@
+"""Language-modelling evaluation: loss, perplexity and bits per byte.
+
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the text rather than by
+tokens, so models with different tokenizers can be compared on the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import latest_checkpoint, load_model
+from lmforge.cli import add_config_args, config_from_args
+from lmforge.console import log, progress
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_json
+from lmforge.train.losses import cross_entropy_sum
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run (or stage) folder whose latest checkpoint is meant."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise LmforgeError(f"no checkpoint found at {path} (expected a step_N folder or a run with checkpoints/)")
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_bytes: int,
+                    max_batches: int = 0) -> dict:
+    """Loss over consecutive windows of `tokens` (every token after the first predicted once)."""
+    device = next(model.parameters()).device
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows == 0:
+        raise LmforgeError(f"{len(tokens)} tokens is less than one window of {seq_len + 1}; use more text "
+                           "or a smaller eval.seq_len")
+    starts = list(range(0, n_windows, batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    total, count = 0.0, 0
+    with progress("eval", len(starts)) as advance:
+        for b in starts:
+            rows = [tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(b, min(b + batch_size, n_windows))]
+            w = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+            total += cross_entropy_sum(model, model.hidden_states(w[:, :-1]), w[:, 1:]).item()
+            count += w[:, 1:].numel()
+            advance(1)
+    loss = total / count
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    if n_bytes:
+        # Bytes of the evaluated windows, pro rata when only part of the text was evaluated.
+        bytes_per_token = n_bytes / max(len(tokens) - 1, 1)
+        out["bits_per_byte"] = total / math.log(2) / (count * bytes_per_token)
+    return out
+
+
+def evaluate(cfg) -> dict:
+    from lmforge.data.shards import check_tokenizer, open_shards
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.dist import pick_device
+
+    ec = cfg.eval
+    ckpt = resolve_checkpoint(ec.checkpoint or cfg.run_dir)
+    device = pick_device(cfg.device)
+    model = load_model(ckpt, device=device)
+    seq_len = ec.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise LmforgeError(f"eval.seq_len={seq_len} exceeds the model's context {model.cfg.max_seq_len}")
+    tok = Tokenizer.load(ckpt)
+    if ec.files:
+        from lmforge.data.sources import iter_documents
+
+        ids: list[int] = []
+        n_bytes = 0
+        for doc in iter_documents(ec.files, cfg.data.text_field):
+            ids.extend(tok.encode(doc.text))
+            ids.append(tok.eot_id)
+            n_bytes += len(doc.text.encode("utf-8"))
+        tokens = np.asarray(ids, dtype=np.int64)
+        name = "files"
+    else:
+        split_dir = cfg.run_path / "data" / ec.split
+        shards, manifest = open_shards(split_dir)
+        check_tokenizer(manifest, tok)
+        check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+        tokens = np.concatenate([np.asarray(s) for s in shards]) if len(shards) > 1 else np.asarray(shards[0])
+        n_bytes = int(manifest.get("bytes", 0))
+        name = ec.split
+    result = evaluate_tokens(model, tokens, seq_len, ec.batch_size, n_bytes, ec.max_batches)
+    result.update({"checkpoint": str(ckpt), "data": name, "seq_len": seq_len})
+    stage = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else "model"
+    out = cfg.run_path / "eval" / f"{stage}-{ckpt.name}-{name}.json"
+    atomic_write_json(out, result)
+    log(f"{name}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}"
+        + (f"  bits/byte {result['bits_per_byte']:.4f}" if "bits_per_byte" in result else "")
+        + f"  ({result['tokens']} tokens) -> {out}")
+    return result
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmforge eval", description="Loss, perplexity and bits-per-byte of a "
+                                "checkpoint on a prepared split (eval.split=val) or text files (eval.files=...).")
+    add_config_args(p)
+    evaluate(config_from_args(p.parse_args(argv).items))
+    return 0

@@ -1,0 +1,203 @@
+"""The pretraining stages as commands: tokenizer, prepare, pretrain, model info, and `run RECIPE`.
+
+Each stage reads artifacts from the run directory and writes its own; `lmforge run` calls them in
+the order a recipe lists and skips the ones whose artifacts already exist, so re-running a recipe
+after a crash resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from lmforge.cli import add_config_args, config_from_args
+from lmforge.config import Config, save_config
+from lmforge.console import log
+from lmforge.errors import LmforgeError
+
+
+def _parse(prog: str, argv: list[str], description: str) -> Config:
+    p = argparse.ArgumentParser(prog=f"lmforge {prog}", description=description)
+    add_config_args(p)
+    return config_from_args(p.parse_args(argv).items)
+
+
+# --- tokenizer and data ---------------------------------------------------------------------------
+
+def run_tokenizer(cfg: Config) -> dict:
+    from lmforge.tokenizer import train_tokenizer
+
+    return train_tokenizer(cfg)
+
+
+def run_prepare(cfg: Config) -> dict:
+    from lmforge.data.prepare import prepare
+
+    return prepare(cfg)
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    run_tokenizer(_parse("tokenizer", argv, "Train a byte-level BPE tokenizer into RUN/tokenizer."))
+    return 0
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    run_prepare(_parse("prepare", argv, "Tokenize a corpus into RUN/data/<split> shards."))
+    return 0
+
+
+# --- pretraining ----------------------------------------------------------------------------------
+
+def tokenizer_dir(cfg: Config) -> Path:
+    d = cfg.run_path / "tokenizer"
+    if not (d / "tokenizer.json").is_file():
+        raise LmforgeError(f"{d}/tokenizer.json not found: run `lmforge tokenizer` for this run_dir first")
+    return d
+
+
+def build_model(cfg: Config, vocab_size: int):
+    """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`."""
+    import torch
+
+    from lmforge.checkpoint import load_model
+    from lmforge.model.transformer import Transformer, padded_vocab
+
+    if cfg.train.init_from:
+        model = load_model(cfg.train.init_from)
+        if model.cfg.vocab_size < vocab_size:
+            raise LmforgeError(f"train.init_from={cfg.train.init_from} has vocab_size {model.cfg.vocab_size}, "
+                               f"smaller than the tokenizer's {vocab_size}")
+        cfg.model = model.cfg
+        return model.train()
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = padded_vocab(vocab_size, cfg.model.pad_vocab_to)
+    elif cfg.model.vocab_size < vocab_size:
+        raise LmforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"{vocab_size} tokens; set model.vocab_size=0 to size it from the tokenizer")
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    return Transformer(cfg.model).train()
+
+
+def sampler(tok, prompt: str, seed: int, max_new_tokens: int = 96) -> Callable:
+    """A function model -> generated text, for periodic samples during training."""
+
+    def sample(model) -> str:
+        from lmforge.infer.engine import SamplingParams, generate
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=seed)
+        was = model.training
+        model.eval()
+        try:
+            return prompt + generate(model, tok, [prompt], params)[0]
+        finally:
+            model.train(was)
+
+    return sample
+
+
+def run_pretrain(cfg: Config):
+    from lmforge.data.shards import check_tokenizer, read_manifest
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.loop import train
+    from lmforge.train.objectives import LMObjective
+
+    tok_dir = tokenizer_dir(cfg)
+    tok = Tokenizer.load(tok_dir)
+    data_dir = cfg.run_path / "data"
+    manifest = read_manifest(data_dir / "train")
+    check_tokenizer(manifest, tok, tokenizer_dir=tok_dir)
+    model = build_model(cfg, tok.vocab_size)
+    check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+    objective = LMObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed,
+                            cfg.train.loss_chunk, cfg.train.eval_batches)
+    save_config(cfg, cfg.run_path / "lmforge.yaml")
+    prompt = cfg.train.sample_prompt or tok.decode(list(objective.train.get(0)[:8]))
+    result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
+                   sample_fn=sampler(tok, prompt, cfg.seed))
+    log(f"[bold green]done[/] step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        + f"; checkpoint {result.checkpoint}")
+    return result
+
+
+def cmd_pretrain(argv: list[str]) -> int:
+    run_pretrain(_parse("pretrain", argv, "Pretrain a model on RUN/data into RUN/checkpoints."))
+    return 0
+
+
+# --- model info -----------------------------------------------------------------------------------
+
+def cmd_model(argv: list[str]) -> int:
+    import torch
+
+    from lmforge.config import load_config
+    from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS, training_memory
+    from lmforge.model.transformer import Transformer
+
+    p = argparse.ArgumentParser(prog="lmforge model", description="Model arithmetic for a preset.")
+    p.add_argument("action", choices=["info"])
+    p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--vocab", type=int, default=DEFAULT_INFO_VOCAB)
+    p.add_argument("--batch", type=int, default=8, help="sequences per GPU")
+    p.add_argument("--seq-len", type=int, default=0, help="default: the preset's context")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("overrides", nargs="*", help="model.key=value")
+    a = p.parse_args(argv)
+    cfg = load_config(overrides=[f"model.preset={a.preset}", f"model.vocab_size={a.vocab}", *a.overrides])
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    seq = a.seq_len or cfg.model.max_seq_len
+    n = model.num_params()
+    mem = training_memory(cfg.model, n, a.batch, seq, a.precision, a.optimizer, a.activation_checkpointing)
+    m = cfg.model
+    print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
+          f"({m.n_kv_head or m.n_head} kv), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
+          f"context {m.max_seq_len}, vocab {m.vocab_size}")
+    print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
+          "without embeddings)")
+    print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
+    print(f"training memory at batch {a.batch} x {seq}, {a.precision}, {a.optimizer}"
+          f"{', activation checkpointing' if a.activation_checkpointing else ''}:")
+    for k, v in mem.items():
+        print(f"  {k:<15} {v / 2**30:10.2f} GiB")
+    return 0
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+def _done_tokenizer(cfg: Config) -> bool:
+    return (cfg.run_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _done_prepare(cfg: Config) -> bool:
+    return (cfg.run_path / "data" / "train" / "manifest.json").is_file()
+
+
+# name -> (run function, "already done" check). Post-training stages register here too.
+STAGES: dict[str, tuple[Callable[[Config], object], Callable[[Config], bool] | None]] = {
+    "tokenizer": (run_tokenizer, _done_tokenizer),
+    "prepare": (run_prepare, _done_prepare),
+    "pretrain": (run_pretrain, None),  # resumes from its latest checkpoint by itself
+}
+
+
+def cmd_run(argv: list[str]) -> int:
+    cfg = _parse("run", argv, "Run the stages a recipe lists (its `stages:` key), in order, resumably.")
+    if not cfg.stages:
+        raise LmforgeError(f"the recipe lists no stages; add e.g. `stages: [tokenizer, prepare, pretrain]` "
+                           f"(known: {', '.join(STAGES)})")
+    for name in cfg.stages:
+        if name not in STAGES:
+            raise LmforgeError(f"stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
+    for name in cfg.stages:
+        run, done = STAGES[name]
+        if done is not None and done(cfg):
+            log(f"[dim]stage {name}: already done, skipped[/]")
+            continue
+        log(f"[bold]stage {name}[/]")
+        run(cfg)
+    return 0

@@ -1,0 +1,345 @@
+"""The one training loop. Pretraining, SFT, DPO, reward modelling and GRPO all run through `train`.
+
+Follow one step: the objective hands this rank its micro-batches; the loss of each is a sum over
+units (tokens, pairs, ...) divided by the global batch's unit count, so accumulation and ranks are
+weighted exactly; DDP averages gradients over ranks (hence the `* world`); then clip, step,
+schedule. Checkpoints hold everything that decides the next step — weights, optimizer, step,
+data position, RNG states — so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lmforge import checkpoint as ckpt
+from lmforge.config import Config, to_dict
+from lmforge.console import console, log
+from lmforge.errors import LmforgeError
+from lmforge.train import dist
+from lmforge.train.metrics import MetricsSink
+from lmforge.train.objectives import Objective
+from lmforge.train.optim import build_optimizer, lr_factor, set_lr
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    metrics: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            return torch.bfloat16 if precision == "bf16" else None
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """Measured dense matmul rate of this device (FLOP/s): the ceiling MFU is reported against."""
+    n = 2048 if device.type == "cuda" else 1024
+    dt = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(2):
+        a @ b
+    reps = 50 if device.type == "cuda" else 6
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _fault(step: int) -> None:
+    """LMFORGE_FAULT=step:N kills this process right after step N (crash-safety tests)."""
+    if os.environ.get("LMFORGE_FAULT") == f"step:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Path,
+          tokenizer_dir: str | Path | None = None, sample_fn=None) -> TrainResult:
+    """Train `model` on `objective`, writing checkpoints and metrics under `out_dir`.
+
+    sample_fn(model) -> str, if given, is called at sample_every steps and at the end, and its
+    text is printed and logged.
+    """
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    d = dist.setup(cfg.device)
+    device = d.device
+    amp = autocast_dtype(tc.precision, device)
+    if tc.precision == "fp16" and device.type != "cuda":
+        raise LmforgeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    model.to(device)
+    model.activation_checkpointing = tc.activation_checkpointing
+    tokens_per_micro = tc.micro_batch * tc.seq_len
+    global_tokens = tc.batch_tokens or tokens_per_micro * d.world
+    if global_tokens % (tokens_per_micro * d.world):
+        raise LmforgeError(f"train.batch_tokens={global_tokens} is not a multiple of micro_batch * seq_len * "
+                           f"processes = {tokens_per_micro * d.world}")
+    accum = global_tokens // (tokens_per_micro * d.world)
+    objective.setup(model, device, d.rank, d.world, accum)
+
+    optimizer = build_optimizer(model, tc)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    state = {"step": 0, "tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0, "elapsed": 0.0}
+
+    # --- resume -------------------------------------------------------------------------------
+    resume_from = None
+    if tc.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
+    elif tc.resume not in ("none", ""):
+        resume_from = Path(tc.resume)
+    if resume_from is not None:
+        saved, opt_state, rng = ckpt.load_training_state(resume_from)
+        loaded = ckpt.load_model(resume_from, device=device)
+        if to_dict(loaded.cfg) != to_dict(model.cfg):
+            raise LmforgeError(f"cannot resume from {resume_from}: its model config differs from this run's "
+                               "(use a new run_dir, or train.resume=none)")
+        ckpt.unwrap(model).load_state_dict(loaded.state_dict())
+        del loaded
+        optimizer.load_state_dict(opt_state)
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+        objective.load_state_dict(saved["objective"])
+        state.update({k: saved[k] for k in ("step", "tokens", "total_steps", "elapsed")})
+        ranks = rng.get("ranks", [])
+        if len(ranks) == d.world:
+            set_rng_state(ranks[d.rank])
+        log(f"[green]resumed[/] from {resume_from} at step {state['step']}")
+
+    train_model: nn.Module = model
+    if tc.compile:
+        train_model = torch.compile(model)
+    if d.enabled:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False)
+
+    sink = MetricsSink(out_dir, d.is_main, state["step"], tc.tensorboard, tc.wandb, tc.swanlab,
+                       run_name=out_dir.name, config=to_dict(cfg))
+    inner = ckpt.unwrap(model)
+    flops_tok = inner.flops_per_token(tc.seq_len)
+    peak = peak_flops(device, amp) if d.is_main else 0.0
+    config_yaml = _config_yaml(cfg)
+
+    def save(step: int) -> Path | None:
+        rngs = dist.all_gather_object(rng_state())
+        path = None
+        if d.is_main:
+            trainer_state = {**state, "objective": objective.state_dict(), "world": d.world, "accum": accum}
+            if scaler.is_enabled():
+                trainer_state["scaler"] = scaler.state_dict()
+            path = ckpt.save_checkpoint(ckpt_dir / f"step_{step:06d}", inner, tokenizer_dir=tokenizer_dir,
+                                        config_yaml=config_yaml, optimizer_state=optimizer.state_dict(),
+                                        trainer_state=trainer_state, rng_state={"ranks": rngs})
+            ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
+        dist.barrier()
+        return path
+
+    # --- the loop -------------------------------------------------------------------------------
+    step = first_step = state["step"]
+    t_start = time.perf_counter()
+    elapsed0 = state["elapsed"]
+    window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+    acc = {}
+    last_eval: dict = {}
+    last_path = None
+    budget_s = tc.max_minutes * 60
+    log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
+        f"{global_tokens} tokens/step ({accum} accumulation), precision {amp or torch.float32}, device {device}")
+
+    progress = _Progress(enabled=d.is_main and tc.progress)
+    try:
+        while True:
+            total = state["total_steps"]
+            if total and step >= total:
+                break
+            set_lr(optimizer, lr_factor(step, total or max(step + 1, tc.max_steps), tc))
+            batches = objective.next_batches(train_model)
+            n_units = torch.tensor(float(sum(objective.count(b) for b in batches)), device=device)
+            dist.all_reduce_sum(n_units)
+            step_metrics: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(batches):
+                sync = not d.enabled or i == len(batches) - 1
+                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+                with ctx, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss_sum, m = objective.loss(train_model, batch)
+                    loss = loss_sum * (d.world / n_units)
+                scaler.scale(loss).backward()
+                for k, v in m.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v.detach().float()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            state["tokens"] += global_tokens
+            window["tokens"] += global_tokens
+            window["steps"] += 1
+            for k, v in step_metrics.items():
+                acc[k] = acc.get(k, 0.0) + v
+            acc["_units"] = acc.get("_units", 0.0) + n_units
+            acc["_gnorm"] = acc.get("_gnorm", 0.0) + grad_norm.float()
+            acc["_steps"] = acc.get("_steps", 0) + 1
+
+            # A time budget fixes the step count once the step time is known (saved, so resume agrees).
+            if not state["total_steps"] and step - first_step >= 5:
+                per_step = (time.perf_counter() - t_start) / (step - first_step)
+                state["total_steps"] = max(step + 1, int(budget_s / per_step))
+                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step)")
+
+            total = state["total_steps"] or tc.max_steps
+            if step % tc.log_every == 0 or step == total:
+                row = _reduce_metrics(acc, d.world)
+                acc = {}
+                dt = time.perf_counter() - window["t"]
+                tps = window["tokens"] / max(dt, 1e-9)
+                row.update({"lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"],
+                            "tokens_per_s": tps, "mfu": flops_tok * tps / peak if peak else 0.0,
+                            "memory_gb": memory_gb(device)})
+                window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+                sink.log(step, row)
+                elapsed = elapsed0 + time.perf_counter() - t_start
+                eta = (total - step) * (elapsed - elapsed0) / max(step - first_step, 1)
+                progress.update(step, total, row, eta)
+            if tc.eval_every and (step % tc.eval_every == 0 or step == total):
+                last_eval = _evaluate(objective, train_model)
+                if last_eval:
+                    sink.log(step, last_eval)
+                    progress.note(step, last_eval)
+            if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0 and d.is_main:
+                text = sample_fn(inner)
+                sink.log(step, {"sample": text})
+                progress.note(step, {"sample": text})
+            state["elapsed"] = elapsed0 + time.perf_counter() - t_start
+            if step == total or (tc.save_every and step % tc.save_every == 0):
+                last_path = save(step)
+            _fault(step)
+    finally:
+        progress.close()
+        sink.close()
+
+    if not last_eval and tc.eval_every:
+        last_eval = _evaluate(objective, train_model)
+    if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
+        text = sample_fn(inner)
+        last_eval = {**last_eval, "sample": text}
+        console.print(f"[cyan]sample at step {step}:[/]\n{text}")
+    if last_path is None:
+        last_path = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
+    elapsed = time.perf_counter() - t_start
+    trained = step - first_step
+    tps = trained * global_tokens / elapsed if elapsed > 0 and trained else 0.0
+    return TrainResult(step, last_path, last_eval, tps, flops_tok * tps / peak if peak else 0.0)
+
+
+def _evaluate(objective: Objective, model: nn.Module) -> dict:
+    was = model.training
+    model.eval()
+    try:
+        return objective.evaluate(model)
+    finally:
+        model.train(was)
+
+
+def _reduce_metrics(acc: dict, world: int) -> dict:
+    """Average summed metrics over the units of every rank (one all-reduce at log time only)."""
+    keys = sorted(k for k in acc if not k.startswith("_"))
+    if not keys:
+        return {}
+    t = torch.stack([torch.as_tensor(acc[k]).float() for k in keys] + [torch.as_tensor(acc["_units"]).float()])
+    dist.all_reduce_sum(t)
+    units = t[-1].clamp_min(1e-9)
+    out = {k: (t[i] / units).item() for i, k in enumerate(keys)}
+    out["grad_norm"] = float(acc["_gnorm"]) / acc["_steps"]
+    return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
+
+
+def _config_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+class _Progress:
+    """One live line: step, loss, lr, tokens/s, MFU, memory, ETA; evaluations print above it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), console=console)
+            self.task = self.bar.add_task("train", total=None, info="")
+            self.bar.start()
+
+    def update(self, step: int, total: int, row: dict, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        info = (f"loss {row.get('loss', float('nan')):.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s  "
+                f"MFU {100 * row['mfu']:.1f}%  mem {row['memory_gb']:.2f}GB  ETA {_hms(eta_s)}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, total=total, info=info)
+        else:  # CI logs and pipes: a plain line per log step
+            console.print(f"step {step}/{total}  {info}")
+
+    def note(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v!r}" for k, v in metrics.items()]
+        console.print(f"[cyan]step {step}[/]  " + "  ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _hms(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

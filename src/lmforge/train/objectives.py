@@ -1,0 +1,131 @@
+"""The objective interface every training stage plugs into, and the language-modelling objective.
+
+The loop (train/loop.py) owns everything an objective does not: devices, precision, DDP,
+accumulation, clipping, the optimizer, schedules, checkpoints, logging. An objective only says
+where its batches come from, what one batch's loss is, and how to evaluate.
+
+Losses are returned as sums with a count (tokens, pairs, sequences...). The loop divides by the
+count of the whole global batch, so accumulation steps and ranks with uneven token counts are
+weighted correctly (1 x accum 8 equals 8 x accum 1).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.data.loader import LMBatches, TokenWindows
+from lmforge.train.losses import cross_entropy_sum
+
+
+class Objective:
+    """Base class: subclasses implement `next_batches`, `count`, `loss`; the rest is optional."""
+
+    name = "objective"
+
+    def setup(self, model: nn.Module, device: torch.device, rank: int, world: int, accum: int) -> None:
+        """Called once by the loop before training (e.g. to build a reference model)."""
+
+    def next_batches(self, model: nn.Module) -> list:
+        """This rank's micro-batches for one optimizer step (already on the device)."""
+        raise NotImplementedError
+
+    def count(self, batch) -> float:
+        """How many units the batch's loss sums over."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss summed over units, metrics summed over the same units)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LMObjective(Objective):
+    """Next-token prediction on prepared shards (pretraining and continued pretraining)."""
+
+    name = "lm"
+
+    def __init__(self, data_dir: str | Path, seq_len: int, micro_batch: int, seed: int, loss_chunk: int = 0,
+                 eval_batches: int = 20):
+        self.data_dir = Path(data_dir)
+        self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
+        self.loss_chunk, self.eval_batches = loss_chunk, eval_batches
+        self.train = TokenWindows(self.data_dir / "train", seq_len)
+        val_dir = self.data_dir / "val"
+        self.val = TokenWindows(val_dir, seq_len) if (val_dir / "manifest.json").is_file() else None
+        self.stream: LMBatches | None = None
+        self.pending: dict | None = None
+
+    def setup(self, model, device, rank, world, accum):
+        self.device, self.rank, self.world = device, rank, world
+        self.stream = LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed)
+        if self.pending is not None:
+            self.stream.load_state_dict(self.pending)
+
+    def next_batches(self, model):
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in self.stream.next_step()]
+
+    def count(self, batch) -> float:
+        return float(batch[1].numel())
+
+    def loss(self, model, batch):
+        x, y = batch
+        h = model(x, return_hidden=True)
+        loss = cross_entropy_sum(_inner(model), h, y, self.loss_chunk)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        if self.val is None:
+            return {}
+        m = _inner(model)
+        n = min(len(self.val), self.eval_batches * self.micro_batch) if self.eval_batches > 0 else len(self.val)
+        idx = list(range(self.rank * self.micro_batch, n, self.world * self.micro_batch))
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in idx:
+            x, y = self.val.batch(range(i, min(i + self.micro_batch, n)))
+            x, y = x.to(self.device), y.to(self.device)
+            total[0] += cross_entropy_sum(m, m.hidden_states(x), y, self.loss_chunk).double()
+            total[1] += y.numel()
+        from lmforge.train.dist import all_reduce_sum
+
+        all_reduce_sum(total)
+        loss = (total[0] / total[1].clamp_min(1)).item()
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        bpt = bytes_per_token(self.val.manifest)
+        if bpt:
+            out["val_bpb"] = loss / math.log(2) / bpt
+        return out
+
+    def state_dict(self):
+        return self.stream.state_dict() if self.stream else (self.pending or {})
+
+    def load_state_dict(self, state):
+        self.pending = state
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
+
+
+def bytes_per_token(manifest: dict) -> float:
+    tokens, nbytes = manifest.get("tokens", 0), manifest.get("bytes", 0)
+    return nbytes / tokens if tokens and nbytes else 0.0
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from lmforge.checkpoint import unwrap
+
+    return unwrap(model)
+
