@@ -92,9 +92,9 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _fault_point(name: str) -> None:
-    """Crash here if LMFORGE_FAULT names this point: the crash-safety tests kill a real process."""
-    if os.environ.get("LMFORGE_FAULT") == name:
+def _fault_point(name: str, where: str) -> None:
+    """SIGKILL this process if LMFORGE_FAULT is `name` or `name:where` (crash-safety tests kill a real process)."""
+    if os.environ.get("LMFORGE_FAULT") in (name, f"{name}:{where}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -106,8 +106,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
     path = Path(path)
     m = unwrap(model)
     with AtomicDir(path) as tmp:
-        save_file(model_state(m), tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config(m.cfg))
+        save_weights = getattr(m, "save_weights", None)
+        if save_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
+            save_weights(tmp)
+        else:
+            save_file(model_state(m), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         if config_yaml is not None:
@@ -118,7 +122,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
             torch.save(rng_state, tmp / "rng.pt")
         if extra is not None:
             extra(tmp)
-        _fault_point("mid-save")
+        _fault_point("mid-save", path.name)
         if trainer_state is not None:  # written last: its presence marks a resumable checkpoint
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
     return path
@@ -195,7 +199,8 @@ def list_checkpoints(root: str | Path, resumable: bool = False) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file():
+        weights = (p / "model.safetensors").is_file() or (p / "adapter_model.safetensors").is_file()
+        if m and p.is_dir() and weights and (p / "config.json").is_file():
             if not resumable or (p / "trainer_state.json").is_file():
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]

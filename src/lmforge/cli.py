@@ -54,6 +54,13 @@ def config_from_args(items: list[str]):
             recipe = item
         else:
             raise LmforgeError(f"unexpected argument '{item}': give one recipe.yaml and key=value overrides")
+    if recipe is None:
+        # A run directory remembers its resolved config, so `lmforge pretrain run_dir=X` (or eval,
+        # generate...) continues run X with the settings it was started with.
+        run_dir = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "run_dir"), None)
+        saved = Path(run_dir) / "lmforge.yaml" if run_dir else None
+        if saved is not None and saved.is_file():
+            recipe = str(saved)
     return load_config(recipe, overrides)
 
 

@@ -117,8 +117,8 @@ def run_pretrain(cfg: Config):
     prompt = cfg.train.sample_prompt or tok.decode(list(objective.train.get(0)[:8]))
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed))
-    log(f"[bold green]done[/] step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-        + f"; checkpoint {result.checkpoint}")
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
     return result
 
 

@@ -134,17 +134,23 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
         resume_from = Path(tc.resume)
     if resume_from is not None:
         saved, opt_state, rng = ckpt.load_training_state(resume_from)
-        loaded = ckpt.load_model(resume_from, device=device)
-        if to_dict(loaded.cfg) != to_dict(model.cfg):
+        if to_dict(ckpt.read_model_config(resume_from)) != to_dict(model.cfg):
             raise LmforgeError(f"cannot resume from {resume_from}: its model config differs from this run's "
                                "(use a new run_dir, or train.resume=none)")
-        ckpt.unwrap(model).load_state_dict(loaded.state_dict())
-        del loaded
+        load_weights = getattr(ckpt.unwrap(model), "load_weights", None)
+        if load_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
+            load_weights(resume_from)
+        else:
+            loaded = ckpt.load_model(resume_from, device=device)
+            ckpt.unwrap(model).load_state_dict(loaded.state_dict())
+            del loaded
         optimizer.load_state_dict(opt_state)
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         objective.load_state_dict(saved["objective"])
         state.update({k: saved[k] for k in ("step", "tokens", "total_steps", "elapsed")})
+        if tc.max_minutes <= 0:  # an explicit step count (e.g. to train a finished run longer) wins
+            state["total_steps"] = tc.max_steps
         ranks = rng.get("ranks", [])
         if len(ranks) == d.world:
             set_rng_state(ranks[d.rank])
@@ -161,7 +167,8 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
                        run_name=out_dir.name, config=to_dict(cfg))
     inner = ckpt.unwrap(model)
     flops_tok = inner.flops_per_token(tc.seq_len)
-    peak = peak_flops(device, amp) if d.is_main else 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        peak = peak_flops(device, amp) if d.is_main else 0.0  # its randn must not move the restored RNG
     config_yaml = _config_yaml(cfg)
 
     def save(step: int) -> Path | None:
@@ -227,9 +234,16 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
             acc["_steps"] = acc.get("_steps", 0) + 1
 
             # A time budget fixes the step count once the step time is known (saved, so resume agrees).
-            if not state["total_steps"] and step - first_step >= 5:
-                per_step = (time.perf_counter() - t_start) / (step - first_step)
-                state["total_steps"] = max(step + 1, int(budget_s / per_step))
+            # The first step is left out (allocator and kernel warm-up); periodic evaluation runs
+            # forward passes only, about a third of a training step's work per micro-batch.
+            if step - first_step == 1:
+                t_warm = time.perf_counter()
+            if not state["total_steps"] and step - first_step >= 6:
+                per_step = (time.perf_counter() - t_warm) / (step - first_step - 1)
+                if tc.eval_every:
+                    per_step *= 1 + tc.eval_batches / (3 * accum * tc.eval_every)
+                spent = time.perf_counter() - t_start
+                state["total_steps"] = max(step + 1, step + int((budget_s - spent) / per_step))
                 log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step)")
 
             total = state["total_steps"] or tc.max_steps
@@ -291,9 +305,9 @@ def _reduce_metrics(acc: dict, world: int) -> dict:
     keys = sorted(k for k in acc if not k.startswith("_"))
     if not keys:
         return {}
-    t = torch.stack([torch.as_tensor(acc[k]).float() for k in keys] + [torch.as_tensor(acc["_units"]).float()])
+    t = torch.stack([torch.as_tensor(acc[k]).float() for k in keys])
     dist.all_reduce_sum(t)
-    units = t[-1].clamp_min(1e-9)
+    units = torch.as_tensor(acc["_units"]).float().clamp_min(1e-9)  # already the global count
     out = {k: (t[i] / units).item() for i, k in enumerate(keys)}
     out["grad_norm"] = float(acc["_gnorm"]) / acc["_steps"]
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
