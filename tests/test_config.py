@@ -1,0 +1,52 @@
+"""Recipes and overrides: typos and wrong types stop with the key named; presets yield to explicit keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.config import ConfigError, load_config
+
+
+def test_overrides_and_types():
+    cfg = load_config(overrides=["train.lr=1e-3", "model.n_layer=6", "train.compile=true",
+                                 "data.sources=[a.txt, b.jsonl]", "train.resume=none"])
+    assert cfg.train.lr == 1e-3 and cfg.model.n_layer == 6 and cfg.train.compile is True
+    assert cfg.data.sources == ["a.txt", "b.jsonl"] and cfg.train.resume == "none"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_layr=3", "unknown key 'model.n_layr' (did you mean 'model.n_layer'?)"),
+    ("trian.lr=1", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("model.n_layer=2.5", "model.n_layer: expected an integer"),
+    ("train.compile=maybe", "train.compile: expected true/false"),
+    ("train.optimizer=adam", "train.optimizer: 'adam' is not one of adamw, muon (did you mean 'adamw'?)"),
+    ("model", "must look like key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert message in str(e.value)
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  n_layer: 4\n  widht: 128\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'model.widht'"):
+        load_config(recipe)
+    recipe.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_preset_then_explicit_keys_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: small\n  n_layer: 3\n")
+    cfg = load_config(recipe, ["model.n_head=6"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (3, 768, 6)
+    gpt2 = load_config(overrides=["model.preset=gpt2-small"]).model
+    assert (gpt2.norm, gpt2.pos, gpt2.mlp, gpt2.bias) == ("layernorm", "learned", "gelu", True)
+    with pytest.raises(Exception, match="unknown model preset 'huge'"):
+        load_config(overrides=["model.preset=huge"])
