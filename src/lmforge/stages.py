@@ -28,13 +28,17 @@ def _parse(prog: str, argv: list[str], description: str) -> Config:
 def run_tokenizer(cfg: Config) -> dict:
     from lmforge.tokenizer import train_tokenizer
 
-    return train_tokenizer(cfg)
+    report = train_tokenizer(cfg)
+    save_config(cfg, cfg.run_path / "lmforge.yaml")  # later stages with run_dir=... reuse these settings
+    return report
 
 
 def run_prepare(cfg: Config) -> dict:
     from lmforge.data.prepare import prepare
 
-    return prepare(cfg)
+    summary = prepare(cfg)
+    save_config(cfg, cfg.run_path / "lmforge.yaml")
+    return summary
 
 
 def cmd_tokenizer(argv: list[str]) -> int:
