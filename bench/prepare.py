@@ -25,6 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.config import Config
 from lmforge.data.prepare import prepare
+from lmforge.data.sources import iter_documents
 from lmforge.tokenizer import train_tokenizer
 
 
@@ -90,7 +91,8 @@ def main() -> None:
         tok_info["seconds"] = round(time.perf_counter() - t0, 2)
         hf = HFTokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
         tok_info["vocab_size"] = hf.get_vocab_size()
-        texts = [t for _, t in docs]
+        # The peers get exactly the documents prepare tokenizes (e.g. a UTF-8 BOM is stripped).
+        texts = [d.text for d in iter_documents(cfg.data.sources)]
 
         ours, batch, loop = [], [], []
         tokens = peer_tokens = 0
@@ -120,7 +122,7 @@ def main() -> None:
         "workers": summary["workers"],
         "repeats": args.repeats,
         "tokens": tokens,
-        "tokens_match": tokens == peer_tokens + len(docs),  # prepare adds one eot per document
+        "tokens_match": tokens == peer_tokens + len(texts),  # prepare adds one eot per document
         "lmforge_prepare": {"mb_per_s": spread([mb / s for s in ours]),
                             "tokens_per_s": spread([tokens / s for s in ours]),
                             "seconds": [round(s, 2) for s in ours]},
