@@ -16,6 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class DiskFullError(OSError):
     """Raised instead of a bare ENOSPC so the message says what was being written."""
 
@@ -47,6 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
