@@ -115,3 +115,41 @@ def test_accumulation_equals_large_batch(base_run, tmp_path):
         assert r.returncode == 0, r.stderr
         runs.append([m["loss"] for m in metrics(run) if "loss" in m])
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_eval_on_raw_text_files_and_tensorboard(base_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = copy_run(base_run, tmp_path / "r")
+    r = lmforge("pretrain", f"run_dir={run}", *TINY, "train.max_steps=3", "train.save_every=3",
+                "train.tensorboard=true")
+    assert r.returncode == 0, r.stderr
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    text = tmp_path / "notes.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    r = lmforge("eval", f"run_dir={run}", f"eval.files=[{text}]", "eval.seq_len=32")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(next((run / "eval").glob("*-files.json")).read_text())
+    assert out["data"] == "files" and out["tokens"] > 0 and out["bits_per_byte"] > 0
+
+
+def test_quickstart_end_to_end(tmp_path):
+    """The quickstart on a small corpus and a one-minute budget: finishes in time, leaves a usable run."""
+    import time
+
+    from spine import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    t0 = time.perf_counter()
+    r = lmforge("quickstart", "--data", str(corpus), "--minutes", "1", "--run-dir", str(tmp_path / "qs"),
+                "model.n_layer=2", "model.n_embd=64", "tokenizer.vocab_size=512", "train.micro_batch=8",
+                "train.seq_len=64", "train.eval_every=50", "train.eval_batches=4", timeout=240)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert "validation loss" in r.stderr and "unigram baseline" in r.stderr and "sample at step" in r.stderr
+    assert elapsed < 60 + 30, elapsed  # the budget, plus interpreter start-up and the final report
+    ckpt = latest_checkpoint(tmp_path / "qs" / "checkpoints")
+    assert ckpt is not None and (ckpt / "tokenizer.json").is_file()
+    # the run directory remembers its settings: continuing needs only run_dir
+    r = lmforge("pretrain", f"run_dir={tmp_path / 'qs'}", "train.max_minutes=0",
+                f"train.max_steps={int(ckpt.name.split('_')[1]) + 2}", "train.progress=false")
+    assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
