@@ -121,6 +121,7 @@ class EvalConfig:
     max_batches: int = 0  # 0: the whole split
     batch_size: int = 8
     seq_len: int = 0  # 0: model's max_seq_len
+    task: str = ""  # "": loss/perplexity; arith: exact-match accuracy on RUN/demo/test.jsonl; or a prompts .jsonl
 
 
 @dataclass
@@ -137,6 +138,95 @@ class GenerateConfig:
     stream: bool = True
 
 
+# --- post-training (lmforge.train.sft / dpo / reward / grpo) ----------------------------------------
+
+# Per-stage `train` overrides: every TrainConfig key, None meaning "as in the run's train section",
+# so one recipe can give pretraining, SFT and GRPO their own learning rates and step counts.
+StageTrain = dataclasses.make_dataclass(
+    "StageTrain", [(f.name, typing.get_type_hints(TrainConfig)[f.name] | None, field(default=None))
+                   for f in dataclasses.fields(TrainConfig)])
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    quantize: str = ""  # "": full-precision base; nf4: QLoRA, the frozen base in 4-bit NormalFloat (torchao)
+
+
+@dataclass
+class SFTConfig:
+    data: list[str] = field(default_factory=list)  # .jsonl / .json files of chat examples
+    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
+    val_fraction: float = 0.0
+    init_from: str = ""  # checkpoint, a stage name of this run (pretrain, sft, dpo...), "": latest pretrain
+    packing: bool = True  # several examples per row (attention kept apart); false: one padded example per row
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: StageTrain = field(default_factory=StageTrain)
+
+
+@dataclass
+class DPOConfig:
+    data: list[str] = field(default_factory=list)  # {"prompt"|"instruction", "chosen", "rejected"}
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    init_from: str = ""
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    beta: float = 0.1
+    reference: str = "auto"  # auto | copy | precomputed | adapters (LoRA: the base, adapters off)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: StageTrain = field(default_factory=StageTrain)
+
+
+@dataclass
+class RMConfig:
+    data: list[str] = field(default_factory=list)  # preference pairs, as for DPO
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    init_from: str = ""
+    margin: float = 0.0  # default margin in -log sigmoid(r_c - r_r - margin); a "margin" field overrides it
+    center_coef: float = 0.0  # weight of (r_c + r_r)^2, keeping rewards centred on 0
+    train: StageTrain = field(default_factory=StageTrain)
+
+
+@dataclass
+class GRPOConfig:
+    data: list[str] = field(default_factory=list)  # {"prompt"|"messages", ...fields the rewards need}
+    init_from: str = ""
+    group_size: int = 8  # completions sampled per prompt (train.micro_batch = prompts per micro-batch)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])  # built-in names, model, module:function
+    reward_weights: list[float] = field(default_factory=list)  # empty: 1.0 each
+    reward_model: str = ""  # checkpoint of `lmforge rm` (or a stage name) for the "model" reward
+    loss_type: str = "dapo"  # grpo (per-sequence mean) | dr_grpo (fixed length) | dapo (per token)
+    scale_rewards: str = "auto"  # group (divide by the group's std) | none | auto (none for dr_grpo)
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # KL weight (k3 estimator) to the initial policy; 0: no reference model kept
+    mask_truncated: bool = False  # completions that hit max_new_tokens get no loss
+    iterations: int = 1  # optimizer steps per batch of rollouts (>1 makes the ratio clipping bite)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: StageTrain = field(default_factory=StageTrain)
+
+
+@dataclass
+class DemoConfig:
+    """The built-in arithmetic task (lmforge.data.demo); its seed is its own so runs share one test set."""
+
+    seed: int = 0
+    max_digits: int = 2
+    n_train: int = 4000
+    n_test: int = 500
+    n_pretrain: int = 40000  # lines of arithmetic text for the demo's pretraining corpus
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -149,6 +239,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
     def run_path(self) -> Path:

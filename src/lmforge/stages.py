@@ -189,6 +189,28 @@ STAGES: dict[str, tuple[Callable[[Config], object], Callable[[Config], bool] | N
 }
 
 
+def _lazy(target: str, *args) -> Callable[[Config], object]:
+    """`module:function` called as function(cfg, *args), imported only when the stage runs."""
+
+    def call(cfg: Config):
+        import importlib
+
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(cfg, *args)
+
+    return call
+
+
+# Post-training: the demo task, each training stage (done once it reached its step count), and
+# eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
+STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
+for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
+    STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
+for _name in ("pretrain", "sft", "dpo", "grpo"):
+    STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks:run_stage_eval", _name),
+                               _lazy("lmforge.eval.tasks:stage_eval_done", _name))
+
+
 def cmd_run(argv: list[str]) -> int:
     cfg = _parse("run", argv, "Run the stages a recipe lists (its `stages:` key), in order, resumably.")
     if not cfg.stages:

@@ -67,6 +67,10 @@ def evaluate(cfg) -> dict:
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.dist import pick_device
 
+    if cfg.eval.task:  # generative task: exact-match accuracy (lmforge.eval.tasks)
+        from lmforge.eval.tasks import evaluate_task
+
+        return evaluate_task(cfg)
     ec = cfg.eval
     ckpt = resolve_checkpoint(ec.checkpoint or cfg.run_dir)
     device = pick_device(cfg.device)

@@ -1,0 +1,158 @@
+"""The built-in verifiable task: multi-digit addition and subtraction, asked in English and Chinese.
+
+Problems are drawn from a seeded generator (`demo.seed`, not the run's seed, so runs with different
+training seeds share one test set). The held-out test problems are drawn first and excluded from
+everything else, the pretraining text included, so the accuracy after each stage is measured on
+problems no stage has seen.
+
+`lmforge run recipes/posttrain-demo.yaml` calls `run_demo` first; it writes RUN/demo/:
+
+    pretrain.jsonl  arithmetic text (equations and worded questions with answers) for pretraining
+    sft.jsonl       {"messages": [user question, assistant answer]}
+    dpo.jsonl       {"prompt", "chosen": right answer, "rejected": a plausible wrong one}
+    rl.jsonl        {"prompt", "answer"}: GRPO prompts with the exact answer for the reward
+    test.jsonl      {"prompt", "answer"}: the held-out set `lmforge eval eval.task=arith` scores
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+from lmforge.config import Config
+from lmforge.console import log
+from lmforge.io import atomic_write_text
+
+EN_QUESTIONS = {"+": ["What is {a} + {b}?", "Compute {a} + {b}.", "What is {a} plus {b}?"],
+                "-": ["What is {a} - {b}?", "Compute {a} - {b}.", "What is {a} minus {b}?"]}
+ZH_QUESTIONS = {"+": ["计算 {a} + {b} 等于多少？", "{a} 加 {b} 等于多少？"],
+                "-": ["计算 {a} - {b} 等于多少？", "{a} 减 {b} 等于多少？"]}
+EN_ANSWER = "The answer is {c}."
+ZH_ANSWER = "答案是 {c}。"
+FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "rl.jsonl", "test.jsonl")
+
+
+def draw(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
+    """(a, op, b): each operand has 1..max_digits digits; subtraction keeps the result >= 0."""
+    a = rng.randrange(10 ** rng.randint(1, max_digits))
+    b = rng.randrange(10 ** rng.randint(1, max_digits))
+    op = rng.choice("+-")
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def question(rng: random.Random, a: int, op: str, b: int) -> tuple[str, str]:
+    """(question, answer sentence) in English or Chinese, half and half."""
+    c = solve(a, op, b)
+    if rng.random() < 0.5:
+        return rng.choice(EN_QUESTIONS[op]).format(a=a, b=b), EN_ANSWER.format(c=c)
+    return rng.choice(ZH_QUESTIONS[op]).format(a=a, b=b), ZH_ANSWER.format(c=c)
+
+
+def wrong(rng: random.Random, c: int) -> int:
+    """A plausible mistake: off by one, a lost or extra carry (±10), or a digit slip."""
+    while True:
+        w = c + rng.choice([-1, 1, -10, 10, -2, 2, -100, 100])
+        if w >= 0 and w != c:
+            return w
+
+
+def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain: int) -> dict[str, list]:
+    """All demo files' rows, as lists (pretrain rows are texts; the others are JSON objects)."""
+    rng = random.Random(seed)
+    space = (10 ** max_digits) ** 2  # about how many distinct problems exist per operator
+    if n_test > space // 4:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"demo.n_test={n_test} is too many for max_digits={max_digits}; the test set must "
+                           "stay a small part of all problems")
+    test: dict[tuple, None] = {}
+    while len(test) < n_test:
+        test[draw(rng, max_digits)] = None
+
+    def fresh() -> tuple[int, str, int]:
+        while True:
+            p = draw(rng, max_digits)
+            if p not in test:
+                return p
+
+    out: dict[str, list] = {name: [] for name in FILES}
+    for a, op, b in test:
+        q, _ = question(rng, a, op, b)
+        out["test.jsonl"].append({"prompt": q, "answer": str(solve(a, op, b))})
+    lines = []
+    for _ in range(n_pretrain):
+        a, op, b = fresh()
+        if rng.random() < 0.5:
+            lines.append(f"{a} {op} {b} = {solve(a, op, b)}")
+        else:
+            q, ans = question(rng, a, op, b)
+            lines.append(f"{q} {ans}")
+    out["pretrain.jsonl"] = ["\n".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+    for _ in range(n_train):
+        a, op, b = fresh()
+        q, ans = question(rng, a, op, b)
+        out["sft.jsonl"].append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    for _ in range(n_train):
+        a, op, b = fresh()
+        q, ans = question(rng, a, op, b)
+        c = solve(a, op, b)
+        bad = ans.replace(str(c), str(wrong(rng, c)))
+        out["dpo.jsonl"].append({"prompt": q, "chosen": ans, "rejected": bad})
+    for _ in range(n_train):
+        a, op, b = fresh()
+        q, _ = question(rng, a, op, b)
+        out["rl.jsonl"].append({"prompt": q, "answer": str(solve(a, op, b))})
+    return out
+
+
+def demo_dir(cfg: Config) -> Path:
+    return cfg.run_path / "demo"
+
+
+def write_demo(cfg: Config) -> Path:
+    """Write the demo's JSONL files into RUN/demo/ (each atomically); returns the folder."""
+    d = demo_dir(cfg)
+    dc = cfg.demo
+    rows = make_demo(dc.seed, dc.max_digits, dc.n_train, dc.n_test, dc.n_pretrain)
+    for name, items in rows.items():
+        objs = [{"text": t} for t in items] if name == "pretrain.jsonl" else items
+        atomic_write_text(d / name, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
+    log(f"demo task: {len(rows['test.jsonl'])} held-out problems, {dc.n_train} SFT / DPO / RL examples, "
+        f"{dc.n_pretrain} lines of pretraining text -> {d}")
+    return d
+
+
+def run_demo(cfg: Config) -> Path:
+    """The recipe stage: demo files, then the run's tokenizer and data shards trained on its text.
+
+    The tokenizer and prepare stages run on a copy of the config whose sources are the demo's
+    pretraining text, so the recipe needs no paths that depend on run_dir.
+    """
+    from lmforge.stages import _done_prepare, _done_tokenizer, run_prepare, run_tokenizer
+
+    d = demo_dir(cfg)
+    if not all((d / name).is_file() for name in FILES):
+        write_demo(cfg)
+    sub = copy.deepcopy(cfg)
+    sub.data.sources = [str(d / "pretrain.jsonl")]
+    sub.tokenizer.sources = []
+    if not _done_tokenizer(sub):
+        run_tokenizer(sub)
+    if not _done_prepare(sub):
+        run_prepare(sub)
+    return d
+
+
+def done_demo(cfg: Config) -> bool:
+    d = demo_dir(cfg)
+    from lmforge.stages import _done_prepare, _done_tokenizer
+
+    return all((d / name).is_file() for name in FILES) and _done_tokenizer(cfg) and _done_prepare(cfg)

@@ -1,0 +1,122 @@
+"""Generative task evaluation: exact-match accuracy of greedy answers on held-out prompts.
+
+`lmforge eval eval.task=arith` scores a checkpoint on the demo's held-out arithmetic problems
+(RUN/demo/test.jsonl); `eval.task=path.jsonl` on any file of {"prompt" or "messages", "answer"}.
+Each prompt is rendered by the same chat renderer training used, answered greedily by the engine
+(batched, KV-cached), and counted correct when the last number in the reply equals "answer".
+Results go to RUN/eval/<stage>-<step>-<task>.json, beside the loss evaluations.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lmforge.config import Config
+from lmforge.console import log
+from lmforge.errors import LmforgeError
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def task_file(cfg: Config) -> tuple[str, Path]:
+    task = cfg.eval.task
+    if task == "arith":
+        path = cfg.run_path / "demo" / "test.jsonl"
+        if not path.is_file():
+            raise LmforgeError(f"eval.task=arith: {path} not found; run the demo stage first "
+                               "(`lmforge run recipes/posttrain-demo.yaml`)")
+        return "arith", path
+    path = Path(task.replace("{run_dir}", cfg.run_dir))
+    if not path.is_file():
+        raise LmforgeError(f"eval.task={task!r}: neither 'arith' nor a .jsonl/.json file of prompts with answers")
+    return path.stem, path
+
+
+@torch.no_grad()
+def accuracy(model, tok, records, batch_size: int, max_new_tokens: int) -> tuple[list[str], list[float]]:
+    """Greedy replies to each record's prompt and whether each one's last number is its "answer"."""
+    from lmforge.data.chat import prompt_messages, render_conversation
+    from lmforge.infer.engine import default_stop_ids, generate_ids
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.train.rewards import exact_match
+
+    for r in records:
+        if "answer" not in r.data:
+            raise LmforgeError(f"{r.where}: no 'answer' field to compare the reply with")
+    prompts = [render_conversation(tok, prompt_messages(r), 0, r.where, add_generation_prompt=True)[0]
+               for r in records]
+    stop = default_stop_ids(tok)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    replies: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        out = generate_ids(model, prompts[i:i + batch_size], params, stop_ids=stop, vocab_limit=tok.vocab_size)
+        replies += [tok.decode([t for t in o if t not in stop]) for o in out]
+    return replies, exact_match(replies, [r.data for r in records])
+
+
+def evaluate_task(cfg: Config) -> dict:
+    from lmforge.data.chat import prompt_messages, read_records
+    from lmforge.eval.lm import resolve_checkpoint
+    from lmforge.io import atomic_write_json
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.dist import pick_device
+    from lmforge.train.lora import load_any
+
+    ec = cfg.eval
+    name, path = task_file(cfg)
+    ckpt = resolve_checkpoint(ec.checkpoint or cfg.run_dir)
+    model = load_any(ckpt, device=pick_device(cfg.device)).eval()
+    tok = Tokenizer.load(ckpt if (ckpt / "tokenizer.json").is_file() else cfg.run_path / "tokenizer")
+    records = read_records([str(path)], "evaluation prompts")
+    if ec.max_batches:
+        records = records[:ec.max_batches * ec.batch_size]
+    replies, correct = accuracy(model, tok, records, ec.batch_size, cfg.generate.max_new_tokens)
+    langs = ["zh" if CJK.search(prompt_messages(r)[-1]["content"]) else "en" for r in records]
+    result = {"task": name, "accuracy": sum(correct) / len(correct), "correct": int(sum(correct)),
+              "total": len(correct), "checkpoint": str(ckpt)}
+    for lang in ("en", "zh"):
+        hits = [c for c, g in zip(correct, langs) if g == lang]
+        if hits:
+            result[f"accuracy_{lang}"] = sum(hits) / len(hits)
+    result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": a, "answer": r.data["answer"]}
+                          for r, a in list(zip(records, replies))[:5]]
+    stage = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else "model"
+    if ckpt.parent.parent.resolve() == cfg.run_path.resolve():
+        stage = "pretrain"
+    out = cfg.run_path / "eval" / f"{stage}-{ckpt.name}-{name}.json"
+    atomic_write_json(out, result)
+    log(f"{name}: exact-match accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
+        + "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
+        + f") of {ckpt} -> {out}")
+    return result
+
+
+# --- recipe stages: eval-<stage> scores that stage's latest checkpoint on the demo task ----------
+
+def _stage_cfg(cfg: Config, stage: str) -> Config:
+    import copy
+
+    from lmforge.train.sft import resolve_init
+
+    sub = copy.deepcopy(cfg)
+    sub.eval.checkpoint = str(resolve_init(cfg, "eval", stage))
+    sub.eval.task = cfg.eval.task or "arith"
+    return sub
+
+
+def run_stage_eval(cfg: Config, stage: str) -> dict:
+    return evaluate_task(_stage_cfg(cfg, stage))
+
+
+def stage_eval_done(cfg: Config, stage: str) -> bool:
+    try:
+        sub = _stage_cfg(cfg, stage)
+        name, _ = task_file(sub)
+    except LmforgeError:
+        return False
+    ckpt = Path(sub.eval.checkpoint)
+    label = "pretrain" if stage == "pretrain" else stage
+    return (cfg.run_path / "eval" / f"{label}-{ckpt.name}-{name}.json").is_file()

@@ -1,0 +1,98 @@
+"""LoRA / QLoRA through peft: adapters saved on their own in PEFT's layout, the base untouched, a merged
+checkpoint that gives the logits of base + adapter, QLoRA's NF4 base and its memory, DPO on adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_chat import tiny_checkpoint, write_jsonl
+from test_sft import EXAMPLES, sft_config
+
+from lmforge.checkpoint import load_model
+
+pytest.importorskip("peft")
+
+LORA = ["sft.lora.enabled=true", "sft.lora.r=4", "sft.lora.alpha=8", "sft.lora.dropout=0.1",
+        "sft.train.max_steps=10", "sft.train.lr=1e-2"]
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+def test_lora_adapters_saved_alone_peft_compatible_and_merge_matches(tmp_path):
+    import peft
+
+    from lmforge.train.lora import cmd_merge, load_adapted
+    from lmforge.train.sft import run_sft
+
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "sft.jsonl", EXAMPLES)
+    ckpt = run_sft(sft_config(tmp_path, base, data, *LORA, "sft.lora.target_modules=[q_proj,v_proj,down_proj]")
+                   ).checkpoint
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert cfg["base_model_name_or_path"] == str(base)
+    sd = load_file(ckpt / "adapter_model.safetensors")
+    assert sd and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in sd)
+    assert len(sd) == 2 * 3 * 2  # (A, B) x 3 targets x 2 layers
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k)  # the adapters learned something
+
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 12]])
+    adapted = load_adapted(ckpt, merge=False)
+    # PEFT itself reads the folder onto our model and agrees.
+    by_peft = peft.PeftModel.from_pretrained(load_model(base), str(ckpt))
+    torch.testing.assert_close(logits_of(by_peft, ids), logits_of(adapted, ids))
+    # `lmforge merge` writes a plain checkpoint with the same logits as base + adapter.
+    assert cmd_merge([str(ckpt), str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(adapted, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits_of(merged, ids), logits_of(load_model(base), ids))
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_qlora_nf4_base_trains_and_saves_memory(tmp_path):
+    from lmforge.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.lora import load_adapted, quantize_nf4
+    from lmforge.train.sft import run_sft
+
+    # The memory figure: block weights in NF4 take 4 bits plus ~0.5 bit of double-quantized scales.
+    model = Transformer(ModelConfig(n_layer=2, n_embd=256, n_head=4, vocab_size=512, max_seq_len=64))
+    mem = quantize_nf4(model)
+    assert mem["linear_bytes_fp"] == 2 * (4 * 256 * 256 + 3 * 256 * 704) * 4
+    assert mem["linear_bytes_nf4"] / mem["linear_bytes_fp"] < 0.15  # fp32 -> ~4.5 bits: 7x smaller
+
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "sft.jsonl", EXAMPLES)
+    result = run_sft(sft_config(tmp_path, base, data, *LORA, "sft.lora.quantize=nf4", "sft.train.max_steps=16",
+                                "sft.train.log_every=8", "sft.lora.r=16", "sft.lora.alpha=32", "sft.train.lr=2e-2"))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().split()
+              if '"loss"' in line]
+    assert losses[1] < losses[0] - 0.2  # the adapters learn on top of the frozen 4-bit base
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 12]])
+    # The merge applies the adapters to the base as it was trained: NF4-rounded, dequantized.
+    merged, adapted = load_adapted(result.checkpoint), load_adapted(result.checkpoint, merge=False)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(adapted, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(tmp_path):
+    from test_dpo import PAIRS, dpo_config
+
+    from lmforge.train.dpo import run_dpo
+
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    result = run_dpo(dpo_config(tmp_path, base, data, "lora", "dpo.lora.enabled=true", "dpo.lora.r=4",
+                                "dpo.train.max_steps=8", "dpo.train.eval_every=8", "dpo.train.lr=1e-2"))
+    first = json.loads((tmp_path / "lora" / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == base
+    assert result.metrics["val_loss"] < math.log(2)
+    assert (result.checkpoint / "adapter_model.safetensors").is_file()
