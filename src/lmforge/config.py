@@ -65,6 +65,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = False
     bias: bool = False
+    attn_qkv_bias: bool = False  # biases on q/k/v only (Qwen2); `bias` puts them on every linear
     tie_embeddings: bool = True
     max_seq_len: int = 1024
     logit_softcap: float = 0.0  # 0: off; else tanh soft-capping of logits at this value

@@ -106,9 +106,10 @@ class Attention(nn.Module):
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.attn_qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)

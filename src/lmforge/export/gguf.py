@@ -1,0 +1,223 @@
+"""Export a checkpoint to one GGUF file for llama.cpp and the tools built on it.
+
+    lmforge export gguf CKPT OUT.gguf --type f16|q8_0|q4_0
+
+Written with the `gguf` package (llama.cpp's own Python writer), following what llama.cpp's
+convert_hf_to_gguf.py does for the same Hugging Face model, so llama.cpp reads our file exactly
+as it reads a converted Llama / Qwen2 / Qwen3:
+
+- Architecture: `llama`; `qwen3` when QK-norm is on; `qwen2` when only q/k/v carry biases.
+- RoPE layout. Our weights (like transformers') rotate halves of each head: (x_i, x_{i+D/2}).
+  llama.cpp's `llama` graph rotates adjacent pairs (x_2i, x_2i+1), so the converter permutes the
+  rows of q_proj / k_proj (and their biases) within every head; we do the same permutation
+  (`rope_permute`: view each head's rows as (2, D/2), swap to (D/2, 2)), with the KV head count for
+  k_proj. The `qwen2` / `qwen3` graphs use the rotate-half ("NEOX") RoPE, so nothing is permuted.
+- Metadata: context/embedding/feed-forward lengths, block count, head counts, key/value length,
+  RoPE base and dimension count, RMS-norm epsilon, vocab size, file type.
+- Tokenizer: model "gpt2" (byte-level BPE) with pre-tokenizer "qwen2" (our split regex is
+  Qwen2's), every token string with its type (special added tokens CONTROL, other added tokens
+  USER_DEFINED, the rest NORMAL), the merges, BOS/EOS/padding = <|endoftext|> (no BOS is added),
+  EOT = <|im_end|>, and the chat template. The model's vocabulary is padded past the tokenizer's;
+  the padding rows get "[PAD<id>]" tokens of type UNUSED, as the converter writes them.
+- Types: 1-D tensors (norm weights, biases) are always F32. f16: every matrix F16. q8_0: every
+  matrix Q8_0. q4_0: block matrices Q4_0, while the token embedding and the output matrix stay
+  Q8_0 (they are the most sensitive; llama.cpp's quantizer also keeps the output at higher
+  precision). Quantization is `gguf.quants`, i.e. llama.cpp's reference rounding. A matrix whose
+  row length is not a multiple of the 32-value block falls back to F16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+TYPES = ("f16", "q8_0", "q4_0")
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    problems = []
+    if cfg.arch != "llama" or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.pos != "rope":
+        problems.append(f"model.arch={cfg.arch} / mlp={cfg.mlp} / norm={cfg.norm} / pos={cfg.pos}: GGUF export "
+                        "covers the Llama family (SwiGLU, RMSNorm, RoPE)")
+    if cfg.logit_softcap:
+        problems.append(f"model.logit_softcap={cfg.logit_softcap}: llama.cpp's llama/qwen graphs have no soft-capping")
+    if cfg.bias:
+        problems.append("model.bias=true: GGUF export supports biases on q/k/v only (model.attn_qkv_bias, Qwen2)")
+    if cfg.qk_norm and cfg.attn_qkv_bias:
+        problems.append("model.attn_qkv_bias=true with model.qk_norm: llama.cpp's qwen3 graph has no q/k/v biases")
+    if problems:
+        raise LmforgeError("cannot export to GGUF: " + "; ".join(problems))
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.attn_qkv_bias else "llama"
+
+
+def rope_permute(w: Tensor, n_head: int) -> Tensor:
+    """Rows of each head from rotate-half order to adjacent-pair order (llama.cpp's `llama` RoPE)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def tensor_names(cfg: ModelConfig) -> dict[str, str]:
+    """lmforge (HF) name -> GGUF name."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    if cfg.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": "attn_q_norm.weight",
+                          "self_attn.k_norm.weight": "attn_k_norm.weight"})
+    if cfg.attn_qkv_bias:
+        per_layer.update({"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                          "self_attn.v_proj.bias": "attn_v.bias"})
+    for i in range(cfg.n_layer):
+        for ours, theirs in per_layer.items():
+            names[f"model.layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
+    return names
+
+
+def _qtype(name: str, arr: np.ndarray, kind: str):
+    from gguf import GGMLQuantizationType as Q
+
+    if arr.ndim == 1:
+        return Q.F32
+    if kind == "f16":
+        return Q.F16
+    if arr.shape[-1] % 32:
+        return Q.F16
+    if kind == "q4_0" and name not in ("token_embd.weight", "output.weight"):
+        return Q.Q4_0
+    return Q.Q8_0
+
+
+def tokenizer_metadata(folder: Path, n_vocab: int) -> dict:
+    """tokens, token types, merges and special ids, the way llama.cpp's converter derives them."""
+    import gguf
+
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise LmforgeError(f"{folder} has no tokenizer.json: a GGUF file must carry its tokenizer")
+    data = json.loads(file.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise LmforgeError(f"{file}: model.type='{model.get('type')}'; GGUF export handles byte-level BPE only")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    if max(vocab.values()) >= n_vocab:
+        raise LmforgeError(f"{file}: token id {max(vocab.values())} does not fit the model's vocab of {n_vocab}")
+    by_id = {i: s for s, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif by_id[i] in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[by_id[i]].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    return {"tokens": tokens, "types": types, "merges": merges, "template": template,
+            "eot": vocab.get("<|endoftext|>"), "im_end": vocab.get("<|im_end|>")}
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
+    """Write OUT (atomically); returns its path."""
+    try:
+        import gguf
+        from gguf import quants
+    except ImportError:
+        raise LmforgeError("GGUF export needs the `gguf` package: pip install 'lmforge[gguf]'") from None
+
+    from lmforge.checkpoint import load_model, model_state
+    from lmforge.io import atomic_write
+    from lmforge.model.transformer import ffn_dim
+
+    if kind not in TYPES:
+        raise LmforgeError(f"--type must be one of {', '.join(TYPES)}, got '{kind}'")
+    ckpt, out = Path(ckpt), Path(out)
+    model = load_model(ckpt)
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    tok = tokenizer_metadata(ckpt, cfg.vocab_size)
+    head_dim = cfg.n_embd // cfg.n_head
+    n_kv = cfg.n_kv_head or cfg.n_head
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(ckpt.resolve().name)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(ffn_dim(cfg))
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(head_dim)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(file_type)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        if tok["eot"] is not None:
+            w.add_bos_token_id(tok["eot"])
+            w.add_eos_token_id(tok["eot"])
+            w.add_pad_token_id(tok["eot"])
+        if tok["im_end"] is not None:
+            w.add_eot_token_id(tok["im_end"])
+        w.add_add_bos_token(False)
+        if tok["template"]:
+            w.add_chat_template(tok["template"])
+        names = tensor_names(cfg)
+        for ours, t in model_state(model).items():
+            if ours not in names:
+                raise LmforgeError(f"internal: no GGUF name for tensor {ours}")
+            t = t.detach().float()
+            if arch == "llama" and ".self_attn.q_proj." in ours:
+                t = rope_permute(t, cfg.n_head)
+            elif arch == "llama" and ".self_attn.k_proj." in ours:
+                t = rope_permute(t, n_kv)
+            arr = t.cpu().numpy()
+            name = names[ours]
+            qtype = _qtype(name, arr, kind)
+            if qtype == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, arr.astype(np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(name, arr.astype(np.float16))
+            else:
+                w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    with torch.no_grad():
+        atomic_write(out, write)
+    return out

@@ -1,0 +1,150 @@
+"""Import a local Hugging Face Llama / Qwen2 / Qwen3 folder as an lmforge checkpoint.
+
+The tensor names are already ours, so importing is reading config.json into a ModelConfig,
+checking every tensor against the model that config describes, and writing a checkpoint
+(weights in fp32, the training precision of master weights). Tokenizer files are copied when
+present. Anything our Transformer cannot compute exactly (RoPE scaling, sliding windows, a
+head_dim that is not hidden_size / num_attention_heads, ...) is an error naming the config key:
+an import that silently changes the function would be worse than none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if "full_attention" in params:  # per-layer-type parameters (newer transformers)
+        params = params["full_attention"]
+    for key, section in (("rope_scaling", scaling), ("rope_parameters", params)):
+        kind = section.get("rope_type", section.get("type", "default"))
+        if kind not in ("default", None):
+            raise LmforgeError(f"{where}: {key}.rope_type='{kind}' is not supported (only plain RoPE); "
+                               "the imported model would compute something else")
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise LmforgeError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+    return float(theta)
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise LmforgeError(f"{where}: model_type='{mt}' is not supported; lmforge imports {', '.join(SUPPORTED)}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if not isinstance(hf.get(key), int):
+            raise LmforgeError(f"{where}: '{key}' is missing or not an integer")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LmforgeError(f"{where}: hidden_act='{hf['hidden_act']}' is not supported (SwiGLU uses silu)")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if n_embd % n_head or head_dim != n_embd // n_head:
+        raise LmforgeError(f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = "
+                           f"{n_embd / n_head:g}; lmforge's attention derives head_dim from those")
+    if hf.get("use_sliding_window"):
+        raise LmforgeError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+    bias = attn_qkv_bias = qk_norm = False
+    if mt == "llama":
+        if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+            raise LmforgeError(f"{where}: attention_bias={hf.get('attention_bias')} with mlp_bias={hf.get('mlp_bias')} "
+                               "is not supported (lmforge's `bias` covers both or neither)")
+        bias = bool(hf.get("attention_bias"))
+    elif mt == "qwen2":
+        attn_qkv_bias = True
+    else:
+        qk_norm = True
+        if hf.get("attention_bias"):
+            raise LmforgeError(f"{where}: attention_bias=true is not supported for qwen3 (bias on o_proj too)")
+    return ModelConfig(
+        preset="", arch="llama", vocab_size=hf["vocab_size"], pad_vocab_to=1, n_layer=hf["num_hidden_layers"],
+        n_embd=n_embd, n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        ffn_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        pos="rope", rope_theta=_rope_theta(hf, where), qk_norm=qk_norm, bias=bias, attn_qkv_bias=attn_qkv_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """All tensors of model.safetensors or its shards (never pickle: .bin files are refused)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LmforgeError(f"{index}: not a valid safetensors index ({e})") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file():
+        raise LmforgeError(f"{folder} has only pytorch_model.bin (a pickle); lmforge loads safetensors only. "
+                           "Convert it with transformers: model.save_pretrained(dir, safe_serialization=True)")
+    else:
+        raise LmforgeError(f"{folder}: no model.safetensors (or sharded index) found")
+    out: dict[str, Tensor] = {}
+    for name in files:
+        try:
+            out.update(load_file(folder / name))
+        except (SafetensorError, OSError) as e:
+            raise LmforgeError(f"{folder / name}: cannot be read ({e})") from None
+    return out
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """Write an lmforge checkpoint at OUT from the Hugging Face folder SRC; returns OUT."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.export.hf import transformers_config
+    from lmforge.io import atomic_write_json
+    from lmforge.model.transformer import Transformer, rope_cache
+
+    src, out = Path(src), Path(out)
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise LmforgeError(f"{src} is not a Hugging Face model folder: config.json is missing")
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{cfg_file}: invalid JSON ({e})") from None
+    cfg = model_config_from_hf(hf, str(cfg_file))
+    weights = read_weights(src)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+        weights.pop("lm_head.weight", None)  # some saves include the tied copy
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise LmforgeError(f"{src}: weights do not match config.json: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for k, v in expected.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise LmforgeError(f"{src}: tensor {k} has shape {tuple(weights[k].shape)}, "
+                               f"config.json implies {tuple(v.shape)}")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    has_tok = (src / "tokenizer.json").is_file()
+
+    def write_config(tmp: Path) -> None:  # qwen2-aware config.json with the token ids
+        atomic_write_json(tmp / "config.json", transformers_config(cfg, src if has_tok else None))
+
+    return save_checkpoint(out, model, tokenizer_dir=src if has_tok else None, extra=write_config)

@@ -1,0 +1,294 @@
+"""Batched generation with a preallocated KV cache: the one sampler lmforge uses everywhere.
+
+Training-time samples, `lmforge generate`, chat, the HTTP server and GRPO rollouts all call
+`generate_samples` (or its thin wrappers), so a sampling fix is made once.
+
+How a batch runs:
+- Prompts of different lengths are left-padded into one (B, L) prefill. Padding keys are masked
+  out (`cache.key_mask`), and every row gets its own `positions`, so each sequence's RoPE positions
+  start at 0 exactly as if it ran alone. (A padding query attends to nothing; SDPA returns zeros for
+  such fully masked rows, and no real token ever looks at them.)
+- Each decode step feeds one token per live row. A row stops at a stop id (which is kept as its
+  last token: GRPO needs its log-probability), at its token budget, or when `on_token` asks. Finished
+  rows are dropped from the cache (`KVCache.select`), so they cost nothing afterwards.
+
+Context length: a prompt that leaves no room in the model's context (len >= max_seq_len) is a
+LmforgeError. Otherwise a row's new tokens are truncated to fit the context
+(`min(max_new_tokens, max_seq_len - len(prompt))`) and the row finishes with reason "length".
+
+The text layer (`generate`, `complete`) decodes incrementally: it emits only whole characters (a
+multi-byte UTF-8 character split across tokens is held back until complete) and never emits text
+that could still turn out to be the start of a stop string.
+
+This module imports only torch and lmforge's error type, so any stage can use it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingParams, sample_next
+
+# on_token(row, token_id) -> True to finish that row now (None/False: go on).
+OnToken = Callable[[int, int], "bool | None"]
+# on_text(row, text_delta): whole characters only, never part of a stop string.
+OnText = Callable[[int, str], None]
+
+
+@dataclass
+class Sample:
+    """One row's result: the new tokens (a final stop id included) and why it ended."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop" (stop id / stop string / callback) or "length" (budget or context)
+    logprobs: list[float] | None = None  # log p(token) under softmax(logits / T), T=1 when greedy
+
+
+def context_length(model: nn.Module) -> int:
+    return int(model.cfg.max_seq_len)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.seed is None or params.greedy:
+        return None
+    return torch.Generator(device=device).manual_seed(int(params.seed))
+
+
+def check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    """LmforgeError for an empty prompt or one that leaves no room for a new token."""
+    ctx = context_length(model)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise LmforgeError(f"prompt {i} is empty: give at least one token (e.g. <|endoftext|>)")
+        if len(p) >= ctx:
+            raise LmforgeError(f"prompt {i} has {len(p)} tokens, which leaves no room in the model's "
+                               f"context of {ctx} tokens (model.max_seq_len); shorten it")
+
+
+@torch.inference_mode()
+def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                     stop_ids: set[int] | frozenset[int] = frozenset(),
+                     generator: torch.Generator | None = None, on_token: OnToken | None = None,
+                     logprobs: bool = False, vocab_limit: int | None = None) -> list[Sample]:
+    """Sample continuations for a batch of token-id prompts.
+
+    model: a Transformer in eval mode (DDP / torch.compile wrappers are unwrapped here).
+    vocab_limit: only ids below it are ever sampled (the model's vocabulary is padded past the
+    tokenizer's; a trained model never picks those ids, a random one might).
+    """
+    from lmforge.checkpoint import unwrap
+
+    model = unwrap(model)
+    params.check()
+    ctx = context_length(model)
+    if not prompts:
+        return []
+    check_prompts(model, prompts)
+    device = _device_of(model)
+    if generator is None:
+        generator = make_generator(params, device)
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    budgets = torch.clamp(ctx - lens, max=params.max_new_tokens)
+    results = [Sample([], "length", [] if logprobs else None) for _ in range(B)]
+    if params.max_new_tokens == 0:
+        return results
+    L = int(lens.max())
+    steps = int(budgets.max())
+
+    # Padding repeats each row's first token: any id works under the mask, and this one keeps the
+    # repetition-penalty mask below exact.
+    ids = torch.tensor([[p[0]] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pads = L - lens
+    cols = torch.arange(L, device=device).unsqueeze(0)
+    positions = (cols - pads.unsqueeze(1)).clamp(min=0)
+    cache = model.new_cache(B, L + steps)
+    if bool((pads > 0).any()):
+        cache.key_mask[:, :L] = cols >= pads.unsqueeze(1)
+        cache.has_padding = True
+
+    vocab = model.cfg.vocab_size
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+
+    logits = model(ids, positions=positions, cache=cache)[:, -1]
+    rows = torch.arange(B, device=device)  # original row of each live batch entry
+    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    for step in range(steps):
+        if vocab_limit is not None and vocab_limit < vocab:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = sample_next(logits, params, seen, generator)
+        if logprobs:
+            scaled = logits.float() / (params.temperature if not params.greedy else 1.0)
+            lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+        done = torch.isin(nxt, stop_tensor) | (step + 1 >= budgets[rows])
+        tokens, done_list, row_list = nxt.tolist(), done.tolist(), rows.tolist()
+        for j, r in enumerate(row_list):
+            res = results[r]
+            res.tokens.append(tokens[j])
+            if logprobs:
+                res.logprobs.append(lp[j])
+            if tokens[j] in stop_ids:
+                res.finish_reason = "stop"
+            if on_token is not None and on_token(r, tokens[j]) and not done_list[j]:
+                res.finish_reason = "stop"
+                done_list[j] = True
+        keep = [j for j, d in enumerate(done_list) if not d]
+        if not keep:
+            break
+        if len(keep) < len(row_list):
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            rows, nxt = rows[index], nxt[index]
+            seen = seen[index] if seen is not None else None
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), nxt] = True
+        pos = (lens[rows] + step).unsqueeze(1)
+        logits = model(nxt.unsqueeze(1), positions=pos, cache=cache)[:, -1]
+    return results
+
+
+def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 stop_ids: set[int] | frozenset[int] = frozenset(), generator: torch.Generator | None = None,
+                 on_token: OnToken | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+    """New token ids per prompt (a final stop id included); see `generate_samples`."""
+    out = generate_samples(model, prompts, params, stop_ids=stop_ids, generator=generator,
+                           on_token=on_token, vocab_limit=vocab_limit)
+    return [s.tokens for s in out]
+
+
+def generate_ids_with_logprobs(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                               stop_ids: set[int] | frozenset[int] = frozenset(),
+                               generator: torch.Generator | None = None, vocab_limit: int | None = None
+                               ) -> tuple[list[list[int]], list[list[float]]]:
+    """(tokens, log-probabilities of each sampled token under softmax(logits / temperature))."""
+    out = generate_samples(model, prompts, params, stop_ids=stop_ids, generator=generator,
+                           logprobs=True, vocab_limit=vocab_limit)
+    return [s.tokens for s in out], [s.logprobs or [] for s in out]
+
+
+# --- text level -------------------------------------------------------------------------------
+
+def default_stop_ids(tokenizer) -> set[int]:
+    """End of text and end of a chat turn both end a generation."""
+    ids = {tokenizer.eot_id}
+    if getattr(tokenizer, "im_end_id", None) is not None:
+        ids.add(tokenizer.im_end_id)
+    return ids
+
+
+class TextStream:
+    """Turns one row's tokens into text deltas: whole characters, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], stop_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.stop_ids = stop_ids
+        self.tokens: list[int] = []
+        self.emitted = ""  # text already handed out
+        self.final: str | None = None  # set once a stop string was found
+
+    def _text(self) -> str:
+        return self.tokenizer.decode([t for t in self.tokens if t not in self.stop_ids])
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new text to emit, whether a stop string ended the row)."""
+        if self.final is not None:
+            return "", True
+        self.tokens.append(token)
+        text = self._text()
+        start = max(0, len(self.emitted) - max((len(s) for s in self.stop), default=0))
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.final = text[:cut]
+            return self._advance(self.final), True
+        safe = len(text)
+        while safe > 0 and text[safe - 1] == "\ufffd" and len(text) - safe < 4:
+            safe -= 1  # an unfinished multi-byte character decodes as U+FFFD: wait for its bytes
+        safe -= self._held_for_stop(text[:safe])
+        return self._advance(text[:max(safe, len(self.emitted))]), False
+
+    def _held_for_stop(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _advance(self, upto: str) -> str:
+        delta = upto[len(self.emitted):] if upto.startswith(self.emitted) else ""
+        if delta:
+            self.emitted = upto
+        return delta
+
+    def finish(self) -> str:
+        """Emit whatever was held back (the row has ended); returns the last delta."""
+        return self._advance(self.final if self.final is not None else self._text())
+
+    @property
+    def text(self) -> str:
+        return self.final if self.final is not None else self._text()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 on_text: OnText | None = None, stop_ids: set[int] | None = None,
+                 on_token: OnToken | None = None) -> list[Completion]:
+    """Text completions of token-id prompts, with stop strings and streaming deltas."""
+    stop_ids = default_stop_ids(tokenizer) if stop_ids is None else stop_ids
+    streams = [TextStream(tokenizer, params.stop, stop_ids) for _ in prompts]
+
+    def token_cb(row: int, token: int) -> bool:
+        delta, stopped = streams[row].push(token)
+        if delta and on_text is not None:
+            on_text(row, delta)
+        if on_token is not None and on_token(row, token):
+            stopped = True
+        return stopped
+
+    samples = generate_samples(model, prompts, params, stop_ids=stop_ids, on_token=token_cb,
+                               vocab_limit=tokenizer.vocab_size)
+    out = []
+    for row, (s, stream) in enumerate(zip(samples, streams)):
+        delta = stream.finish()
+        if delta and on_text is not None:
+            on_text(row, delta)
+        out.append(Completion(stream.text, s.finish_reason, len(prompts[row]), len(s.tokens)))
+    return out
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """An empty prompt starts from <|endoftext|>, the token every training document follows."""
+    return tokenizer.encode(text) if text else [tokenizer.eot_id]
+
+
+def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
+             on_text: OnText | None = None) -> list[Completion]:
+    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], params, on_text)
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
+             on_text: OnText | None = None) -> list[str]:
+    """Completion text per prompt (prompt not repeated), cut before the first stop string."""
+    return [c.text for c in complete(model, tokenizer, prompts, params, on_text)]

@@ -1,0 +1,288 @@
+"""`lmforge serve` as a real subprocess on 127.0.0.1: the official openai client, concurrency,
+4xx errors, and the web page driven by headless Chromium over the DevTools protocol."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from infer_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+
+from lmforge.checkpoint import load_model
+from lmforge.infer.chat import render_messages
+from lmforge.infer.engine import complete, complete_ids
+from lmforge.infer.sampling import SamplingParams
+from lmforge.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+openai = pytest.importorskip("openai")
+
+GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
+
+
+class Served:
+    def __init__(self, url: str, ckpt: Path, proc: subprocess.Popen):
+        self.url, self.ckpt, self.proc = url, ckpt, proc
+        self.host, self.port = url.split("//")[1].split(":")[0], int(url.rsplit(":", 1)[1])
+        self.model = load_model(ckpt)
+        self.tok = Tokenizer.load(ckpt)
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def expected_completion(self, prompt: str, n: int, **kw):
+        return complete(self.model, self.tok, [prompt], SamplingParams(max_new_tokens=n, **{**GREEDY, **kw}))[0]
+
+    def expected_chat(self, messages: list[dict], n: int, **kw):
+        ids = self.tok.encode(render_messages(self.tok, messages))
+        return complete_ids(self.model, self.tok, [ids], SamplingParams(max_new_tokens=n, **{**GREEDY, **kw}))[0]
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt, _, _ = make_checkpoint(root, seed=1)
+    cmd = [sys.executable, "-m", "lmforge", "serve", str(ckpt), "--port", "0", "--max-body-bytes", "20000",
+           "--max-tokens", "64", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    url, log, deadline = None, [], time.monotonic() + 90
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        log.append(line)
+        m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        url = m.group(1) if m else None
+    if url is None:
+        proc.kill()
+        pytest.fail("server did not start:\n" + "".join(log))
+    yield Served(url, ckpt, proc)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_models_and_completions(served):
+    models = served.client.models.list()
+    assert [m.id for m in models.data] == ["ckpt"]
+    r = served.client.completions.create(model="ckpt", prompt="Hello world", max_tokens=10, temperature=0)
+    want = served.expected_completion("Hello world", 10)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(served.tok.encode("Hello world"))
+    assert r.usage.completion_tokens == want.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_completion_and_stream_agree(served):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "你好, how are you?"}]
+    r = served.client.chat.completions.create(model="ckpt", messages=messages, max_tokens=12, temperature=0)
+    want = served.expected_chat(messages, 12)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.usage.prompt_tokens == want.prompt_tokens
+    chunks = list(served.client.chat.completions.create(model="ckpt", messages=messages, max_tokens=12,
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == want.completion_tokens and chunks[-1].choices == []
+
+
+def test_completion_stream_stop_seed_and_n(served):
+    stream = served.client.completions.create(model="ckpt", prompt="def add", max_tokens=15, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream)
+    want = served.expected_completion("def add", 15)
+    assert text == want.text
+    stop = want.text[3:6]
+    r = served.client.completions.create(model="ckpt", prompt="def add", max_tokens=15, temperature=0, stop=[stop])
+    assert r.choices[0].text == want.text[: want.text.find(stop)] and r.choices[0].finish_reason == "stop"
+    kw = dict(model="ckpt", prompt="Hello", max_tokens=10, temperature=1.0, seed=42, n=2)
+    a, b = served.client.completions.create(**kw), served.client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len(a.choices) == 2 and a.usage.prompt_tokens == len(served.tok.encode("Hello"))
+
+
+def test_concurrent_requests_do_not_mix(served):
+    prompts = ["The quick", "def add(a, b):", "机器学习", "Hello world!", "user assistant", "print("]
+    sequential = [served.client.completions.create(model="ckpt", prompt=p, max_tokens=12, temperature=0)
+                  .choices[0].text for p in prompts]
+
+    def one(i: int) -> str:
+        p = prompts[i % len(prompts)]
+        if i % 2:  # mix streaming and plain requests
+            s = served.client.completions.create(model="ckpt", prompt=p, max_tokens=12, temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in s)
+        return served.client.completions.create(model="ckpt", prompt=p, max_tokens=12, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(one, range(12)))
+    assert results == [sequential[i % len(prompts)] for i in range(12)]
+
+
+def _error(status_body) -> tuple[int, dict]:
+    status, body = status_body
+    return status, json.loads(body)["error"]
+
+
+def test_bad_requests_get_openai_shaped_4xx(served):
+    post = lambda path, body, **h: served.raw("POST", path, body, {"Content-Type": "application/json", **h})
+    status, err = _error(post("/v1/chat/completions", b"{not json"))
+    assert status == 400 and "not valid JSON" in err["message"] and err["type"] == "invalid_request_error"
+    status, err = _error(post("/v1/completions", json.dumps({"prompt": "x" * 30000}).encode()))
+    assert status == 413 and err["code"] == "request_too_large"
+    status, err = _error(post("/v1/completions", json.dumps({"prompt": "hello " * 400}).encode()))
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    status, err = _error(post("/v1/chat/completions", json.dumps({"model": "ckpt"}).encode()))
+    assert status == 400 and err["param"] == "messages"
+    status, err = _error(post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "robot", "content": "hi"}]}).encode()))
+    assert status == 400 and "role" in err["message"]
+    for bad, param in (({"temperature": 5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
+                       ({"max_tokens": 10_000}, "max_tokens"), ({"presence_penalty": 1}, "presence_penalty"),
+                       ({"stream": "yes"}, "stream"), ({"n": 99}, "n")):
+        status, err = _error(post("/v1/completions", json.dumps({"prompt": "hi", **bad}).encode()))
+        assert status == 400 and err["param"] == param, bad
+    status, err = _error(post("/v1/completions", b"[1, 2]"))
+    assert status == 400
+    status, err = _error(served.raw("GET", "/v1/nothing"))
+    assert status == 404
+    with pytest.raises(openai.BadRequestError):
+        served.client.completions.create(model="ckpt", prompt="hi", max_tokens=5, temperature=3.0)
+    # the server is still healthy afterwards
+    assert served.raw("GET", "/health")[0] == 200
+
+
+def test_web_page_is_self_contained(served):
+    status, body = served.raw("GET", "/")
+    html = body.decode()
+    assert status == 200 and "<textarea" in html and "/v1/chat/completions" in html
+    assert "<script src" not in html and "https://" not in html and "http://" not in html  # no CDN
+
+
+# --- the web page in a real browser --------------------------------------------------------------
+
+class Cdp:
+    """Just enough of the Chrome DevTools Protocol: call a method, wait for its answer."""
+
+    def __init__(self, ws_url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+        raise TimeoutError(method)
+
+    def eval(self, expression: str):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(r["exceptionDetails"])
+        return r["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(expression)
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    pytest.importorskip("websocket", reason="websocket-client is not installed")
+    log = tmp_path / "chromium.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                 "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                                 f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0",
+                                 "--remote-allow-origins=*", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline, port = time.monotonic() + 60, None
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", log.read_text(errors="replace"))
+            port = int(m.group(1)) if m else time.sleep(0.2)
+        if port is None:
+            pytest.fail("Chromium did not start:\n" + log.read_text(errors="replace")[-2000:])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            pages = [t for t in json.load(r) if t["type"] == "page"]
+        cdp = Cdp(pages[0]["webSocketDebuggerUrl"])
+        yield cdp
+        cdp.ws.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_web_chat_streams_in_a_browser(served, browser):
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=served.url + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')"
+                     " && document.getElementById('model').textContent.includes('ckpt')")
+    browser.eval("""
+        window.__states = [];
+        new MutationObserver(() => {
+          const a = document.querySelectorAll('.assistant');
+          const t = a.length ? a[a.length - 1].textContent : '';
+          if (t && window.__states[window.__states.length - 1] !== t) window.__states.push(t);
+        }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        document.getElementById('temperature').value = '0';
+        document.getElementById('max-tokens').value = '40';
+        document.getElementById('input').value = 'Hello there';
+        document.getElementById('send').click();
+        true""")
+    browser.wait_for("(() => { const a = document.querySelector('.assistant');"
+                     " return a && a.dataset.done === 'true'; })()")
+    assert browser.eval("document.querySelectorAll('.error').length") == 0
+    final = browser.eval("document.querySelector('.assistant').textContent")
+    states = browser.eval("window.__states")
+    want = served.expected_chat([{"role": "user", "content": "Hello there"}], 40)
+    assert final == want.text and final
+    assert len(states) >= 2, states  # the reply grew in several steps: it was streamed
+    assert all(final.startswith(s) for s in states)
