@@ -1,0 +1,157 @@
+"""Muon for the blocks' weight matrices, AdamW for everything else, in one torch.optim.Optimizer.
+
+Muon (Keller Jordan, 2024; used by modded-nanogpt and nanochat) keeps SGD momentum per matrix and
+replaces the update by its nearest semi-orthogonal matrix, found with five Newton–Schulz steps. An
+orthogonal update moves every direction of the matrix by the same amount, so rare directions
+learn as fast as common ones: at equal tokens it reaches a lower loss than AdamW, with one buffer
+per matrix instead of two. It is defined for hidden matrices only; embeddings, the head, norms'
+gains and biases stay with AdamW (as in Muon's reference and nanochat).
+
+One optimizer, not two, because the loop saves `optimizer.state_dict()`, schedules with `set_lr`
+(each group's own `initial_lr`, so Muon groups carry `lr = muon_lr`) and hands the optimizer to a
+GradScaler. Every group says its rule in `group["kind"]`; the state holds only tensors and ints,
+so it loads with `torch.load(weights_only=True)` and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import TrainConfig
+
+# Quintic Newton–Schulz coefficients from Muon's reference: chosen to maximise the slope at zero, so
+# five steps push every singular value into about [0.7, 1.2], which is orthogonal enough to train.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
+    """Approximate U V^T of g = U S V^T for a batch of matrices (..., rows, cols).
+
+    Runs in bf16 on GPUs (tensor cores; the iteration tolerates it) and fp32 elsewhere, since CPUs
+    without native bf16 matmuls are many times slower in it.
+    """
+    a, b, c = NS_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * (s @ s)) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Groups with kind="muon" (2-D parameters) follow Muon; groups with kind="adamw" follow AdamW.
+
+    Muon group keys: lr, momentum, nesterov, ns_steps, weight_decay. AdamW group keys: lr, betas,
+    eps, weight_decay. Weight decay is decoupled (scaled by lr) in both.
+    """
+
+    def __init__(self, groups: list[dict]):
+        for g in groups:
+            if g.get("kind") not in ("muon", "adamw"):
+                raise ValueError("every Muon parameter group needs kind='muon' or kind='adamw'")
+            if g["kind"] == "muon" and any(p.dim() != 2 for p in g["params"]):
+                raise ValueError("Muon groups take 2-D weight matrices only")
+        super().__init__(groups, {"lr": 0.02, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        mu = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        # Nesterov: step along g + mu * (buf - g), the look-ahead of the momentum buffer.
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        # Matrices of one shape are orthogonalised together: one batched matmul instead of many small ones.
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_shape[tuple(p.shape)].append(i)
+        for (rows, cols), idx in by_shape.items():
+            ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"])
+            # Shape-aware scale (Muon's reference): a tall matrix's update has smaller entries after
+            # orthogonalisation; sqrt(rows / cols) restores the per-entry size of a square one.
+            scale = max(1.0, rows / cols) ** 0.5
+            torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-lr * scale)
+
+    def _adamw_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        grads, m, v, bc1, bc2 = [], [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            grads.append(p.grad)
+            m.append(state["exp_avg"])
+            v.append(state["exp_avg_sq"])
+            bc1.append(1 - beta1 ** state["step"])
+            bc2.append(math.sqrt(1 - beta2 ** state["step"]))
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
+
+
+def muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Hidden matrices (the blocks' linear weights) to Muon; embeddings, head, gains, biases to AdamW."""
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() == 2 and ".layers." in f".{name}":
+            muon.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    adam = {"kind": "adamw", "lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    groups = [{"kind": "muon", "params": muon, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
+               "nesterov": True, "ns_steps": 5, "weight_decay": 0.0},
+              {**adam, "params": decay, "weight_decay": cfg.weight_decay},
+              {**adam, "params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_muon(model: nn.Module, cfg: TrainConfig) -> Muon:
+    return Muon(muon_groups(model, cfg))
