@@ -97,7 +97,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
-    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (never all fp32 logits)
+    loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (0: 1024); never all fp32 logits
     eval_every: int = 200
     eval_batches: int = 20
     sample_every: int = 0  # 0: only at the end

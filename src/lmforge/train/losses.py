@@ -1,18 +1,25 @@
 """Token-level losses shared by the objectives.
 
-Cross-entropy can run over chunks of tokens so the full (tokens x vocab) fp32 logits never exist
-at once: with a 150k vocabulary they would outweigh the whole model's activations. Each chunk is
-checkpointed, so its logits are recomputed in the backward pass instead of being kept.
+The language-modelling loss fuses the head matmul with cross-entropy (`linear_cross_entropy`):
+chunk by chunk of tokens it computes the logits, the loss, and at once the gradients of the
+hidden states and of the head, then drops the logits. The full (tokens x vocab) fp32 logits are
+never kept for the backward pass, which with a 50k-150k vocabulary would outweigh all the blocks'
+activations; and because the gradient is formed in place from the softmax, it is also faster than
+log_softmax + nll_loss + their backward (fewer passes over the logits, no recomputation).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
+# Tokens per chunk when none is given: 1024 x vocab fp32 logits stay in a CPU's last-level cache for
+# small vocabularies, and a chunk is still a large matmul on a GPU; measured fastest on CPU at vocab
+# 4k and 50k (bench/README.md).
+AUTO_CHUNK = 1024
 
 
 def _ce_sum(model, h: Tensor, targets: Tensor) -> Tensor:
@@ -21,8 +28,95 @@ def _ce_sum(model, h: Tensor, targets: Tensor) -> Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(softcap(h_t W^T), y_t), with dL/dh and dL/dW formed in the forward pass, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int, softcap: float,
+                dtype: torch.dtype) -> Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):  # matmuls run in `dtype`, the rest in fp32
+            for i in range(0, h.shape[0], chunk):
+                hc, t = h[i:i + chunk].to(dtype), targets[i:i + chunk]
+                z = (hc @ w.T).float()
+                if softcap > 0:
+                    th = z.div_(softcap).tanh_()
+                    z = th * softcap
+                logp = torch.log_softmax(z, dim=-1)
+                del z
+                valid = (t != IGNORE).unsqueeze(1)
+                safe = t.clamp_min(0).unsqueeze(1)
+                total -= (logp.gather(1, safe) * valid).sum()
+                if not (want_h or want_w):
+                    continue
+                g = logp.exp_()  # softmax, in place
+                g.scatter_add_(1, safe, -valid.to(g.dtype))  # minus one-hot(target)
+                if softcap > 0:
+                    g.mul_(1 - th * th)
+                g = g.to(dtype)
+                # Ignored positions get no gradient: zeroing their rows of h (tokens x C) is cheaper
+                # than zeroing their rows of g (tokens x vocab).
+                if want_h:
+                    grad_h[i:i + chunk] = (g @ w) * valid
+                if want_w:
+                    hv = hc * valid.to(hc.dtype)
+                    if grad_w.dtype == hv.dtype:
+                        grad_w.addmm_(g.T, hv)
+                    else:
+                        grad_w += (g.T @ hv).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def _plain_head(model) -> nn.Linear | None:
+    """The model's head if it is a plain bias-free Linear on an ordinary tensor, else None.
+
+    Quantized (NF4), sharded (DTensor) or adapted heads fall back to the unfused path.
+    """
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.bias is None and type(head.weight) is nn.Parameter:
+        return head
+    return None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 0, softcap: float = 0.0
+                         ) -> Tensor:
+    """Sum of token cross-entropies of logits softcap(h @ weight.T), never keeping all logits.
+
+    h: (..., C), targets: (...) with -100 ignored. chunk: tokens per chunk (0: AUTO_CHUNK). Under
+    autocast the matmuls run in the autocast dtype and the softmax in fp32, like the unfused path.
+    """
+    hf, tf = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: the Function would still see requires_grad and form grads
+        hf, weight = hf.detach(), weight.detach()
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    chunk = chunk if chunk > 0 else AUTO_CHUNK
+    return _LinearCrossEntropy.apply(hf, weight, tf, chunk, softcap, dtype)
+
+
 def cross_entropy_sum(model, h: Tensor, targets: Tensor, chunk: int = 0) -> Tensor:
-    """Sum of token cross-entropies (targets == -100 ignored); h: (B, T, C) final hidden states."""
+    """Sum of token cross-entropies (targets == -100 ignored); h: (B, T, C) final hidden states.
+
+    chunk: tokens per chunk of the fused head + loss (0: AUTO_CHUNK). Heads that cannot be fused
+    (quantized, sharded) take the unfused path, checkpointed per chunk when chunk > 0.
+    """
+    head = _plain_head(model)
+    if head is not None:
+        softcap = float(getattr(getattr(model, "cfg", None), "logit_softcap", 0.0) or 0.0)
+        return linear_cross_entropy(h, head.weight, targets, chunk, softcap)
     if chunk <= 0 or h.shape[0] * h.shape[1] <= chunk:
         return _ce_sum(model, h, targets)
     hf, tf = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
