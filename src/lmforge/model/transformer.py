@@ -35,11 +35,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # F.rms_norm is one op (and one backward) instead of five elementwise passes.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 as transformers does, so logits match under bf16 autocast too.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -55,14 +55,20 @@ def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tenso
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin with its first half negated: rotate-half's sign moved from the activations to the table."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, bit for bit, with rotate_half(x) = cat(-x2, x1).
+
+    x: (B, H, T, D); cos / sin_signed: (T, D) or (B, 1, T, D). Swapping the halves of x and negating
+    the table's first half (a tiny (T, D) op) saves a negation pass over every q and k.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, H, T, D); cos/sin: (B, 1, T, D) gathered at each token's position.
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    return (x * cos + torch.cat((x2, x1), dim=-1) * sin_signed).to(x.dtype)
 
 
 class KVCache:
@@ -237,6 +243,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        default_positions = positions is None
         if positions is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of "
@@ -245,10 +252,13 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = None
         if self.cfg.pos == "learned":
-            x = x + self.model.embed_positions(positions)
+            pos = self.model.embed_positions
+            x = x + (pos.weight[start:start + T] if default_positions else pos(positions))
+        elif default_positions:  # one (T, D) slice broadcast over the batch, not a (B, T, D) gather
+            rope = (self.rope_cos[start:start + T].to(x.dtype), signed_sin(self.rope_sin[start:start + T]).to(x.dtype))
         else:
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
-                    self.rope_sin[positions].unsqueeze(1).to(x.dtype))
+                    signed_sin(self.rope_sin[positions]).unsqueeze(1).to(x.dtype))
         mask = self._mask(B, T, start, doc_ids, cache, input_ids.device)
         for block in self.model.layers:
             if self.activation_checkpointing and self.training:
