@@ -7,7 +7,9 @@ AutoModelForCausalLM), the same equal-length prompts, greedy, exactly `--new-tok
 (no stop token), fp32 on the CPU (bf16 on CUDA). Runs are interleaved and their order alternates
 so drifting machine load hits both sides alike; we report the median and the min/max of several
 repeats, and whether both produced the same tokens. Time includes the prompt's prefill (short
-prompts: decode dominates). `quantization` adds the int8/int4 decode speed and the perplexity
+prompts: decode dominates). The machine's load average is recorded: on a shared CPU, other processes
+(and intra-op threads spinning against them) move the absolute numbers, the interleaving keeps the
+ratio fair. `quantization` adds the int8/int4 decode speed and the perplexity
 change on a byte-level model trained for a few seconds on standard-library source text.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -180,8 +183,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--ppl-steps", type=int, default=300, help="0 skips the perplexity part")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for both sides (0: torch's default). 1 by default: at this size "
+                         "a second thread gains nothing, and on a busy 2-core machine spinning threads made "
+                         "decode 10x slower for both")
+    ap.add_argument("--ppl-steps", type=int, default=200, help="0 skips the perplexity part")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
 
@@ -195,7 +204,8 @@ def main() -> None:
             "setup": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                       "greedy": True, "device": str(device), "dtype": str(next(ours.parameters()).dtype),
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "transformers": transformers.__version__, "python": platform.python_version()},
+                      "transformers": transformers.__version__, "python": platform.python_version(),
+                      "load_average_at_start": round(os.getloadavg()[0], 2)},
         }
         for b in (int(x) for x in args.batch_sizes.split(",")):
             log(f"batch {b} ...")
@@ -206,6 +216,7 @@ def main() -> None:
             log("perplexity of a trained byte-level model ...")
             quant["perplexity"] = quant_perplexity(args.ppl_steps)
         result["quantization"] = quant
+        result["setup"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
 
 

