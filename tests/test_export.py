@@ -88,7 +88,7 @@ def test_export_hf_loads_in_transformers(tmp_path, name):
     (dict(mlp="relu2"), "model.mlp"),
     (dict(norm="layernorm"), "model.norm"),
     (dict(qk_norm=True, bias=True), "model.bias"),
-    (dict(arch="gpt2", pos="learned", mlp="gelu", norm="layernorm", bias=True), "model.arch=gpt2"),
+    (dict(arch="gpt2", pos="learned", mlp="gelu", norm="layernorm", bias=False), "model.bias"),
 ])
 def test_export_hf_rejects_what_transformers_cannot_represent(tmp_path, overrides, key):
     model = make_model(300, **overrides)
@@ -182,3 +182,22 @@ def test_import_errors_name_the_key(tmp_path):
     (src / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(LmforgeError, match="pickle"):
         import_hf(src, tmp_path / "out")
+
+
+def test_export_hf_gpt2_variant_loads_as_gpt2lmheadmodel(tmp_path):
+    """`lmforge export hf` on a GPT-2-architecture checkpoint: GPT2LMHeadModel, no custom code, same logits."""
+    from lmforge.config import load_config
+    from lmforge.model.transformer import Transformer
+
+    cfg = load_config(overrides=["model.arch=gpt2", "model.vocab_size=448", "model.n_layer=2", "model.n_embd=64",
+                                 "model.n_head=4", "model.max_seq_len=64"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    tok = make_tokenizer(tmp_path / "tok")
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer_dir=tmp_path / "tok")
+    out = export_hf(ckpt, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    x = torch.tensor([tok.encode("def f(x): return x + 1")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)

@@ -49,7 +49,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    """The transformers config.json for this architecture (llama, or qwen3 when QK-norm is on)."""
+    """The transformers config.json: llama, qwen2 when only q/k/v have biases, qwen3 with QK-norm.
+
+    Written into every checkpoint, so a checkpoint folder loads in transformers as it is; variants
+    transformers cannot represent get only the `lmforge` section (export says which key is why).
+    """
     out: dict = {}
     if cfg.arch == "llama" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" and cfg.pos == "rope" \
             and not cfg.logit_softcap:
@@ -80,6 +84,14 @@ def hf_config(cfg: ModelConfig) -> dict:
             "torch_dtype": "float32",
             "use_cache": True,
         }
+        if cfg.attn_qkv_bias and not cfg.bias and not cfg.qk_norm:  # Qwen2: biases on q/k/v only
+            out.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                       sliding_window=None, max_window_layers=cfg.n_layer,
+                       layer_types=["full_attention"] * cfg.n_layer)
+            out.pop("attention_bias")
+            out.pop("mlp_bias")
+        elif cfg.qk_norm:
+            out.pop("mlp_bias")
     out["lmforge"] = {k: v for k, v in vars(cfg).items()}
     return out
 

@@ -46,29 +46,26 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
 
 
 def llama_family_config(cfg: ModelConfig) -> dict:
-    """The transformers config.json: llama, qwen2 when only q/k/v have biases, qwen3 with QK-norm."""
+    """The checkpoint's transformers config (checkpoint.hf_config), refused for variants it cannot load."""
     from lmforge.checkpoint import hf_config
 
     problems = _llama_family_problems(cfg)
     if problems:
         raise LmforgeError("cannot export to transformers: " + "; ".join(problems))
-    out = hf_config(cfg)
-    if cfg.attn_qkv_bias and not cfg.bias and not cfg.qk_norm:
-        out.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
-                   sliding_window=None, max_window_layers=cfg.n_layer,
-                   layer_types=["full_attention"] * cfg.n_layer)
-        out.pop("attention_bias", None)
-        out.pop("mlp_bias", None)
-    elif cfg.qk_norm:
-        out.pop("mlp_bias", None)
-    return out
+    return hf_config(cfg)
 
 
 def llama_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
     return llama_family_config(cfg), lambda sd: sd
 
 
-WRITERS: dict[str, Writer] = {"llama": llama_writer}
+def gpt2_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
+    from lmforge.export.gpt2 import gpt2_writer as write
+
+    return write(cfg)
+
+
+WRITERS: dict[str, Writer] = {"llama": llama_writer, "gpt2": gpt2_writer}
 
 
 def writer_for(cfg: ModelConfig) -> Writer:
