@@ -58,13 +58,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if softcap > 0:
                     g.mul_(1 - th * th)
                 g = g.to(dtype)
-                # Ignored positions get no gradient: zeroing their rows of h (tokens x C) is cheaper
-                # than zeroing their rows of g (tokens x vocab).
+                # Ignored positions get no gradient: zero their rows of h (tokens x C), cheaper than
+                # their rows of g (tokens x vocab). Pretraining has none, and on a CPU asking costs
+                # nothing (on a GPU it would be a sync, so there the mask is always applied).
+                masked = not (hc.device.type == "cpu" and bool(valid.all()))
                 if want_h:
-                    grad_h[i:i + chunk] = (g @ w) * valid
+                    out = grad_h[i:i + chunk]
+                    if masked or out.dtype != dtype:
+                        out.copy_((g @ w) * valid)
+                    else:
+                        torch.mm(g, w, out=out)
                 if want_w:
-                    hv = hc * valid.to(hc.dtype)
-                    if grad_w.dtype == hv.dtype:
+                    hv = hc * valid.to(hc.dtype) if masked else hc
+                    if grad_w.dtype == dtype:
                         grad_w.addmm_(g.T, hv)
                     else:
                         grad_w += (g.T @ hv).float()

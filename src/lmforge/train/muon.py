@@ -15,13 +15,14 @@ so it loads with `torch.load(weights_only=True)` and a resumed run continues bit
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
 from lmforge.config import TrainConfig
+from lmforge.train.optim import fused_adamw
 
 # Quintic Newton–Schulz coefficients from Muon's reference: chosen to maximise the slope at zero, so
 # five steps push every singular value into about [0.7, 1.2], which is orthogonal enough to train.
@@ -50,7 +51,7 @@ class Muon(torch.optim.Optimizer):
     """Groups with kind="muon" (2-D parameters) follow Muon; groups with kind="adamw" follow AdamW.
 
     Muon group keys: lr, momentum, nesterov, ns_steps, weight_decay. AdamW group keys: lr, betas,
-    eps, weight_decay. Weight decay is decoupled (scaled by lr) in both.
+    eps, weight_decay, fused (torch's fused kernel). Weight decay is decoupled (scaled by lr) in both.
     """
 
     def __init__(self, groups: list[dict]):
@@ -104,33 +105,23 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
+        """torch's own AdamW arithmetic (fused kernel where available), on this optimizer's state."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        grads, m, v, bc1, bc2 = [], [], [], [], []
         for p in params:
             state = self.state[p]
-            if not state:
-                state["step"] = 0
+            if not state:  # step on the parameter's device for the fused kernel, as torch.optim.AdamW does
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else "cpu")
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            grads.append(p.grad)
-            m.append(state["exp_avg"])
-            v.append(state["exp_avg_sq"])
-            bc1.append(1 - beta1 ** state["step"])
-            bc2.append(math.sqrt(1 - beta2 ** state["step"]))
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bc2)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], foreach=None if group["fused"] else True, fused=group["fused"] or None,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False)
 
 
 def muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -145,7 +136,8 @@ def muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             decay.append(p)
         else:
             no_decay.append(p)
-    adam = {"kind": "adamw", "lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    fused = fused_adamw(next(model.parameters()).device)
+    adam = {"kind": "adamw", "lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused}
     groups = [{"kind": "muon", "params": muon, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
                "nesterov": True, "ns_steps": 5, "weight_decay": 0.0},
               {**adam, "params": decay, "weight_decay": cfg.weight_decay},

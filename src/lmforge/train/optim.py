@@ -28,11 +28,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         from lmforge.train.muon import build_muon
 
         return build_muon(model, cfg)
-    device = next(model.parameters()).device
-    # Fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
-    fused = device.type == "cuda"
+    fused = fused_adamw(next(model.parameters()).device)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW's fused kernel (one pass per tensor) runs here.
+
+    On CUDA it is one kernel per step; on CPU (torch >= 2.4) it measured 10x faster than the foreach
+    path, whose CPU fallback loops over tensors op by op (bench/README.md).
+    """
+    return device.type in ("cuda", "cpu")
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
