@@ -1,0 +1,292 @@
+"""Training speed of lmforge against a `transformers` model of identical shape; prints ONE JSON object.
+
+    python bench/train.py [--config tiny|nanogpt] [--arch llama|gpt2] [--batch 16] [--repeats 7]
+                          [--precision fp32|bf16] [--threads N] [--no-memory] [key=value ...]
+
+lmforge side: the step `train/loop.py` runs per optimizer step with one micro-batch, through the
+same functions: `set_lr(lr_factor(...))`, `LMObjective.loss` (the model's hidden states, then the
+fused chunked head + cross-entropy), GradScaler, `clip_grad_norm_`, the optimizer from
+`build_optimizer` (foreach/fused AdamW, or Muon), `zero_grad`. key=value overrides go to lmforge's
+config (e.g. train.optimizer=muon, train.compile=true, model.qk_norm=true).
+
+Peer: LlamaForCausalLM (GPT2LMHeadModel for --arch gpt2) built from the same config with the same
+weights, trained by the plain PyTorch loop nanoGPT and most scripts use: logits = model(x).logits,
+F.cross_entropy, backward, clip_grad_norm_, torch.optim.AdamW (fused on CUDA as nanoGPT does,
+PyTorch's default elsewhere), same batch, tokens, learning rate and precision.
+
+Steps are interleaved in pairs whose order alternates (ABBA), so load from other processes on a
+shared machine hits both alike; the ratio is the median of per-pair ratios. MFU is the model's
+training FLOPs (6 per weight + attention, as `lmforge pretrain` logs it) per second over the fp32
+matmul rate measured in the same run between pairs (bench/matmul.py's reference size).
+
+Memory: the peak one training step allocates above what it starts with (CUDA: the allocator's
+peak; CPU: the profiler's allocation events replayed in order), and the bytes of activations saved
+for backward (saved_tensors_hooks; exact, load-independent). lmforge is also measured with the
+unfused loss and with activation checkpointing, to show what each saves.
+
+Configs: tiny = the `tiny` preset at quickstart's shapes (4 x 256, vocab 4096, 16 x 256 tokens);
+nanogpt = nanoGPT's 6 x 384, context 256, vocab 50304 (4 x 256 tokens per step on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from common import hf_twin, log, machine, matmul_rate, spread, sync
+
+CONFIGS = {
+    "tiny": dict(preset="tiny", vocab=4096, seq_len=256, batch=16),
+    "nanogpt": dict(preset="", n_layer=6, n_embd=384, n_head=6, vocab=50304, seq_len=256, batch=4),
+}
+REFERENCE_N = 1024  # square matmul size of the MFU ceiling (bench/matmul.py --reference)
+
+
+def lmforge_config(args):
+    from lmforge.config import load_config
+
+    c = CONFIGS[args.config]
+    over = [f"model.vocab_size={args.vocab or c['vocab']}", f"train.seq_len={args.seq_len or c['seq_len']}",
+            f"train.micro_batch={args.batch or c['batch']}", "train.warmup_steps=10", "train.max_steps=1000"]
+    if c["preset"]:
+        over.append(f"model.preset={c['preset']}")
+    if args.arch == "gpt2":
+        over += ["model.arch=gpt2"]
+    for k in ("n_layer", "n_embd", "n_head"):
+        if k in c:
+            over.append(f"model.{k}={c[k]}")
+    if args.arch == "gpt2" and not c["preset"]:
+        over.append(f"model.n_kv_head={c['n_head']}")
+    over.append(f"model.max_seq_len={max(args.seq_len or c['seq_len'], 256)}")
+    return load_config(overrides=over + args.overrides)
+
+
+class Side:
+    """One implementation: a model, its optimizer and its `step(x, y)`."""
+
+    def __init__(self, name: str, cfg, device: torch.device, amp: torch.dtype | None, variant: str = ""):
+        from lmforge.model.transformer import Transformer
+
+        self.name, self.cfg, self.device, self.amp, self.variant = name, cfg, device, amp, variant
+        torch.manual_seed(cfg.seed)
+        model = Transformer(cfg.model).train()
+        if name == "lmforge":
+            self._setup_lmforge(model)
+        else:
+            self._setup_peer(model)
+
+    def _setup_lmforge(self, model) -> None:
+        from lmforge.train.objectives import LMObjective
+        from lmforge.train.optim import build_optimizer
+
+        tc = self.cfg.train
+        self.model = model.to(self.device)
+        self.model.activation_checkpointing = tc.activation_checkpointing or self.variant == "activation_checkpointing"
+        self.train_model = torch.compile(self.model) if tc.compile else self.model
+        self.opt = build_optimizer(self.model, tc)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        # LMObjective.loss reads only loss_chunk from the objective; the data side is not timed here.
+        self.objective = types.SimpleNamespace(loss_chunk=tc.loss_chunk)
+        self.loss_fn = LMObjective.loss
+        if self.variant == "unfused_loss":  # the plain head + F.cross_entropy path, for the memory figure
+            from lmforge.train.losses import _ce_sum
+
+            self.loss_fn = lambda obj, m, b: (_ce_sum(self.model, m(b[0], return_hidden=True), b[1]), {})
+        self.step_no = 0
+
+    def _setup_peer(self, model) -> None:
+        self.model = hf_twin(model).to(self.device).train()
+        tc = self.cfg.train
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                                     fused=True if self.device.type == "cuda" else None)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.name == "lmforge":
+            self._lmforge_step(x, y)
+        else:
+            self._peer_step(x, y)
+
+    def _lmforge_step(self, x, y) -> None:
+        from lmforge.train.optim import lr_factor, set_lr
+
+        tc = self.cfg.train
+        set_lr(self.opt, lr_factor(self.step_no, tc.max_steps, tc))
+        n_units = torch.tensor(float(y.numel()), device=self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss_sum, _ = self.loss_fn(self.objective, self.train_model, (x, y))
+            loss = loss_sum * (1 / n_units)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+
+    def _peer_step(self, x, y) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def saved_bytes(self, x, y) -> int:
+        """Bytes of activations autograd keeps for backward in one forward + loss (parameters excluded)."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                if self.name == "lmforge":
+                    loss = self.loss_fn(self.objective, self.train_model, (x, y))[0]
+                else:
+                    logits = self.model(input_ids=x).logits
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        del loss
+        return sum(seen.values())
+
+
+def batch(cfg, device: torch.device, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    w = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len + 1), generator=g)
+    return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def step_peak_mb(side: Side, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak memory allocated during one training step above what the step started with (MiB).
+
+    What was there before (weights, optimizer state) is left out; what the step adds (activations,
+    gradients, the loss's temporaries) is counted. CUDA: the allocator's peak. CPU: the profiler's
+    allocation events replayed in order, the same quantity without a caching allocator to ask.
+    """
+    side.step(x, y)  # optimizer state exists from here on
+    if side.device.type == "cuda":
+        torch.cuda.synchronize(side.device)
+        before = torch.cuda.memory_allocated(side.device)
+        torch.cuda.reset_peak_memory_stats(side.device)
+        side.step(x, y)
+        torch.cuda.synchronize(side.device)
+        return (torch.cuda.max_memory_allocated(side.device) - before) / 2**20
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        side.step(x, y)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", choices=list(CONFIGS))
+    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    ap.add_argument("--vocab", type=int, default=0)
+    ap.add_argument("--seq-len", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    ap.add_argument("overrides", nargs="*", help="lmforge config key=value")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp = amp_dtype(args.precision, device)
+    cfg = lmforge_config(args)
+    info = machine(device)
+    sides = {"lmforge": Side("lmforge", cfg, device, amp), "transformers": Side("transformers", cfg, device, amp)}
+    tokens = cfg.train.micro_batch * cfg.train.seq_len
+    flops_tok = sides["lmforge"].model.flops_per_token(cfg.train.seq_len)
+    log(f"{args.config} ({cfg.model.arch}): {sides['lmforge'].model.num_params() / 1e6:.2f}M params, "
+        f"{tokens} tokens/step, {flops_tok * tokens / 1e9:.1f} GFLOP/step, {args.precision}, {device}")
+
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        for side in sides.values():
+            side.step(*batch(cfg, device, i))
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    times = {name: [] for name in sides}
+    ceiling = []
+    for r in range(args.repeats):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        x, y = batch(cfg, device, 100 + r)
+        for name in order:
+            sync(device)
+            t = time.perf_counter()
+            sides[name].step(x, y)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+        ceiling.append(statistics.median(matmul_rate(REFERENCE_N, torch.float32, device, 0.3)))
+        log(f"pair {r + 1}/{args.repeats}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in sides)
+            + f"  matmul {ceiling[-1]:.1f} GFLOP/s")
+
+    peak = statistics.median(ceiling) * 1e9
+    result = {"bench": "train", "config": args.config, "arch": cfg.model.arch, "machine": info,
+              "precision": args.precision,
+              "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size",
+                                                            "mlp", "norm", "pos", "tie_embeddings")},
+              "batch": cfg.train.micro_batch, "seq_len": cfg.train.seq_len, "tokens_per_step": tokens,
+              "params_m": round(sides["lmforge"].model.num_params() / 1e6, 2),
+              "gflop_per_step": round(flops_tok * tokens / 1e9, 2),
+              "lmforge_train": {k: getattr(cfg.train, k) for k in ("optimizer", "loss_chunk", "compile",
+                                                                    "activation_checkpointing")},
+              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1)}
+    for name, ts in times.items():
+        tps = [tokens / t for t in ts]
+        result[name] = {"tokens_per_s": spread(tps, 1), "step_ms": spread([t * 1e3 for t in ts], 1),
+                        "mfu": round(flops_tok * statistics.median(tps) / peak, 3)}
+    ratios = [p / m for m, p in zip(times["lmforge"], times["transformers"])]
+    result["speedup_vs_transformers"] = spread(ratios)
+
+    if not args.no_memory:
+        x, y = batch(cfg, device, 0)
+        mem = {"step_peak_mb": {}, "saved_activations_mb": {}}
+        variants = {name: side for name, side in sides.items()}
+        for variant in ("unfused_loss", "activation_checkpointing"):
+            variants[f"lmforge_{variant}"] = Side("lmforge", cfg, device, amp, variant)
+        for name, side in variants.items():
+            mem["step_peak_mb"][name] = round(step_peak_mb(side, x, y), 1)
+            mem["saved_activations_mb"][name] = round(side.saved_bytes(x, y) / 2**20, 1)
+        mem["what"] = ("step_peak_mb: peak memory one training step allocates above what it starts with (weights "
+                       "and optimizer state excluded); saved_activations_mb: tensors autograd keeps between forward "
+                       "and backward, parameters excluded. lmforge_unfused_loss: lmforge with the plain head + "
+                       "F.cross_entropy instead of the fused chunked loss; lmforge_activation_checkpointing: "
+                       "with train.activation_checkpointing=true")
+        result["memory"] = mem
+    result["machine"]["load_avg_1min_end"] = machine(device).get("load_avg_1min")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
