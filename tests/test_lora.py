@@ -73,7 +73,8 @@ def test_qlora_nf4_base_trains_and_saves_memory(tmp_path):
     base = tiny_checkpoint(tmp_path)
     data = write_jsonl(tmp_path / "sft.jsonl", EXAMPLES)
     result = run_sft(sft_config(tmp_path, base, data, *LORA, "sft.lora.quantize=nf4", "sft.train.max_steps=16",
-                                "sft.train.log_every=8", "sft.lora.r=16", "sft.lora.alpha=32", "sft.train.lr=2e-2"))
+                                "sft.train.log_every=8", "sft.lora.r=16", "sft.lora.alpha=32", "sft.train.lr=3e-3",
+                                "sft.train.warmup_steps=2"))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses[1] < losses[0] - 0.2  # the adapters learn on top of the frozen 4-bit base
