@@ -3,6 +3,7 @@ greedy decoding reproduces every reply exactly; stage plumbing (init_from, per-s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,16 @@ def test_sft_overfits_and_reproduces_every_reply(tmp_path):
                 wants.append(m["content"] + "<|im_end|>")
     assert greedy_replies(model, tok, prompts) == wants
     assert model.cfg.n_layer == 2  # the model config came from the init checkpoint, not the run defaults
+    # `lmforge eval eval.task=FILE`: exact-match accuracy of greedy answers, written to RUN/eval.
+    from lmforge.eval.lm import cmd_eval
+
+    task = write_jsonl(tmp_path / "qa.jsonl", [
+        {"messages": EXAMPLES[0]["messages"][:2], "answer": "95"},
+        {"prompt": "计算 12 + 30 等于多少？", "answer": "42"}, {"prompt": "Say hello.", "answer": "7"}])
+    assert cmd_eval([f"run_dir={tmp_path / 'run'}", f"eval.task={task}", f"eval.checkpoint={result.checkpoint}",
+                     "generate.max_new_tokens=12"]) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "sft-step_000060-qa.json").read_text())
+    assert (report["correct"], report["total"], report["accuracy_zh"]) == (2, 3, 1.0)
 
 
 def test_unpacked_padding_path_trains_too(tmp_path):

@@ -90,7 +90,7 @@ def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain:
     lines = []
     for _ in range(n_pretrain):
         a, op, b = fresh()
-        if rng.random() < 0.5:
+        if rng.random() < 0.75:  # mostly bare equations: the densest signal for learning to add and subtract
             lines.append(f"{a} {op} {b} = {solve(a, op, b)}")
         else:
             q, ans = question(rng, a, op, b)

@@ -178,7 +178,7 @@ class GRPOObjective(Objective):
         rewards = torch.tensor(total, dtype=torch.float32)
         adv = group_advantages(rewards, G, self.scale)
         std = rewards.view(-1, G).std(dim=1)
-        stats = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(total) > 1 else 0.0,
+        stats = {"reward": rewards.mean().item(), "reward_std": std.mean().item(),  # mean within-group std
                  "frac_reward_zero_std": (std < 1e-6).float().mean().item(),
                  "completion_length": float(np.mean(lengths)), "completion_length_max": float(max(lengths)),
                  "truncated": float(np.mean(truncated)), **parts}

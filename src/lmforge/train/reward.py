@@ -41,6 +41,8 @@ class RewardModel(Transformer):
         torch.manual_seed(0)  # the head's init does not depend on the run's RNG position
         rm = cls(policy.cfg, pad_id)
         rm.load_state_dict(policy.state_dict(), strict=False)
+        if not policy.cfg.tie_embeddings:  # the LM head is unused: frozen, DDP expects no gradient for it
+            rm.lm_head.weight.requires_grad_(False)
         return rm.to(next(policy.parameters()).device)
 
     def rewards(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
