@@ -83,3 +83,17 @@ def test_ipo_and_hinge_train(tmp_path):
                                "dpo.train.eval_every=8"))
         assert first_row(tmp_path / loss)["loss"] == pytest.approx(start, abs=1e-4)
         assert r.metrics["val_loss"] < start
+
+
+def test_sft_coef_adds_the_chosen_replys_per_token_nll(tmp_path):
+    from lmforge.train.dpo import run_dpo
+
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    run_dpo(dpo_config(tmp_path, base, data, "rpo", "dpo.sft_coef=0.5", "dpo.train.max_steps=1",
+                       "dpo.train.eval_every=0"))
+    row = first_row(tmp_path / "rpo")
+    assert row["nll/chosen"] > 1.0  # an untrained model: several nats per token
+    assert row["loss"] == pytest.approx(math.log(2) + 0.5 * row["nll/chosen"], abs=1e-5)
+    with pytest.raises(LmforgeError, match="dpo.sft_coef must be >= 0"):
+        run_dpo(dpo_config(tmp_path, base, data, "bad", "dpo.sft_coef=-1"))

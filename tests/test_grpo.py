@@ -54,10 +54,12 @@ def test_clipped_objective_k3_and_aggregations_by_hand():
 
 
 def test_reward_functions(tmp_path):
-    done = ["The answer is 95.", "答案是 42。", "It is 95 I think", "The answer is 1,000.", "no number"]
-    examples = [{"answer": "95"}, {"answer": "42"}, {"answer": "95"}, {"answer": "1000"}, {"answer": "3"}]
-    assert exact_match(done, examples) == [1.0, 1.0, 1.0, 1.0, 0.0]
-    assert format_reward(done, examples) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    done = ["The answer is 95.", "40 + 2 = 42，答案是 42。", "It is 95 I think", "The answer is 1,000.", "no number",
+            "The answer is 3. The answer is 3.", "The answer is 3. Or 4"]
+    examples = [{"answer": "95"}, {"answer": "42"}, {"answer": "95"}, {"answer": "1000"}, {"answer": "3"},
+                {"answer": "3"}, {"answer": "3"}]
+    assert exact_match(done, examples) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert format_reward(done, examples) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert length_reward(done[:3], examples[:3], lengths=[6, 7, 8], max_new_tokens=8) == [0.0, -0.5, -1.0]
     module = tmp_path / "my_rewards.py"
     module.write_text("def shouty(completions, examples):\n    return [float(c.isupper()) for c in completions]\n")

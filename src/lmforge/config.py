@@ -178,6 +178,7 @@ class DPOConfig:
     init_from: str = ""
     loss: str = "sigmoid"  # sigmoid | ipo | hinge
     beta: float = 0.1
+    sft_coef: float = 0.0  # weight of the chosen reply's per-token NLL added to the loss (RPO; TRL's rpo_alpha)
     reference: str = "auto"  # auto | copy | precomputed | adapters (LoRA: the base, adapters off)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: StageTrain = field(default_factory=StageTrain)

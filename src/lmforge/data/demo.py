@@ -3,7 +3,7 @@
 Problems are drawn from a seeded generator (`demo.seed`, not the run's seed, so runs with different
 training seeds share one test set). The held-out test problems are drawn first and excluded from
 everything else, the pretraining text included, so the accuracy after each stage is measured on
-problems no stage has seen.
+problems no stage has seen. The DPO and GRPO problems come next, also kept out of every other file.
 
 `lmforge run recipes/posttrain-demo.yaml` calls `run_demo` first; it writes RUN/demo/:
 
@@ -29,8 +29,11 @@ EN_QUESTIONS = {"+": ["What is {a} + {b}?", "Compute {a} + {b}.", "What is {a} p
                 "-": ["What is {a} - {b}?", "Compute {a} - {b}.", "What is {a} minus {b}?"]}
 ZH_QUESTIONS = {"+": ["计算 {a} + {b} 等于多少？", "{a} 加 {b} 等于多少？"],
                 "-": ["计算 {a} - {b} 等于多少？", "{a} 减 {b} 等于多少？"]}
-EN_ANSWER = "The answer is {c}."
-ZH_ANSWER = "答案是 {c}。"
+# Each answer first writes the equation out, then states the result: one step of worked reasoning that
+# lets the chat-format stages use the bare-equation skill pretraining teaches (a model this small
+# cannot carry a sum across the words of a question and a chat template in one jump).
+EN_ANSWER = "{a} {op} {b} = {c}. The answer is {c}."
+ZH_ANSWER = "{a} {op} {b} = {c}，答案是 {c}。"
 FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "rl.jsonl", "test.jsonl")
 
 
@@ -48,12 +51,13 @@ def solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b
 
 
-def question(rng: random.Random, a: int, op: str, b: int) -> tuple[str, str]:
-    """(question, answer sentence) in English or Chinese, half and half."""
-    c = solve(a, op, b)
+def question(rng: random.Random, a: int, op: str, b: int, c: int | None = None) -> tuple[str, str]:
+    """(question, answer sentence) in English or Chinese, half and half; `c` overrides the result
+    (a wrong answer for preference pairs)."""
+    c = solve(a, op, b) if c is None else c
     if rng.random() < 0.5:
-        return rng.choice(EN_QUESTIONS[op]).format(a=a, b=b), EN_ANSWER.format(c=c)
-    return rng.choice(ZH_QUESTIONS[op]).format(a=a, b=b), ZH_ANSWER.format(c=c)
+        return rng.choice(EN_QUESTIONS[op]).format(a=a, b=b), EN_ANSWER.format(a=a, op=op, b=b, c=c)
+    return rng.choice(ZH_QUESTIONS[op]).format(a=a, b=b), ZH_ANSWER.format(a=a, op=op, b=b, c=c)
 
 
 def wrong(rng: random.Random, c: int) -> int:
@@ -68,19 +72,34 @@ def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain:
     """All demo files' rows, as lists (pretrain rows are texts; the others are JSON objects)."""
     rng = random.Random(seed)
     space = (10 ** max_digits) ** 2  # about how many distinct problems exist per operator
-    if n_test > space // 4:
+    if n_test > space // 4 or n_test + 2 * n_train > space // 2:
         from lmforge.errors import LmforgeError
 
-        raise LmforgeError(f"demo.n_test={n_test} is too many for max_digits={max_digits}; the test set must "
-                           "stay a small part of all problems")
+        raise LmforgeError(f"demo.n_test={n_test} and demo.n_train={n_train} are too many for "
+                           f"max_digits={max_digits}; the held-out test, DPO and GRPO problems must stay a small "
+                           "part of all problems (raise demo.max_digits)")
     test: dict[tuple, None] = {}
     while len(test) < n_test:
         test[draw(rng, max_digits)] = None
+    # The DPO pairs' and GRPO's problems are kept out of the pretraining text too: on problems it has
+    # seen, the model answers from memory, and preferences or rewards there teach little of the
+    # skill the test set measures.
+    held = dict(test)
+
+    def unseen(n: int) -> list[tuple[int, str, int]]:
+        new: dict[tuple, None] = {}
+        while len(new) < n:
+            p = draw(rng, max_digits)
+            if p not in held:
+                new[p] = held[p] = None
+        return list(new)
+
+    dpo, rl = unseen(n_train), unseen(n_train)
 
     def fresh() -> tuple[int, str, int]:
         while True:
             p = draw(rng, max_digits)
-            if p not in test:
+            if p not in held:
                 return p
 
     out: dict[str, list] = {name: [] for name in FILES}
@@ -100,14 +119,14 @@ def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain:
         a, op, b = fresh()
         q, ans = question(rng, a, op, b)
         out["sft.jsonl"].append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
-    for _ in range(n_train):
-        a, op, b = fresh()
+    for a, op, b in dpo:
+        w = wrong(rng, solve(a, op, b))
+        state = rng.getstate()  # the same wording for the right and the wrong answer
         q, ans = question(rng, a, op, b)
-        c = solve(a, op, b)
-        bad = ans.replace(str(c), str(wrong(rng, c)))
+        rng.setstate(state)
+        _, bad = question(rng, a, op, b, c=w)
         out["dpo.jsonl"].append({"prompt": q, "chosen": ans, "rejected": bad})
-    for _ in range(n_train):
-        a, op, b = fresh()
+    for a, op, b in rl:
         q, _ = question(rng, a, op, b)
         out["rl.jsonl"].append({"prompt": q, "answer": str(solve(a, op, b))})
     return out

@@ -7,6 +7,10 @@ the reply's tokens, the <|im_end|> included), the per-pair losses are
     hinge    max(0, 1 - beta * h)              (SLiC / RSO)
     ipo      (h - 1 / (2 beta))^2              (Azar et al. 2023; log-probs averaged per token, as TRL does)
 
+`dpo.sft_coef` adds that weight times the chosen reply's mean per-token negative log-likelihood (RPO,
+Pang et al. 2024; TRL's `rpo_alpha`): the preference term alone may lower the chosen reply's
+probability as long as the rejected one falls faster, which shows as worse greedy answers.
+
 The reference is the starting policy, kept one of three ways: a frozen copy (`copy`), its
 log-probabilities computed once before training so no second model stays in memory
 (`precomputed`), or, with LoRA, the same network with the adapters switched off (`adapters`).
@@ -64,13 +68,16 @@ class DPOObjective(Objective):
     name = "dpo"
 
     def __init__(self, pairs, val_pairs, micro_batch: int, seed: int, pad_id: int, beta: float, loss: str,
-                 reference: str):
+                 reference: str, sft_coef: float = 0.0):
         if loss not in LOSSES:
             raise LmforgeError(f"dpo.loss: '{loss}' is not one of {', '.join(LOSSES)}")
         if reference not in REFERENCES[1:]:
             raise LmforgeError(f"dpo.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
         if beta <= 0:
             raise LmforgeError(f"dpo.beta must be positive, got {beta}")
+        if sft_coef < 0:
+            raise LmforgeError(f"dpo.sft_coef must be >= 0, got {sft_coef}")
+        self.sft_coef = sft_coef
         self.pairs, self.val_pairs = pairs, val_pairs
         self.micro_batch, self.seed, self.pad_id = micro_batch, seed, pad_id
         self.beta, self.kind, self.reference = beta, loss, reference
@@ -151,8 +158,12 @@ class DPOObjective(Objective):
         policy = self._logps(model, batch)
         ref = self._reference(model, batch, split)
         losses = dpo_loss(policy[0], policy[1], ref[0], ref[1], self.beta, self.kind)
+        n_chosen = (batch["targets"] != IGNORE).sum(-1).view(2, -1)[0].clamp_min(1)
+        nll = -policy[0] if self.kind == "ipo" else -policy[0] / n_chosen  # per token either way
+        if self.sft_coef:
+            losses = losses + self.sft_coef * nll
         rc, rr = (self.beta * (policy - ref)).detach()
-        metrics = {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
+        metrics = {"nll/chosen": nll.detach().sum(), "rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
                    "rewards/accuracies": (rc > rr).float().sum(), "logps/chosen": policy[0].detach().sum(),
                    "logps/rejected": policy[1].detach().sum()}
         return losses.sum(), metrics
@@ -201,10 +212,11 @@ def run_dpo(cfg: Config):
     reference = dc.reference
     if reference == "auto":
         reference = "adapters" if dc.lora.enabled else "precomputed"
-    log(f"dpo: {len(pairs)} pairs, {len(val_pairs)} held out; loss {dc.loss}, beta {dc.beta}, reference {reference}")
+    log(f"dpo: {len(pairs)} pairs, {len(val_pairs)} held out; loss {dc.loss}, beta {dc.beta}, reference {reference}"
+        + (f", sft_coef {dc.sft_coef}" if dc.sft_coef else ""))
     model = st.load_policy(dc.lora)
     objective = DPOObjective(pairs, val_pairs, tc.micro_batch, st.cfg.seed, st.tok.eot_id, dc.beta, dc.loss,
-                             reference)
+                             reference, dc.sft_coef)
     prompt = preference_messages((val_records or train_records)[0])[0]
     result = train(st.cfg, model, objective, st.out_dir, tokenizer_dir=st.tok_dir,
                    sample_fn=chat_sampler(st.tok, prompt))

@@ -48,8 +48,14 @@ def exact_match(completions: list[str], examples: list[dict], **info) -> list[fl
 
 
 def format_reward(completions: list[str], examples: list[dict], **info) -> list[float]:
-    """1 if the completion is exactly one answer sentence ("The answer is N." / "答案是 N。")."""
-    return [float(ANSWER_FORMAT.fullmatch(c.strip()) is not None) for c in completions]
+    """1 if the completion ends in its one answer sentence ("The answer is N." / "答案是 N。"), with any
+    working before it: the answer is where a reader (and exact_match) looks for it, and stated once."""
+    out = []
+    for c in completions:
+        c = c.strip()
+        found = ANSWER_FORMAT.findall(c)
+        out.append(float(len(found) == 1 and c.endswith(found[0])))
+    return out
 
 
 def length_reward(completions: list[str], examples: list[dict], *, lengths: list[int], max_new_tokens: int,
