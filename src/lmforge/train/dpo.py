@@ -163,7 +163,8 @@ class DPOObjective(Objective):
         if self.sft_coef:
             losses = losses + self.sft_coef * nll
         rc, rr = (self.beta * (policy - ref)).detach()
-        metrics = {"nll/chosen": nll.detach().sum(), "rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
+        metrics = {"nll/chosen": nll.detach().sum(),
+                   "rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
                    "rewards/accuracies": (rc > rr).float().sum(), "logps/chosen": policy[0].detach().sum(),
                    "logps/rejected": policy[1].detach().sum()}
         return losses.sum(), metrics
