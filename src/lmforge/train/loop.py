@@ -158,6 +158,9 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
 
     train_model: nn.Module = model
     if tc.compile:
+        # Where compiling cannot work (no C++ compiler for the CPU backend, no Triton for CUDA),
+        # dynamo logs why and runs those frames eagerly instead of stopping the run.
+        torch._dynamo.config.suppress_errors = True
         train_model = torch.compile(model)
     if d.enabled:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
