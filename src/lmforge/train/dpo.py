@@ -191,14 +191,6 @@ class DPOObjective(Objective):
         n = total[-1].clamp_min(1)
         return {f"val_{k}": (total[i] / n).item() for i, k in enumerate(keys)}
 
-    def state_dict(self):
-        return self.stream.state_dict() if self.stream else (self.pending or {})
-
-    def load_state_dict(self, state):
-        self.pending = state
-        if self.stream is not None:
-            self.stream.load_state_dict(state)
-
 
 def run_dpo(cfg: Config):
     from lmforge.data.chat import preference_messages

@@ -45,11 +45,19 @@ class Objective:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {}
 
+    # The data position, for bit-exact resume. An objective that reads through a resumable
+    # `self.stream` (built in setup()) needs nothing more: a state loaded before setup() waits in
+    # `pending`, and setup() applies it to the stream it builds.
+    stream = None
+    pending: dict | None = None
+
     def state_dict(self) -> dict:
-        return {}
+        return self.stream.state_dict() if self.stream is not None else (self.pending or {})
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.pending = state
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
 
 
 class LMObjective(Objective):
@@ -109,14 +117,6 @@ class LMObjective(Objective):
         if bpt:
             out["val_bpb"] = loss / math.log(2) / bpt
         return out
-
-    def state_dict(self):
-        return self.stream.state_dict() if self.stream else (self.pending or {})
-
-    def load_state_dict(self, state):
-        self.pending = state
-        if self.stream is not None:
-            self.stream.load_state_dict(state)
 
 
 def bytes_per_token(manifest: dict) -> float:

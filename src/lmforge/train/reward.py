@@ -196,14 +196,6 @@ class RewardObjective(Objective):
         n = total[2].clamp_min(1)
         return {"val_loss": (total[0] / n).item(), "val_accuracy": (total[1] / n).item(), "val_pairs": int(n)}
 
-    def state_dict(self):
-        return self.stream.state_dict() if self.stream else (self.pending or {})
-
-    def load_state_dict(self, state):
-        self.pending = state
-        if self.stream is not None:
-            self.stream.load_state_dict(state)
-
 
 def run_rm(cfg: Config):
     from lmforge.data.chat import read_records, split_records

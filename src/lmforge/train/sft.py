@@ -228,14 +228,6 @@ class SFTObjective(Objective):
         loss = (total[0] / total[1].clamp_min(1)).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
-    def state_dict(self):
-        return self.stream.state_dict() if self.stream else (self.pending or {})
-
-    def load_state_dict(self, state):
-        self.pending = state
-        if self.stream is not None:
-            self.stream.load_state_dict(state)
-
 
 def encode_sft(tok, records, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(inputs, targets) per record: rendered by `render_conversation`, cut to seq_len predictions."""
