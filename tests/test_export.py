@@ -115,14 +115,14 @@ def test_export_cli_takes_a_run_dir(tmp_path, capsys):
 
 # --- import ---------------------------------------------------------------------------------------
 
-def tiny_hf(kind: str, vocab: int, tie: bool, seed: int = 0):
+def tiny_hf(kind: str, vocab: int, tie: bool, seed: int = 0, head_dim: int = 16):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                   rope_theta=20000.0)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
-    extra = {"head_dim": 16} if kind == "qwen3" else {}
+    extra = {"head_dim": head_dim} if kind == "qwen3" else {}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cls(**common, **extra)).eval()
     with torch.no_grad():
@@ -134,10 +134,12 @@ def tiny_hf(kind: str, vocab: int, tie: bool, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("kind, tie", [("llama", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)])
-def test_import_hf_matches_the_source_model(tmp_path, kind, tie):
+@pytest.mark.parametrize("kind, tie, head_dim", [("llama", False, 16), ("qwen2", True, 16), ("qwen3", True, 16),
+                                                 ("qwen3", False, 16), ("qwen3", True, 24)])
+def test_import_hf_matches_the_source_model(tmp_path, kind, tie, head_dim):
+    # head_dim 24 with hidden 64 and 4 heads: real Qwen3 models keep head_dim 128 at any width.
     tok = make_tokenizer(tmp_path / "tok")
-    hf_model = tiny_hf(kind, tok.vocab_size, tie)
+    hf_model = tiny_hf(kind, tok.vocab_size, tie, head_dim=head_dim)
     src = tmp_path / "src"
     hf_model.save_pretrained(src)
     tok.save(src)
@@ -145,6 +147,7 @@ def test_import_hf_matches_the_source_model(tmp_path, kind, tie):
     ours = load_model(out)
     assert ours.cfg.attn_qkv_bias == (kind == "qwen2") and ours.cfg.qk_norm == (kind == "qwen3")
     assert ours.cfg.vocab_size == tok.vocab_size and ours.cfg.max_seq_len == 96
+    assert ours.cfg.head_dim == (head_dim if head_dim != 16 else 0)
     assert Tokenizer.load(out).hash == tok.hash  # tokenizer files came along
     assert_same_model(ours, hf_model, {tok.eot_id, tok.im_end_id})
     # the imported checkpoint is a valid transformers folder itself, and exports back losslessly
@@ -170,7 +173,7 @@ def test_import_errors_name_the_key(tmp_path):
     assert "rope_type='llama3'" in attempt(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
     assert "rope_scaling" in attempt(rope_scaling={"type": "linear", "factor": 2.0})
     assert "model_type='mistral'" in attempt(model_type="mistral")
-    assert "head_dim=32" in attempt(head_dim=32)
+    assert "head_dim=7" in attempt(head_dim=7)
     assert "hidden_act" in attempt(hidden_act="gelu")
     assert "use_sliding_window" in attempt(model_type="qwen2", use_sliding_window=True)
     assert "mlp_bias" in attempt(attention_bias=True, mlp_bias=False)

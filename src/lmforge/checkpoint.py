@@ -32,6 +32,7 @@ from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json
 from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import head_dim as model_head_dim
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -59,7 +60,7 @@ def hf_config(cfg: ModelConfig) -> dict:
             and not cfg.logit_softcap:
         from lmforge.model.transformer import ffn_dim
 
-        head_dim = cfg.n_embd // cfg.n_head
+        head_dim = model_head_dim(cfg)
         out = {
             "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
             "model_type": "qwen3" if cfg.qk_norm else "llama",

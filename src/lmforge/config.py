@@ -57,6 +57,7 @@ class ModelConfig:
     n_embd: int = 256
     n_head: int = 4
     n_kv_head: int = 0  # 0: same as n_head; 1: multi-query attention
+    head_dim: int = 0  # 0: n_embd // n_head; else each head's width (Qwen3 keeps 128 at every size)
     ffn_dim: int = 0  # 0: derived from n_embd (8/3 for SwiGLU, 4x otherwise), multiple of 64
     mlp: str = "swiglu"  # swiglu | gelu | relu2
     norm: str = "rmsnorm"  # rmsnorm | layernorm

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.transformer import head_dim as model_head_dim
 
 TYPES = ("f16", "q8_0", "q4_0")
 
@@ -160,7 +161,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
     cfg = model.cfg
     arch = gguf_arch(cfg)
     tok = tokenizer_metadata(ckpt, cfg.vocab_size)
-    head_dim = cfg.n_embd // cfg.n_head
+    head_dim = model_head_dim(cfg)
     n_kv = cfg.n_kv_head or cfg.n_head
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]

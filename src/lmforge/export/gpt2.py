@@ -36,6 +36,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         out.append(f"model.n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention; use {cfg.n_head} or 0)")
     if cfg.logit_softcap:
         out.append(f"model.logit_softcap={cfg.logit_softcap} (GPT-2 has no soft-capping; set 0)")
+    if cfg.head_dim and cfg.head_dim * cfg.n_head != cfg.n_embd:
+        out.append(f"model.head_dim={cfg.head_dim} (GPT-2's heads split n_embd evenly; set 0)")
     return out
 
 

@@ -3,8 +3,8 @@
 The tensor names are already ours, so importing is reading config.json into a ModelConfig,
 checking every tensor against the model that config describes, and writing a checkpoint
 (weights in fp32, the training precision of master weights). Tokenizer files are copied when
-present. Anything our Transformer cannot compute exactly (RoPE scaling, sliding windows, a
-head_dim that is not hidden_size / num_attention_heads, ...) is an error naming the config key:
+present. Anything our Transformer cannot compute exactly (RoPE scaling, sliding windows, an
+activation other than SiLU, ...) is an error naming the config key:
 an import that silently changes the function would be worse than none.
 """
 
@@ -48,10 +48,14 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise LmforgeError(f"{where}: hidden_act='{hf['hidden_act']}' is not supported (SwiGLU uses silu)")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or n_embd // n_head
-    if n_embd % n_head or head_dim != n_embd // n_head:
-        raise LmforgeError(f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = "
-                           f"{n_embd / n_head:g}; lmforge's attention derives head_dim from those")
+    head_dim = hf.get("head_dim") or 0
+    if not isinstance(head_dim, int) or head_dim < 0 or head_dim % 2:
+        raise LmforgeError(f"{where}: head_dim={head_dim!r} must be a positive even integer (RoPE rotates pairs)")
+    if not head_dim and n_embd % n_head:
+        raise LmforgeError(f"{where}: hidden_size={n_embd} is not a multiple of num_attention_heads={n_head} "
+                           "and there is no head_dim")
+    if head_dim == n_embd // n_head and not n_embd % n_head:
+        head_dim = 0  # the default: keep the config plain
     if hf.get("use_sliding_window"):
         raise LmforgeError(f"{where}: use_sliding_window=true is not supported (full attention only)")
     bias = attn_qkv_bias = qk_norm = False
@@ -68,7 +72,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             raise LmforgeError(f"{where}: attention_bias=true is not supported for qwen3 (bias on o_proj too)")
     return ModelConfig(
         preset="", arch="llama", vocab_size=hf["vocab_size"], pad_vocab_to=1, n_layer=hf["num_hidden_layers"],
-        n_embd=n_embd, n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd, n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=head_dim,
         ffn_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         pos="rope", rope_theta=_rope_theta(hf, where), qk_norm=qk_norm, bias=bias, attn_qkv_bias=attn_qkv_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

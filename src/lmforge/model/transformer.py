@@ -20,6 +20,10 @@ def padded_vocab(n: int, multiple: int) -> int:
     return n if multiple <= 1 else ((n + multiple - 1) // multiple) * multiple
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.n_embd // cfg.n_head
+
+
 def ffn_dim(cfg: ModelConfig) -> int:
     if cfg.ffn_dim:
         return cfg.ffn_dim
@@ -111,7 +115,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = head_dim(cfg)
         qkv_bias = cfg.bias or cfg.attn_qkv_bias
         self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
@@ -208,7 +212,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = head_dim(cfg)
         if cfg.pos == "rope":
             cos, sin = rope_cache(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -324,4 +328,4 @@ class Transformer(nn.Module):
         n = self.num_params(exclude_embeddings=True)
         if self.cfg.tie_embeddings:  # the head matmul still runs with tied weights
             n += self.lm_head.weight.numel()
-        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_head * self.head_dim * seq_len
