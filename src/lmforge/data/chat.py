@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lmforge.data.loader import EpochStream
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE
 
@@ -265,60 +265,6 @@ def pad_rows(rows: list[list[int]], value: int, length: int = 0) -> torch.Tensor
     """Right-pad rows to `length` (default: the longest) into a (B, T) long tensor."""
     T = max(length, max(len(r) for r in rows))
     return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
-
-
-# --- the stream of steps ----------------------------------------------------------------------------
-
-class EpochStream:
-    """Which items each micro-batch of each step takes, seeded per epoch and resumable by (epoch, cursor).
-
-    Like `LMBatches`: step s takes the next micro_batch * world * accum items of the epoch's order;
-    rank r's micro-batch a starts at (a * world + r) * micro_batch, so 1 process x accum 2 sees what
-    2 processes x accum 1 see. Subclasses say what an epoch's items are (`epoch_items`).
-    """
-
-    what = "items"
-
-    def __init__(self, micro_batch: int, accum: int, rank: int, world: int, seed: int):
-        self.micro, self.accum, self.rank, self.world, self.seed = micro_batch, accum, rank, world, seed
-        self.per_step = micro_batch * world * accum
-        self.epoch, self.cursor = 0, 0
-        self._items: list | None = None
-
-    def epoch_items(self, epoch: int) -> list:
-        raise NotImplementedError
-
-    def order(self, n: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def _current(self) -> list:
-        if self._items is None:
-            self._items = self.epoch_items(self.epoch)
-            if len(self._items) < self.per_step:
-                raise LmforgeError(f"{len(self._items)} {self.what} per epoch, but one optimizer step needs "
-                                   f"{self.per_step} (micro_batch x processes x accumulation); lower "
-                                   "train.micro_batch / train.batch_tokens or add data")
-        return self._items
-
-    def next_step(self) -> list[list]:
-        if self.cursor + self.per_step > len(self._current()):  # drop the ragged tail of the epoch
-            self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
-        items = self._current()
-        out = []
-        for a in range(self.accum):
-            lo = self.cursor + (a * self.world + self.rank) * self.micro
-            out.append(items[lo:lo + self.micro])
-        self.cursor += self.per_step
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "per_step": self.per_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("per_step", self.per_step) != self.per_step:
-            raise LmforgeError(f"cannot resume: the checkpoint took {state['per_step']} {self.what} per step, this "
-                               f"run {self.per_step}; keep train.micro_batch / batch_tokens as they were")
-        self.epoch, self.cursor, self._items = int(state["epoch"]), int(state["cursor"]), None
 
 
 def pack(examples: list[tuple[list[int], list[int]]], order: Iterable[int], seq_len: int) -> list[list[int]]:

@@ -46,34 +46,46 @@ class TokenWindows:
         return w[:, :-1], w[:, 1:]
 
 
-class LMBatches:
-    """The training stream: each call to `next_step` returns this rank's micro-batches for one step."""
+class EpochStream:
+    """Which items each micro-batch of each step takes, seeded per epoch and resumable by (epoch, cursor).
 
-    def __init__(self, windows: TokenWindows, micro_batch: int, accum: int, rank: int, world: int, seed: int):
-        self.windows, self.micro, self.accum = windows, micro_batch, accum
-        self.rank, self.world, self.seed = rank, world, seed
+    Step s takes the next micro_batch * world * accum items of the epoch's order; rank r's
+    micro-batch a starts at (a * world + r) * micro_batch, so 1 process x accum 2 sees what
+    2 processes x accum 1 see. Subclasses say what an epoch's items are (`epoch_items`): token
+    windows (`LMBatches`), packed SFT rows, preference pairs, RL prompts.
+    """
+
+    what = "items"
+
+    def __init__(self, micro_batch: int, accum: int, rank: int, world: int, seed: int):
+        self.micro, self.accum, self.rank, self.world, self.seed = micro_batch, accum, rank, world, seed
         self.per_step = micro_batch * world * accum
-        if len(windows) < self.per_step:
-            raise LmforgeError(f"{windows.split_dir}: {len(windows)} sequences of {windows.seq_len} tokens, "
-                               f"but one optimizer step needs {self.per_step}; lower train.batch_tokens / "
-                               "train.micro_batch / train.seq_len or add data")
         self.epoch, self.cursor = 0, 0
-        self._perm: np.ndarray | None = None
+        self._items: list | None = None
 
-    def _order(self) -> np.ndarray:
-        if self._perm is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._perm = rng.permutation(len(self.windows))
-        return self._perm
+    def epoch_items(self, epoch: int) -> list:
+        raise NotImplementedError
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.cursor + self.per_step > len(self.windows):  # drop the ragged tail of the epoch
-            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
-        perm = self._order()
+    def order(self, n: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _current(self) -> list:
+        if self._items is None:
+            self._items = self.epoch_items(self.epoch)
+            if len(self._items) < self.per_step:
+                raise LmforgeError(f"{len(self._items)} {self.what} per epoch, but one optimizer step needs "
+                                   f"{self.per_step} (micro_batch x processes x accumulation); lower "
+                                   "train.micro_batch / train.batch_tokens or add data")
+        return self._items
+
+    def next_step(self) -> list[list]:
+        if self.cursor + self.per_step > len(self._current()):  # drop the ragged tail of the epoch
+            self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
+        items = self._current()
         out = []
         for a in range(self.accum):
             lo = self.cursor + (a * self.world + self.rank) * self.micro
-            out.append(self.windows.batch(perm[lo:lo + self.micro]))
+            out.append(items[lo:lo + self.micro])
         self.cursor += self.per_step
         return out
 
@@ -82,6 +94,26 @@ class LMBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("per_step", self.per_step) != self.per_step:
-            raise LmforgeError(f"cannot resume: the checkpoint consumed {state['per_step']} sequences per step, "
-                               f"this run {self.per_step}; keep train.batch_tokens/micro_batch/seq_len as they were")
-        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+            raise LmforgeError(f"cannot resume: the checkpoint took {state['per_step']} {self.what} per step, this "
+                               f"run {self.per_step}; keep train.micro_batch / batch_tokens / seq_len as they were")
+        self.epoch, self.cursor, self._items = int(state["epoch"]), int(state["cursor"]), None
+
+
+class LMBatches(EpochStream):
+    """The training stream: each call to `next_step` returns this rank's micro-batches for one step."""
+
+    what = "sequences"
+
+    def __init__(self, windows: TokenWindows, micro_batch: int, accum: int, rank: int, world: int, seed: int):
+        super().__init__(micro_batch, accum, rank, world, seed)
+        self.windows = windows
+        if len(windows) < self.per_step:
+            raise LmforgeError(f"{windows.split_dir}: {len(windows)} sequences of {windows.seq_len} tokens, "
+                               f"but one optimizer step needs {self.per_step}; lower train.batch_tokens / "
+                               "train.micro_batch / train.seq_len or add data")
+
+    def epoch_items(self, epoch: int) -> np.ndarray:
+        return self.order(len(self.windows), epoch)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.windows.batch(idx) for idx in super().next_step()]
