@@ -142,24 +142,16 @@ class Side:
 
     def saved_bytes(self, x, y) -> int:
         """Bytes of activations autograd keeps for backward in one forward + loss (parameters excluded)."""
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: dict[int, int] = {}
+        from lmforge.train.memory import saved_tensor_bytes
 
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                seen[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def forward():
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 if self.name == "lmforge":
-                    loss = self.loss_fn(self.objective, self.train_model, (x, y))[0]
-                else:
-                    logits = self.model(input_ids=x).logits
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        del loss
-        return sum(seen.values())
+                    return self.loss_fn(self.objective, self.train_model, (x, y))[0]
+                logits = self.model(input_ids=x).logits
+                return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+        return saved_tensor_bytes(self.model, forward)[1]
 
 
 def batch(cfg, device: torch.device, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,16 +179,9 @@ def step_peak_mb(side: Side, x: torch.Tensor, y: torch.Tensor) -> float:
         side.step(x, y)
         torch.cuda.synchronize(side.device)
         return (torch.cuda.max_memory_allocated(side.device) - before) / 2**20
-    from torch.profiler import profile
+    from lmforge.train.memory import peak_allocated_bytes
 
-    with profile(profile_memory=True) as prof:
-        side.step(x, y)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    cur = peak = 0
-    for _, n in events:
-        cur += n
-        peak = max(peak, cur)
-    return peak / 2**20
+    return peak_allocated_bytes(lambda: side.step(x, y)) / 2**20
 
 
 def main() -> None:

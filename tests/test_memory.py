@@ -8,11 +8,11 @@ torch.cuda's memory statistics; and the loss's peak from the profiler's allocati
 from __future__ import annotations
 
 import torch
-from torch.profiler import profile
 
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer
 from lmforge.train.losses import _ce_sum, cross_entropy_sum
+from lmforge.train.memory import peak_allocated_bytes, saved_tensor_bytes
 
 
 def _model(vocab: int = 2048) -> Transformer:
@@ -21,19 +21,9 @@ def _model(vocab: int = 2048) -> Transformer:
 
 
 def _saved_bytes(model: Transformer, fn) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
+    loss, n = saved_tensor_bytes(model, fn)
     loss.backward()
-    return sum(seen.values())
+    return n
 
 
 def _batch(vocab: int, b: int = 4, t: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +51,6 @@ def test_activation_checkpointing_keeps_only_block_inputs():
     assert ckpt < full / 3
 
 
-def _peak_bytes(fn) -> int:
-    with profile(profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    cur = peak = 0
-    for _, n in events:
-        cur += n
-        peak = max(peak, cur)
-    return peak
-
-
 def test_fused_loss_peak_is_a_fraction_of_the_logits():
     vocab, n, c = 8192, 1024, 64
     g = torch.Generator().manual_seed(0)
@@ -80,8 +59,8 @@ def test_fused_loss_peak_is_a_fraction_of_the_logits():
     y = torch.randint(0, vocab, (1, n), generator=g)
     model = type("Head", (torch.nn.Module,), {"logits": lambda self, x: self.lm_head(x)})()
     model.lm_head = head
-    plain = _peak_bytes(lambda: _ce_sum(model, h, y).backward())
-    fused = _peak_bytes(lambda: cross_entropy_sum(model, h, y, chunk=128).backward())
+    plain = peak_allocated_bytes(lambda: _ce_sum(model, h, y).backward())
+    fused = peak_allocated_bytes(lambda: cross_entropy_sum(model, h, y, chunk=128).backward())
     logits = n * vocab * 4
     assert plain > 2 * logits  # logits, log-softmax and their gradient
     assert fused < logits / 2  # one 128-token chunk at a time, plus the head's gradient
