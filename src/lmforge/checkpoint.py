@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
-from lmforge.io import AtomicDir, atomic_write_json
+from lmforge.io import AtomicDir, atomic_write_json, read_json
 from lmforge.model.transformer import Transformer
 from lmforge.model.transformer import head_dim as model_head_dim
 
@@ -155,10 +155,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise LmforgeError(f"{path} is not a checkpoint: config.json is missing")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{cfg_file}: not valid JSON ({e}); the checkpoint is damaged") from None
+    data = read_json(cfg_file, "the checkpoint is damaged")
     if "lmforge" not in data:
         raise LmforgeError(f"{cfg_file} has no 'lmforge' section: a Hugging Face folder must be imported "
                            "first with `lmforge import hf PATH`")

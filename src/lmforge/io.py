@@ -77,6 +77,16 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | Path, hint: str = "") -> object:
+    """The parsed JSON file, or an LmforgeError naming the file, the parse error and `hint` (what to do)."""
+    from lmforge.errors import LmforgeError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
+
+
 class AtomicDir:
     """Build a folder under a temporary name and rename it into place on success.
 

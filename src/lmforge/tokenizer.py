@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.config import Config
 from lmforge.console import log, progress
 from lmforge.errors import LmforgeError
-from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
+from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text, read_json
 
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -133,10 +133,7 @@ class Tokenizer:
         template, max_len = CHAT_TEMPLATE, 1024
         cfg_file, jinja_file = file.parent / "tokenizer_config.json", file.parent / "chat_template.jinja"
         if cfg_file.is_file():
-            try:
-                meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise LmforgeError(f"{cfg_file}: invalid JSON: {e}") from None
+            meta = read_json(cfg_file)
             template = meta.get("chat_template") or template
             max_len = int(meta.get("model_max_length") or max_len)
         if jinja_file.is_file():  # transformers prefers this file too

@@ -111,17 +111,14 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     """Write an lmforge checkpoint at OUT from the Hugging Face folder SRC; returns OUT."""
     from lmforge.checkpoint import save_checkpoint
     from lmforge.export.hf import transformers_config
-    from lmforge.io import atomic_write_json
+    from lmforge.io import atomic_write_json, read_json
     from lmforge.model.transformer import Transformer, rope_cache
 
     src, out = Path(src), Path(out)
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise LmforgeError(f"{src} is not a Hugging Face model folder: config.json is missing")
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{cfg_file}: invalid JSON ({e})") from None
+    hf = read_json(cfg_file)
     cfg = model_config_from_hf(hf, str(cfg_file))
     weights = read_weights(src)
     with torch.device("meta"):
