@@ -41,6 +41,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="an optional YAML recipe, then dotted overrides such as train.lr=1e-3")
 
 
+def parse_config(prog: str, argv: list[str], description: str):
+    """The Config of a command that takes only `[recipe.yaml] key=value ...` (most stages)."""
+    p = argparse.ArgumentParser(prog=f"lmforge {prog}", description=description)
+    add_config_args(p)
+    return config_from_args(p.parse_args(argv).items)
+
+
 def config_from_args(items: list[str]):
     """Split `[recipe.yaml] key=value ...` and build the Config."""
     from lmforge.config import load_config

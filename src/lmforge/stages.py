@@ -11,17 +11,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import parse_config
 from lmforge.config import Config, save_config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
-
-
-def _parse(prog: str, argv: list[str], description: str) -> Config:
-    p = argparse.ArgumentParser(prog=f"lmforge {prog}", description=description)
-    add_config_args(p)
-    return config_from_args(p.parse_args(argv).items)
-
 
 # --- tokenizer and data ---------------------------------------------------------------------------
 
@@ -42,12 +35,12 @@ def run_prepare(cfg: Config) -> dict:
 
 
 def cmd_tokenizer(argv: list[str]) -> int:
-    run_tokenizer(_parse("tokenizer", argv, "Train a byte-level BPE tokenizer into RUN/tokenizer."))
+    run_tokenizer(parse_config("tokenizer", argv, "Train a byte-level BPE tokenizer into RUN/tokenizer."))
     return 0
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    run_prepare(_parse("prepare", argv, "Tokenize a corpus into RUN/data/<split> shards."))
+    run_prepare(parse_config("prepare", argv, "Tokenize a corpus into RUN/data/<split> shards."))
     return 0
 
 
@@ -127,7 +120,7 @@ def run_pretrain(cfg: Config):
 
 
 def cmd_pretrain(argv: list[str]) -> int:
-    run_pretrain(_parse("pretrain", argv, "Pretrain a model on RUN/data into RUN/checkpoints."))
+    run_pretrain(parse_config("pretrain", argv, "Pretrain a model on RUN/data into RUN/checkpoints."))
     return 0
 
 
@@ -212,7 +205,7 @@ for _name in ("pretrain", "sft", "dpo", "grpo"):
 
 
 def cmd_run(argv: list[str]) -> int:
-    cfg = _parse("run", argv, "Run the stages a recipe lists (its `stages:` key), in order, resumably.")
+    cfg = parse_config("run", argv, "Run the stages a recipe lists (its `stages:` key), in order, resumably.")
     if not cfg.stages:
         raise LmforgeError(f"the recipe lists no stages; add e.g. `stages: [tokenizer, prepare, pretrain]` "
                            f"(known: {', '.join(STAGES)})")

@@ -6,7 +6,6 @@ tokens, so models with different tokenizers can be compared on the same text.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from lmforge.checkpoint import latest_checkpoint, load_model
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import parse_config
 from lmforge.console import log, progress
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_json
@@ -110,8 +109,6 @@ def evaluate(cfg) -> dict:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmforge eval", description="Loss, perplexity and bits-per-byte of a "
-                                "checkpoint on a prepared split (eval.split=val) or text files (eval.files=...).")
-    add_config_args(p)
-    evaluate(config_from_args(p.parse_args(argv).items))
+    evaluate(parse_config("eval", argv, "Loss, perplexity and bits-per-byte of a checkpoint on a prepared "
+                          "split (eval.split=val) or text files (eval.files=...)."))
     return 0

@@ -19,7 +19,6 @@ log-probabilities computed once before training so no second model stays in memo
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -83,8 +82,6 @@ class DPOObjective(Objective):
         self.beta, self.kind, self.reference = beta, loss, reference
         self.ref_model: nn.Module | None = None
         self.ref_logps: dict[str, Tensor] = {}
-        self.stream = None
-        self.pending: dict | None = None
 
     # --- reference ----------------------------------------------------------------------------
     def setup(self, model, device, rank, world, accum):
@@ -92,9 +89,7 @@ class DPOObjective(Objective):
         from lmforge.data.chat import IndexBatches
 
         self.device, self.rank, self.world = device, rank, world
-        self.stream = IndexBatches(len(self.pairs), self.micro_batch, accum, rank, world, self.seed, "pairs")
-        if self.pending is not None:
-            self.stream.load_state_dict(self.pending)
+        self.use_stream(IndexBatches(len(self.pairs), self.micro_batch, accum, rank, world, self.seed, "pairs"))
         inner = unwrap(model)
         if self.reference == "adapters" and not hasattr(inner, "disable_adapter"):
             raise LmforgeError("dpo.reference=adapters needs LoRA (dpo.lora.enabled=true)")
@@ -217,10 +212,8 @@ def run_dpo(cfg: Config):
 
 
 def cmd_dpo(argv: list[str]) -> int:
-    from lmforge.cli import add_config_args, config_from_args
+    from lmforge.cli import parse_config
 
-    p = argparse.ArgumentParser(prog="lmforge dpo", description="Direct preference optimisation (dpo.loss=sigmoid|"
-                                "ipo|hinge) on preference pairs (dpo.data) into RUN/dpo/checkpoints.")
-    add_config_args(p)
-    run_dpo(config_from_args(p.parse_args(argv).items))
+    run_dpo(parse_config("dpo", argv, "Direct preference optimisation (dpo.loss=sigmoid|"
+                         "ipo|hinge) on preference pairs (dpo.data) into RUN/dpo/checkpoints."))
     return 0

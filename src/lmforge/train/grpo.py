@@ -23,7 +23,6 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
@@ -113,25 +112,21 @@ class GRPOObjective(Objective):
         self.prompts, self.records, self.messages, self.rewards = prompts, records, messages, rewards
         self.gc, self.micro_batch, self.seed, self.tok = gc, micro_batch, seed, tok
         self.scale = gc.scale_rewards == "group" or (gc.scale_rewards == "auto" and gc.loss_type != "dr_grpo")
-        self.stream = None
         self.rollouts = 0  # rollout batches drawn so far: with the seed, it fixes the sampler's stream
         self.pending_batches: list[dict] = []  # rollouts still to be trained on (iterations > 1)
         self.uses_left = 0
         self.ref_model: nn.Module | None = None
-        self.pending: dict | None = None
 
     def setup(self, model, device, rank, world, accum):
         from lmforge.checkpoint import unwrap
         from lmforge.data.chat import IndexBatches
 
         self.device, self.rank, self.world = device, rank, world
-        self.stream = IndexBatches(len(self.prompts), self.micro_batch, accum, rank, world, self.seed, "prompts")
         inner = unwrap(model)
         if self.gc.beta > 0 and not hasattr(inner, "disable_adapter"):
             # Taken before a resume loads trained weights: `model` is still the starting policy.
             self.ref_model = copy.deepcopy(inner).eval().requires_grad_(False)
-        if self.pending is not None:
-            self.load_state_dict(self.pending)
+        self.use_stream(IndexBatches(len(self.prompts), self.micro_batch, accum, rank, world, self.seed, "prompts"))
 
     # --- rollouts -------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -296,10 +291,8 @@ def run_grpo(cfg: Config):
 
 
 def cmd_grpo(argv: list[str]) -> int:
-    from lmforge.cli import add_config_args, config_from_args
+    from lmforge.cli import parse_config
 
-    p = argparse.ArgumentParser(prog="lmforge grpo", description="GRPO on prompts (grpo.data) with reward "
-                                "functions (grpo.rewards) into RUN/grpo/checkpoints.")
-    add_config_args(p)
-    run_grpo(config_from_args(p.parse_args(argv).items))
+    run_grpo(parse_config("grpo", argv, "GRPO on prompts (grpo.data) with reward "
+                          "functions (grpo.rewards) into RUN/grpo/checkpoints."))
     return 0

@@ -51,6 +51,12 @@ class Objective:
     stream = None
     pending: dict | None = None
 
+    def use_stream(self, stream) -> None:
+        """Read through `stream` (called from setup()); a state loaded earlier is applied to it now."""
+        self.stream = stream
+        if self.pending is not None:
+            self.load_state_dict(self.pending)
+
     def state_dict(self) -> dict:
         return self.stream.state_dict() if self.stream is not None else (self.pending or {})
 
@@ -73,14 +79,10 @@ class LMObjective(Objective):
         self.train = TokenWindows(self.data_dir / "train", seq_len)
         val_dir = self.data_dir / "val"
         self.val = TokenWindows(val_dir, seq_len) if (val_dir / "manifest.json").is_file() else None
-        self.stream: LMBatches | None = None
-        self.pending: dict | None = None
 
     def setup(self, model, device, rank, world, accum):
         self.device, self.rank, self.world = device, rank, world
-        self.stream = LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed)
-        if self.pending is not None:
-            self.stream.load_state_dict(self.pending)
+        self.use_stream(LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed))
 
     def next_batches(self, model):
         return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))

@@ -13,7 +13,6 @@ makes them usable as GRPO rewards without a separate normalisation.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -135,16 +134,12 @@ class RewardObjective(Objective):
     def __init__(self, pairs, val_pairs, micro_batch: int, seed: int, pad_id: int, center_coef: float):
         self.pairs, self.val_pairs = pairs, val_pairs
         self.micro_batch, self.seed, self.pad_id, self.center_coef = micro_batch, seed, pad_id, center_coef
-        self.stream = None
-        self.pending: dict | None = None
 
     def setup(self, model, device, rank, world, accum):
         from lmforge.data.chat import IndexBatches
 
         self.device, self.rank, self.world = device, rank, world
-        self.stream = IndexBatches(len(self.pairs), self.micro_batch, accum, rank, world, self.seed, "pairs")
-        if self.pending is not None:
-            self.stream.load_state_dict(self.pending)
+        self.use_stream(IndexBatches(len(self.pairs), self.micro_batch, accum, rank, world, self.seed, "pairs"))
 
     def collate(self, pairs) -> dict[str, Tensor]:
         from lmforge.data.chat import pad_rows
@@ -226,12 +221,10 @@ def run_rm(cfg: Config):
 
 
 def cmd_rm(argv: list[str]) -> int:
-    from lmforge.cli import add_config_args, config_from_args
+    from lmforge.cli import parse_config
 
-    p = argparse.ArgumentParser(prog="lmforge rm", description="Train a reward model (Bradley-Terry) on "
-                                "preference pairs (rm.data) into RUN/rm/checkpoints.")
-    add_config_args(p)
-    run_rm(config_from_args(p.parse_args(argv).items))
+    run_rm(parse_config("rm", argv, "Train a reward model (Bradley-Terry) on "
+                        "preference pairs (rm.data) into RUN/rm/checkpoints."))
     return 0
 
 

@@ -9,7 +9,6 @@ each stage module holds only its data format, its batches and its loss.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -175,17 +174,13 @@ class SFTObjective(Objective):
         self.examples, self.val_examples = examples, val_examples
         self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
         self.micro_batch, self.seed, self.loss_chunk = micro_batch, seed, loss_chunk
-        self.stream = None
-        self.pending: dict | None = None
 
     def setup(self, model, device, rank, world, accum):
         from lmforge.data.chat import SFTBatches
 
         self.device, self.rank, self.world = device, rank, world
-        self.stream = SFTBatches(self.examples, self.seq_len, self.packing, self.pad_id, self.micro_batch,
-                                 accum, rank, world, self.seed)
-        if self.pending is not None:
-            self.stream.load_state_dict(self.pending)
+        self.use_stream(SFTBatches(self.examples, self.seq_len, self.packing, self.pad_id, self.micro_batch,
+                                   accum, rank, world, self.seed))
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -270,10 +265,8 @@ def run_sft(cfg: Config):
 
 
 def cmd_sft(argv: list[str]) -> int:
-    from lmforge.cli import add_config_args, config_from_args
+    from lmforge.cli import parse_config
 
-    p = argparse.ArgumentParser(prog="lmforge sft", description="Supervised fine-tuning (full, or LoRA/QLoRA with "
-                                "sft.lora.enabled=true) on chat examples (sft.data) into RUN/sft/checkpoints.")
-    add_config_args(p)
-    run_sft(config_from_args(p.parse_args(argv).items))
+    run_sft(parse_config("sft", argv, "Supervised fine-tuning (full, or LoRA/QLoRA with "
+                         "sft.lora.enabled=true) on chat examples (sft.data) into RUN/sft/checkpoints."))
     return 0
