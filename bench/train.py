@@ -1,7 +1,8 @@
 """Training speed of lmforge against a `transformers` model of identical shape; prints ONE JSON object.
 
     python bench/train.py [--config tiny|nanogpt] [--arch llama|gpt2] [--batch 16] [--repeats 7]
-                          [--precision fp32|bf16] [--threads N] [--no-memory] [key=value ...]
+                          [--precision fp32|bf16] [--threads N] [--no-memory] [--profile]
+                          [--system-malloc] [key=value ...]
 
 lmforge side: the step `train/loop.py` runs per optimizer step with one micro-batch, through the
 same functions: `set_lr(lr_factor(...))`, `LMObjective.loss` (the model's hidden states, then the
@@ -188,6 +189,35 @@ def step_peak_mb(side: Side, x: torch.Tensor, y: torch.Tensor) -> float:
     return peak_allocated_bytes(lambda: side.step(x, y)) / 2**20
 
 
+def step_breakdown(sides: dict[str, Side], x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> dict:
+    """Milliseconds per step in matrix products, in attention kernels and in everything else (profiler).
+
+    Both sides run the same GEMMs and the same SDPA kernels; only the rest is theirs to shrink, so
+    this bounds the speed-up any implementation can reach on the machine. Steps are profiled one at
+    a time, alternating sides, so a change in the machine's speed hits both alike.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {name: {"step": 0.0, "matmul": 0.0, "attention": 0.0} for name in sides}
+    for _ in range(steps):
+        for name, side in sides.items():
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                side.step(x, y)
+                sync(side.device)
+            kind = "device" if side.device.type == "cuda" else "cpu"
+            for e in prof.key_averages():
+                t = getattr(e, f"self_{kind}_time_total") / 1e3 / steps  # microseconds -> ms per step
+                totals[name]["step"] += t
+                if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
+                    totals[name]["matmul"] += t
+                elif "scaled_dot_product" in e.key:
+                    totals[name]["attention"] += t
+    return {name: {"step_ms": round(t["step"], 1), "matmul_ms": round(t["matmul"], 1),
+                   "attention_ms": round(t["attention"], 1),
+                   "rest_ms": round(t["step"] - t["matmul"] - t["attention"], 1)} for name, t in totals.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny", choices=list(CONFIGS))
@@ -201,6 +231,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 3 steps per side: time in matmuls, attention and the rest")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's malloc at its defaults (lmforge's trainer tunes it on CPU)")
     ap.add_argument("overrides", nargs="*", help="lmforge config key=value")
@@ -264,6 +296,10 @@ def main() -> None:
                         "mfu": round(flops_tok * statistics.median(tps) / peak, 3)}
     ratios = [p / m for m, p in zip(times["lmforge"], times["transformers"])]
     result["speedup_vs_transformers"] = spread(ratios)
+
+    if args.profile:
+        x, y = batch(cfg, device, 0)
+        result["profile"] = step_breakdown(sides, x, y)
 
     if not args.no_memory:
         x, y = batch(cfg, device, 0)
