@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -68,6 +69,28 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert not list(tmp_path.glob(".step_000002*")), "the temporary folder was removed"
     assert latest_checkpoint(tmp_path) == good
     load_model(good)
+
+
+def test_leftovers_of_a_killed_writer_are_cleared(tmp_path):
+    """A writer killed mid-build leaves .NAME.tmp-PID; one killed between its renames leaves only .NAME.old-PID."""
+    import subprocess
+    import sys
+
+    from lmforge.io import AtomicDir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".data.tmp-{pid}").mkdir()  # half-built
+    (tmp_path / f".data.old-{pid}").mkdir()  # the last complete copy, moved aside before the kill
+    (tmp_path / f".data.old-{pid}" / "manifest.json").write_text("{}")
+    (tmp_path / f".data.tmp-{os.getpid() + 10**7}").mkdir()  # no such process either: cleared
+    (tmp_path / ".other.tmp-1").mkdir()  # another artifact's (pid 1 is alive): not ours to touch
+    with AtomicDir(tmp_path / "data") as tmp:
+        assert (tmp_path / "data" / "manifest.json").is_file(), "the old copy was restored first"
+        (tmp / "manifest.json").write_text('{"new": true}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", "data"]
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text()) == {"new": True}
 
 
 def test_model_vocab_smaller_than_tokenizer(trained, tmp_path):

@@ -87,6 +87,16 @@ def read_json(path: str | Path, hint: str = "") -> object:
         raise LmforgeError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class AtomicDir:
     """Build a folder under a temporary name and rename it into place on success.
 
@@ -100,9 +110,29 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._clear_leftovers()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
+
+    def _clear_leftovers(self) -> None:
+        """Remove what a killed writer of the same folder left behind; restore its old copy if needed.
+
+        A writer killed mid-build leaves `.NAME.tmp-PID`; one killed between its two renames leaves
+        `.NAME.old-PID` and no NAME, and that old copy is the last complete version, so it goes back.
+        Folders of writers that are still running are left alone.
+        """
+        prefix = f".{self.final.name}."
+        for p in self.final.parent.iterdir():
+            kind, _, pid = p.name[len(prefix):].partition("-")
+            if not p.name.startswith(prefix) or kind not in ("tmp", "old") or not pid.isdigit():
+                continue
+            if int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if kind == "old" and not self.final.exists():
+                os.replace(p, self.final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
