@@ -1,8 +1,7 @@
 """Training speed of lmforge against a `transformers` model of identical shape; prints ONE JSON object.
 
     python bench/train.py [--config tiny|nanogpt] [--arch llama|gpt2] [--batch 16] [--repeats 7]
-                          [--precision fp32|bf16] [--threads N] [--no-memory] [--profile]
-                          [--system-malloc] [key=value ...]
+                          [--precision fp32|bf16] [--threads N] [--no-memory] [--profile] [key=value ...]
 
 lmforge side: the step `train/loop.py` runs per optimizer step with one micro-batch, through the
 same functions: `set_lr(lr_factor(...))`, `LMObjective.loss` (the model's hidden states, then the
@@ -19,10 +18,6 @@ Steps are interleaved in pairs whose order alternates (ABBA), so load from other
 shared machine hits both alike; the ratio is the median of per-pair ratios. MFU is the model's
 training FLOPs (6 per weight + attention, as `lmforge pretrain` logs it) per second over the fp32
 matmul rate measured in the same run between pairs (bench/matmul.py's reference size).
-
-On a CPU the process's malloc is tuned as lmforge's trainer tunes it (`reuse_freed_cpu_memory`: freed
-blocks are reused instead of page-faulted in again each step); it is process-wide, so the peer runs
-with it too. --system-malloc leaves glibc's defaults, to measure what the setting buys.
 
 Memory: the peak one training step allocates above what it starts with (CUDA: the allocator's
 peak; CPU: the profiler's allocation events replayed in order), and the bytes of activations saved
@@ -233,8 +228,6 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory figures")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 3 steps per side: time in matmuls, attention and the rest")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc at its defaults (lmforge's trainer tunes it on CPU)")
     ap.add_argument("overrides", nargs="*", help="lmforge config key=value")
     args = ap.parse_args()
     if args.threads:
@@ -245,11 +238,6 @@ def main() -> None:
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     amp = amp_dtype(args.precision, device)
-    malloc_tuned = False
-    if device.type == "cpu" and not args.system_malloc:
-        from lmforge.train.memory import reuse_freed_cpu_memory
-
-        malloc_tuned = reuse_freed_cpu_memory()  # as `train/loop.py` does; process-wide, so the peer gets it too
     cfg = lmforge_config(args)
     info = machine(device)
     sides = {"lmforge": Side("lmforge", cfg, device, amp), "transformers": Side("transformers", cfg, device, amp)}
@@ -289,7 +277,7 @@ def main() -> None:
               "gflop_per_step": round(flops_tok * tokens / 1e9, 2),
               "lmforge_train": {k: getattr(cfg.train, k) for k in ("optimizer", "loss_chunk", "compile",
                                                                     "activation_checkpointing")},
-              "malloc_tuned": malloc_tuned, "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1)}
+              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1)}
     for name, ts in times.items():
         tps = [tokens / t for t in ts]
         result[name] = {"tokens_per_s": spread(tps, 1), "step_ms": spread([t * 1e3 for t in ts], 1),

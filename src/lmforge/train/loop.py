@@ -28,7 +28,6 @@ from lmforge.config import Config, to_dict
 from lmforge.console import console, log
 from lmforge.errors import LmforgeError
 from lmforge.train import dist
-from lmforge.train.memory import reuse_freed_cpu_memory
 from lmforge.train.metrics import MetricsSink
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
@@ -118,8 +117,6 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
     ckpt_dir = out_dir / "checkpoints"
     d = dist.setup(cfg.device)
     device = d.device
-    if device.type == "cpu":
-        reuse_freed_cpu_memory()  # no page faults on each step's temporaries (train/memory.py)
     amp = autocast_dtype(tc.precision, device)
     if tc.precision == "fp16" and device.type != "cuda":
         raise LmforgeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
