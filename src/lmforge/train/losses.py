@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.model.cpu_kernels import softmax_xent_
+
 IGNORE = -100
 # Tokens per chunk when none is given: 1024 x vocab fp32 logits stay in a CPU's last-level cache for
 # small vocabularies, and a chunk is still a large matmul on a GPU; measured fastest on CPU at vocab
@@ -26,6 +28,23 @@ def _ce_sum(model, h: Tensor, targets: Tensor) -> Tensor:
     logits = model.logits(h).float()
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+_cpu_buffer: Tensor | None = None
+
+
+def _cpu_logits(rows: int, vocab: int) -> Tensor:
+    """A (rows, vocab) fp32 CPU buffer kept from call to call.
+
+    A chunk's logits are 16 MB at vocab 4k and 200 MB at 50k. Allocated afresh, each chunk of each
+    step makes the kernel map and zero that many new pages (at nanoGPT's shape ~50,000 page faults
+    and 0.1 s per step); GPUs have a caching allocator for this, a CPU process does not.
+    """
+    global _cpu_buffer
+    if _cpu_buffer is None or _cpu_buffer.numel() < rows * vocab:
+        _cpu_buffer = None  # free the old one first
+        _cpu_buffer = torch.empty(rows * vocab, dtype=torch.float32)
+    return _cpu_buffer[: rows * vocab].view(rows, vocab)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -42,26 +61,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):  # matmuls run in `dtype`, the rest in fp32
             for i in range(0, h.shape[0], chunk):
                 hc, t = h[i:i + chunk].to(dtype), targets[i:i + chunk]
-                z = (hc @ w.T).float()
-                if softcap > 0:
-                    th = z.div_(softcap).tanh_()
-                    z = th * softcap
-                logp = torch.log_softmax(z, dim=-1)
-                del z
+                if dtype == torch.float32 and h.device.type == "cpu":
+                    z = torch.mm(hc, w.T, out=_cpu_logits(hc.shape[0], w.shape[0]))
+                else:
+                    z = (hc @ w.T).float()
                 valid = (t != IGNORE).unsqueeze(1)
-                safe = t.clamp_min(0).unsqueeze(1)
-                total -= (logp.gather(1, safe) * valid).sum()
-                if not (want_h or want_w):
-                    continue
-                g = logp.exp_()  # softmax, in place
-                g.scatter_add_(1, safe, -valid.to(g.dtype))  # minus one-hot(target)
-                if softcap > 0:
-                    g.mul_(1 - th * th)
-                g = g.to(dtype)
-                # Ignored positions get no gradient: zero their rows of h (tokens x C), cheaper than
-                # their rows of g (tokens x vocab). Pretraining has none, and on a CPU asking costs
-                # nothing (on a GPU it would be a sync, so there the mask is always applied).
-                masked = not (hc.device.type == "cpu" and bool(valid.all()))
+                fused = None if softcap > 0 else softmax_xent_(z, t, IGNORE)
+                if fused is not None:  # CPU kernel: z is now softmax - onehot, ignored rows zeroed
+                    total += fused
+                    if not (want_h or want_w):
+                        continue
+                    g, masked = z.to(dtype), False
+                else:
+                    if softcap > 0:
+                        th = z.div_(softcap).tanh_()
+                        z = th * softcap
+                    logp = torch.log_softmax(z, dim=-1)
+                    del z
+                    safe = t.clamp_min(0).unsqueeze(1)
+                    total -= (logp.gather(1, safe) * valid).sum()
+                    if not (want_h or want_w):
+                        continue
+                    g = logp.exp_()  # softmax, in place
+                    g.scatter_add_(1, safe, -valid.to(g.dtype))  # minus one-hot(target)
+                    if softcap > 0:
+                        g.mul_(1 - th * th)
+                    g = g.to(dtype)
+                    # Ignored positions get no gradient: zero their rows of h (tokens x C), cheaper
+                    # than their rows of g (tokens x vocab). Pretraining has none, and on a CPU asking
+                    # costs nothing (on a GPU it would be a sync, so there the mask is always applied).
+                    masked = not (hc.device.type == "cpu" and bool(valid.all()))
                 if want_h:
                     out = grad_h[i:i + chunk]
                     if masked or out.dtype != dtype:
@@ -80,9 +109,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        # The gradients were formed in forward and are scaled here in place: a copy of the head's
+        # gradient would be another vocab x C buffer (77 MB at 50k x 384) per step. So this
+        # backward can run once per forward, which is all training does.
+        if getattr(ctx, "done", False):
+            raise RuntimeError("backward through linear_cross_entropy twice (retain_graph) is not supported")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 

@@ -1,0 +1,229 @@
+"""Fused fp32 CPU kernels for RMSNorm, RoPE, SwiGLU and the softmax cross-entropy (cpu_kernels.c).
+
+On a CPU the small model's step is mostly matmuls and attention that every implementation shares;
+what is left is elementwise work, and eager PyTorch spends it in separate passes over memory (an
+RMSNorm backward alone is pow, mean, rsqrt, four muls, two sums). These kernels do each job in one
+pass, in C with OpenMP, compiled on first use with the machine's C compiler (about a second) and
+cached under ~/.cache/lmforge. Without a compiler, or with LMFORGE_CPU_KERNELS=0, or for other
+dtypes, devices or under torch.compile (inductor fuses these itself), the same functions fall back
+to the plain PyTorch formulas below, which the tests hold the kernels to.
+
+Nothing here needs torch's C++ headers: the kernels take raw pointers through ctypes, which
+releases the GIL for the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_lib: ctypes.CDLL | None = None
+_tried = False
+enabled = os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0"
+
+_f, _i64, _i32, _p = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "rmsnorm_fwd": [_p, _p, _p, _p, _i64, _i64, _f, _i32],
+    "rmsnorm_bwd": [_p, _p, _p, _p, _p, _p, _i64, _i64, _i32],
+    "swiglu_fwd": [_p, _p, _p, _i64, _i32],
+    "swiglu_bwd": [_p, _p, _p, _p, _p, _i64, _i32],
+    "rope": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
+    "xent_fwd_bwd": [_p, _p, _p, _i64, _i64, _i64, _i32],
+}
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags: the library is built with -march=native, so a shared home folder
+    on a cluster of different machines must not hand one machine another's build."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None or platform.system() != "Linux":
+        return None
+    # -fno-math-errno and -fno-trapping-math let floorf/expf-style code vectorize; neither changes
+    # a result (unlike -ffast-math, which would also reorder sums and drop NaN handling).
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels"
+    lib = cache / f"cpu_kernels-{key}-{_cpu_tag()}.so"
+    if not lib.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.replace(tmp, lib)  # atomic: a concurrent build never loads half a file
+        except (OSError, subprocess.SubprocessError):
+            Path(tmp).unlink(missing_ok=True)
+            return None
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError:
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int64 if name == "xent_fwd_bwd" else None
+    return dll
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first call; None where they cannot be used."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        _lib = _build() if enabled else None
+    return _lib
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when the kernels apply: fp32 CPU tensors, eager mode, and a built library."""
+    if not enabled or torch.compiler.is_compiling():
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    return library() is not None
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+# --- RMSNorm ---------------------------------------------------------------------------------------
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x = x.contiguous()
+        c = x.shape[-1]
+        n = x.numel() // c
+        y = torch.empty_like(x)
+        rstd = torch.empty(n, dtype=torch.float32)
+        library().rmsnorm_fwd(_ptr(x), _ptr(weight.contiguous()), _ptr(y), _ptr(rstd), n, c, eps, _threads())
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        g = g.contiguous()
+        c = x.shape[-1]
+        nt = _threads()
+        gx = torch.empty_like(x)
+        part = torch.zeros(nt, c, dtype=torch.float32)
+        library().rmsnorm_bwd(_ptr(g), _ptr(x), _ptr(weight.contiguous()), _ptr(rstd), _ptr(gx), _ptr(part),
+                              x.numel() // c, c, nt)
+        return gx, part.sum(0), None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """F.rms_norm(x, (C,), weight, eps) over the last dimension."""
+    if usable(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# --- SwiGLU ----------------------------------------------------------------------------------------
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(a)
+        library().swiglu_fwd(_ptr(a), _ptr(b), _ptr(h), a.numel(), _threads())
+        ctx.save_for_backward(a, b)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        a, b = ctx.saved_tensors
+        dh = dh.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        library().swiglu_bwd(_ptr(dh), _ptr(a), _ptr(b), _ptr(da), _ptr(db), a.numel(), _threads())
+        return da, db
+
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b, keeping only a and b for backward (eager keeps silu(a) too)."""
+    if usable(a, b) and a.shape == b.shape:
+        return _SwiGLU.apply(a, b)
+    return F.silu(a) * b
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+def rope_reference(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin on (B, H, T, D), with the table's sign moved (see transformer.py)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((x2, x1), dim=-1) * sin_signed).to(x.dtype)
+
+
+def _rope_call(x: Tensor, cos: Tensor, sin: Tensor, inverse: int) -> Tensor:
+    """x: (B, T, H, D) contiguous; cos/sin: (T, D) contiguous."""
+    B, T, H, D = x.shape
+    out = torch.empty_like(x)
+    library().rope(_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), B * T, T, H, D, inverse, _threads())
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rope_call(x, cos, sin, 0)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rope_call(g.contiguous(), cos, sin, 1), None, None
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """RoPE on x given as (B, H, T, D); returns (B, H, T, D).
+
+    The kernel works on the projections' own (B, T, H, D) memory layout, which `x` (a transposed
+    view of it) usually has, so neither direction copies.
+    """
+    bthd = x.transpose(1, 2)
+    if (cos.dim() == 2 and bthd.is_contiguous() and usable(x, cos, sin_signed)
+            and cos.shape == (x.shape[2], x.shape[3]) and x.shape[3] % 2 == 0):
+        return _RoPE.apply(bthd, cos.contiguous(), sin_signed.contiguous()).transpose(1, 2)
+    return rope_reference(x, cos, sin_signed)
+
+
+# --- cross-entropy over a chunk of logits ----------------------------------------------------------
+def softmax_xent_(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor | None:
+    """In place: z (n, V) fp32 becomes softmax(z) - onehot(targets) (zero rows for ignored targets).
+
+    Returns the summed loss (fp32 scalar), or None when the kernel does not apply (the caller then
+    uses log_softmax). One pass of z through the cache instead of log_softmax's three plus exp.
+    """
+    if not (usable(z) and z.is_contiguous() and targets.dtype == torch.int64 and z.dim() == 2):
+        return None
+    t = targets.contiguous()
+    bad = (t >= z.shape[1]) | ((t < 0) & (t != ignore_index))
+    if bool(bad.any()):  # what F.cross_entropy would refuse, refused here too
+        raise IndexError(f"target {int(t[bad][0])} is out of bounds for a vocabulary of {z.shape[1]}")
+    nt = _threads()
+    part = torch.zeros(nt, dtype=torch.float64)
+    library().xent_fwd_bwd(_ptr(z), _ptr(t), _ptr(part), z.shape[0], z.shape[1], ignore_index, nt)
+    return part.sum().float()
