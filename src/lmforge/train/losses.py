@@ -47,6 +47,12 @@ def _cpu_logits(rows: int, vocab: int) -> Tensor:
     return _cpu_buffer[: rows * vocab].view(rows, vocab)
 
 
+def free_cpu_logits_buffer() -> None:
+    """Drop the buffer `_cpu_logits` keeps (after training; and so that a memory measurement counts it)."""
+    global _cpu_buffer
+    _cpu_buffer = None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_t CE(softcap(h_t W^T), y_t), with dL/dh and dL/dW formed in the forward pass, chunk by chunk."""
 
