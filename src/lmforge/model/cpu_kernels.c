@@ -86,16 +86,17 @@ void swiglu_bwd(const float *dh, const float *a, const float *b, float *da, floa
 }
 
 /* Rotate-half RoPE on x (rows, heads, d) with tables cos/sin_signed (t, d): row r is position r % t.
+ * Rows of x are ldx floats apart (a q/k slice of a fused q/k/v projection); out is contiguous.
  * out = x * cos + swap_halves(x) * sin_signed. With inverse=1 it applies the transpose (the backward):
  * out = x * cos + swap_halves(x * sin_signed). */
-void rope(const float *x, const float *cos_t, const float *sin_t, float *out, int64_t rows, int64_t t,
+void rope(const float *x, int64_t ldx, const float *cos_t, const float *sin_t, float *out, int64_t rows, int64_t t,
           int64_t heads, int64_t d, int inverse, int nt) {
     int64_t half = d / 2;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_t + (r % t) * d, *s = sin_t + (r % t) * d;
         for (int64_t h = 0; h < heads; h++) {
-            const float *xr = x + (r * heads + h) * d;
+            const float *xr = x + r * ldx + h * d;
             float *o = out + (r * heads + h) * d;
             if (!inverse) {
 #pragma omp simd

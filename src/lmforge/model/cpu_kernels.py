@@ -38,7 +38,7 @@ _SIGNATURES = {
     "rmsnorm_bwd": [_p, _p, _p, _p, _p, _p, _i64, _i64, _i32],
     "swiglu_fwd": [_p, _p, _p, _i64, _i32],
     "swiglu_bwd": [_p, _p, _p, _p, _p, _i64, _i32],
-    "rope": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
+    "rope": [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
     "xent_fwd_bwd": [_p, _p, _p, _i64, _i64, _i64, _i32],
 }
 
@@ -178,11 +178,17 @@ def rope_reference(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 
 def _rope_call(x: Tensor, cos: Tensor, sin: Tensor, inverse: int) -> Tensor:
-    """x: (B, T, H, D) contiguous; cos/sin: (T, D) contiguous."""
+    """x: (B, T, H, D) with contiguous heads (token stride may be wider); cos/sin: (T, D) contiguous."""
     B, T, H, D = x.shape
-    out = torch.empty_like(x)
-    library().rope(_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), B * T, T, H, D, inverse, _threads())
+    out = torch.empty((B, T, H, D), dtype=x.dtype)
+    library().rope(_ptr(x), x.stride(1), _ptr(cos), _ptr(sin), _ptr(out), B * T, T, H, D, inverse, _threads())
     return out
+
+
+def _rows_of_heads(x: Tensor) -> bool:
+    """(B, T, H, D) whose heads lie back to back and whose tokens are evenly spaced: what the kernel reads."""
+    B, T, H, D = x.shape
+    return x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == T * x.stride(1))
 
 
 class _RoPE(torch.autograd.Function):
@@ -200,11 +206,11 @@ class _RoPE(torch.autograd.Function):
 def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     """RoPE on x given as (B, H, T, D); returns (B, H, T, D).
 
-    The kernel works on the projections' own (B, T, H, D) memory layout, which `x` (a transposed
-    view of it) usually has, so neither direction copies.
+    The kernel reads the projections' own (B, T, H, D) memory layout, which `x` (a transposed view
+    of it, possibly a slice of a fused q/k/v output) usually has, so nothing is copied first.
     """
     bthd = x.transpose(1, 2)
-    if (cos.dim() == 2 and bthd.is_contiguous() and usable(x, cos, sin_signed)
+    if (cos.dim() == 2 and _rows_of_heads(bthd) and usable(x, cos, sin_signed)
             and cos.shape == (x.shape[2], x.shape[3]) and x.shape[3] % 2 == 0):
         return _RoPE.apply(bthd, cos.contiguous(), sin_signed.contiguous()).transpose(1, 2)
     return rope_reference(x, cos, sin_signed)

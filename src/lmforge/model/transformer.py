@@ -135,7 +135,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
-        if self.fuse_qkv and self.training and all(type(m) is nn.Linear for m in self.qkv):
+        if self.fuse_qkv and self.training and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter
+                                                   for m in self.qkv):  # not adapters or NF4 weights
             # One (C, 3C) product instead of three: a wider GEMM runs nearer the machine's peak,
             # and backward gets one input gradient instead of three to add. Concatenating the
             # weights costs one small copy per step, so it is only done when training.
