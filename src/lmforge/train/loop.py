@@ -247,11 +247,12 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
             acc["_steps"] = acc.get("_steps", 0) + 1
 
             # A time budget fixes the step count once the step time is known (saved, so resume agrees).
-            # The first step is left out (allocator and kernel warm-up); periodic evaluation runs
-            # forward passes only, about a third of a training step's work per micro-batch.
+            # The first step is left out (allocator and kernel warm-up) and ten are timed: over five,
+            # one slow step on a shared machine left a quarter of the budget unused. Periodic
+            # evaluation runs forward passes only, about a third of a training step's work per batch.
             if step - first_step == 1:
                 t_warm = time.perf_counter()
-            if not state["total_steps"] and step - first_step >= 6:
+            if not state["total_steps"] and step - first_step >= 11:
                 per_step = (time.perf_counter() - t_warm) / (step - first_step - 1)
                 if tc.eval_every:
                     per_step *= 1 + tc.eval_batches / (3 * accum * tc.eval_every)
