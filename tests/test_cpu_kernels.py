@@ -11,7 +11,8 @@ from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer, rope_cache, signed_sin
 from lmforge.train.losses import linear_cross_entropy
 
-pytestmark = pytest.mark.skipif(K.library() is None, reason="kernels unavailable (no C compiler, or LMFORGE_CPU_KERNELS=0)")
+pytestmark = pytest.mark.skipif(K.library() is None,
+                                reason="kernels unavailable (no C compiler, or LMFORGE_CPU_KERNELS=0)")
 
 
 def _grads(fn, inputs, seed=0):

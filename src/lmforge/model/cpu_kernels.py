@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.console import log
+
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -53,10 +55,13 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
-def _build() -> ctypes.CDLL | None:
+def _build() -> ctypes.CDLL:
+    """Compile (once per source, compiler and CPU) and load the kernels; OSError says why not."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None or platform.system() != "Linux":
-        return None
+    if platform.system() != "Linux":
+        raise OSError(f"built on Linux only, not {platform.system()}")
+    if cc is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
     # -fno-math-errno and -fno-trapping-math let floorf/expf-style code vectorize; neither changes
     # a result (unlike -ffast-math, which would also reorder sums and drop NaN handling).
     flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -67,17 +72,15 @@ def _build() -> ctypes.CDLL | None:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            out = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                 timeout=120)
+            if out.returncode != 0:
+                raise OSError(f"{cc} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
             os.replace(tmp, lib)  # atomic: a concurrent build never loads half a file
-        except (OSError, subprocess.SubprocessError):
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            return None
-    try:
-        dll = ctypes.CDLL(str(lib))
-    except OSError:
-        return None
+    dll = ctypes.CDLL(str(lib))
     for name, args in _SIGNATURES.items():
         fn = getattr(dll, name)
         fn.argtypes = args
@@ -88,10 +91,13 @@ def _build() -> ctypes.CDLL | None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, building them on first call; None where they cannot be used."""
     global _lib, _tried
-    if not _tried:
+    if not _tried and enabled:
         _tried = True
-        _lib = _build() if enabled else None
-    return _lib
+        try:
+            _lib = _build()
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            log(f"[yellow]fused CPU kernels unavailable[/] ({e}); using PyTorch ops, which is slower on a CPU")
+    return _lib if enabled else None
 
 
 def usable(*tensors: Tensor) -> bool:
