@@ -15,6 +15,12 @@ pytestmark = pytest.mark.skipif(K.library() is None,
                                 reason="kernels unavailable (no C compiler, or LMFORGE_CPU_KERNELS=0)")
 
 
+@pytest.fixture(autouse=True)
+def kernels_for_small_tensors(monkeypatch):
+    """The tests' tensors are small; the size floor that keeps decoding on PyTorch would skip them."""
+    monkeypatch.setattr(K, "MIN_ELEMENTS", 0)
+
+
 def _grads(fn, inputs, seed=0):
     xs = [t.clone().requires_grad_() for t in inputs]
     y = fn(*xs)
@@ -105,9 +111,12 @@ def test_model_with_kernels_and_fused_qkv_matches_plain_pytorch(monkeypatch):
         torch.testing.assert_close(fast[1][name], plain[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_disabled_kernels_use_pytorch(monkeypatch):
+def test_disabled_kernels_and_small_tensors_use_pytorch(monkeypatch):
     x = torch.randn(4, 8, requires_grad=True)
     assert type(K.rms_norm(x, torch.ones(8), 1e-6).grad_fn).__name__ == "_RMSNormBackward"
+    monkeypatch.setattr(K, "MIN_ELEMENTS", 1 << 16)  # the default: one decoded token is far below it
+    assert type(K.rms_norm(x, torch.ones(8), 1e-6).grad_fn).__name__ != "_RMSNormBackward"
+    monkeypatch.setattr(K, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(K, "enabled", False)  # what LMFORGE_CPU_KERNELS=0 sets
     assert type(K.rms_norm(x, torch.ones(8), 1e-6).grad_fn).__name__ != "_RMSNormBackward"
     assert K.softmax_xent_(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), -100) is None

@@ -100,9 +100,14 @@ def library() -> ctypes.CDLL | None:
     return _lib if enabled else None
 
 
+# Below this many elements a ctypes call plus an OpenMP fork costs more than the passes it saves:
+# decoding one token at a time was 3-4 % slower with the kernels (bench/generate.py).
+MIN_ELEMENTS = 1 << 16
+
+
 def usable(*tensors: Tensor) -> bool:
-    """True when the kernels apply: fp32 CPU tensors, eager mode, and a built library."""
-    if not enabled or torch.compiler.is_compiling():
+    """True when the kernels apply: large fp32 CPU tensors, eager mode, and a built library."""
+    if not enabled or torch.compiler.is_compiling() or tensors[0].numel() < MIN_ELEMENTS:
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
