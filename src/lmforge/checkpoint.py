@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
-from lmforge.io import AtomicDir, atomic_write_json, read_json
+from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json
 from lmforge.model.transformer import Transformer
 from lmforge.model.transformer import head_dim as model_head_dim
 
@@ -227,13 +227,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
     if keep_last > 0:
         for p in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".step_*.tmp-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid():
-            shutil.rmtree(p, ignore_errors=True)
+    clear_leftovers(root, "step_*")
 
 
 def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:

@@ -8,6 +8,7 @@ either the old artifact or the new one, never half of one.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -97,6 +98,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def clear_leftovers(parent: Path, names: str) -> None:
+    """Clear what killed AtomicDir writers of folders matching `names` (a glob) in `parent` left behind.
+
+    A writer killed mid-build leaves `.NAME.tmp-PID`; one killed between its two renames leaves
+    `.NAME.old-PID` and no NAME, and that old copy is the last complete version, so it goes back.
+    Folders of writers that are still running are left alone.
+    """
+    for kind in ("tmp", "old"):
+        for p in parent.glob(f".{names}.{kind}-*"):
+            name, _, pid = p.name[1:].rpartition(f".{kind}-")
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            final = parent / name
+            if kind == "old" and not final.exists():
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
 class AtomicDir:
     """Build a folder under a temporary name and rename it into place on success.
 
@@ -110,29 +130,10 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._clear_leftovers()
+        clear_leftovers(self.final.parent, glob.escape(self.final.name))
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
-
-    def _clear_leftovers(self) -> None:
-        """Remove what a killed writer of the same folder left behind; restore its old copy if needed.
-
-        A writer killed mid-build leaves `.NAME.tmp-PID`; one killed between its two renames leaves
-        `.NAME.old-PID` and no NAME, and that old copy is the last complete version, so it goes back.
-        Folders of writers that are still running are left alone.
-        """
-        prefix = f".{self.final.name}."
-        for p in self.final.parent.iterdir():
-            kind, _, pid = p.name[len(prefix):].partition("-")
-            if not p.name.startswith(prefix) or kind not in ("tmp", "old") or not pid.isdigit():
-                continue
-            if int(pid) == os.getpid() or _alive(int(pid)):
-                continue
-            if kind == "old" and not self.final.exists():
-                os.replace(p, self.final)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
