@@ -117,11 +117,10 @@ void rope(const float *x, int64_t ldx, const float *cos_t, const float *sin_t, f
 
 /* Cross-entropy over rows of z (n, v), in place: z becomes softmax(z) - onehot(target), and
  * loss_part[t] gets thread t's sum of (logsumexp - z[target]). Rows whose target is ignore_index
- * (or out of range) become zeros and add no loss. Returns the number of such rows. */
-int64_t xent_fwd_bwd(float *z, const int64_t *target, double *loss_part, int64_t n, int64_t v, int64_t ignore_index,
-                     int nt) {
-    int64_t skipped = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : skipped)
+ * (or out of range) become zeros and add no loss. */
+void xent_fwd_bwd(float *z, const int64_t *target, double *loss_part, int64_t n, int64_t v, int64_t ignore_index,
+                  int nt) {
+#pragma omp parallel num_threads(nt)
     {
         double acc = 0.0;
 #pragma omp for schedule(static)
@@ -130,7 +129,6 @@ int64_t xent_fwd_bwd(float *z, const int64_t *target, double *loss_part, int64_t
             int64_t tg = target[r];
             if (tg == ignore_index || tg < 0 || tg >= v) {
                 memset(zr, 0, (size_t)v * sizeof(float));
-                skipped++;
                 continue;
             }
             float mx = -INFINITY;
@@ -152,5 +150,4 @@ int64_t xent_fwd_bwd(float *z, const int64_t *target, double *loss_part, int64_t
         }
         loss_part[omp_get_thread_num()] = acc;
     }
-    return skipped;
 }

@@ -84,7 +84,7 @@ def _build() -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(dll, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int64 if name == "xent_fwd_bwd" else None
+        fn.restype = None
     return dll
 
 

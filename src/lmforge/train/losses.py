@@ -71,7 +71,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     z = torch.mm(hc, w.T, out=_cpu_logits(hc.shape[0], w.shape[0]))
                 else:
                     z = (hc @ w.T).float()
-                valid = (t != IGNORE).unsqueeze(1)
                 fused = None if softcap > 0 else softmax_xent_(z, t, IGNORE)
                 if fused is not None:  # CPU kernel: z is now softmax - onehot, ignored rows zeroed
                     total += fused
@@ -84,6 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         z = th * softcap
                     logp = torch.log_softmax(z, dim=-1)
                     del z
+                    valid = (t != IGNORE).unsqueeze(1)
                     safe = t.clamp_min(0).unsqueeze(1)
                     total -= (logp.gather(1, safe) * valid).sum()
                     if not (want_h or want_w):
