@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from infer_helpers import make_checkpoint, make_model, make_tokenizer, one_thread  # noqa: F401 (fixture)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.cli import main as cli_main
@@ -18,9 +19,6 @@ from lmforge.infer.chat import render_messages
 from lmforge.infer.engine import generate_ids
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
 from infer_helpers import make_checkpoint, make_model, one_thread  # noqa: F401 (fixture)
 
 from lmforge.checkpoint import model_state, save_checkpoint
@@ -16,10 +19,6 @@ from lmforge.cli import main as cli_main
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf import export_gguf, tensor_names
 from lmforge.model.transformer import ffn_dim
-
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,8 +14,6 @@ from test_chat import tiny_checkpoint, write_jsonl
 from test_sft import EXAMPLES, sft_config
 
 from lmforge.checkpoint import load_model
-
-pytest.importorskip("peft")
 
 LORA = ["sft.lora.enabled=true", "sft.lora.r=4", "sft.lora.alpha=8", "sft.lora.dropout=0.1",
         "sft.train.max_steps=10", "sft.train.lr=1e-2"]
@@ -26,8 +25,6 @@ def logits_of(model, ids):
 
 
 def test_lora_adapters_saved_alone_peft_compatible_and_merge_matches(tmp_path):
-    import peft
-
     from lmforge.train.lora import cmd_merge, load_adapted
     from lmforge.train.sft import run_sft
 

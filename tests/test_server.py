@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 from infer_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
 
@@ -27,8 +28,6 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-openai = pytest.importorskip("openai")
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
 
@@ -232,7 +231,7 @@ def browser(tmp_path):
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if exe is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
-    pytest.importorskip("websocket", reason="websocket-client is not installed")
+    import websocket  # noqa: F401  (a dev dependency: never skipped)
     log = tmp_path / "chromium.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

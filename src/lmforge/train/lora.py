@@ -38,7 +38,8 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise LmforgeError("LoRA needs the `peft` package: pip install peft") from None
+        raise LmforgeError("LoRA needs the `peft` package: pip install 'lmforge[lora]' "
+                           "(or, in a source checkout, pip install -e '.[lora]')") from None
     return peft
 
 
@@ -123,7 +124,8 @@ def quantize_nf4(model: nn.Module) -> dict:
     try:
         from torchao.quantization import NF4Tensor
     except ImportError:
-        raise LmforgeError("QLoRA (lora.quantize=nf4) needs torchao: pip install torchao") from None
+        raise LmforgeError("QLoRA (lora.quantize=nf4) needs the `torchao` package: pip install 'lmforge[lora]' "
+                           "(or, in a source checkout, pip install -e '.[lora]')") from None
     before = after = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or ".layers." not in f".{name}":
