@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -28,11 +28,12 @@ class ConfigError(LmforgeError, ValueError):
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 32000
-    min_frequency: int = 2
+    vocab_size: int = 32000  # tokens in the trained BPE vocabulary, special tokens included
+    min_frequency: int = 2  # a pair must occur this often to become a merge
+    # added verbatim and never split; <|endoftext|>, <|im_start|> and <|im_end|> are always there
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     from_file: str = ""  # adopt an existing tokenizer.json instead of training one
-    sources: list[str] = field(default_factory=list)  # empty: use data.sources
+    sources: list[str] = field(default_factory=list)  # text to train on; empty: use data.sources
     max_train_bytes: int = 0  # 0: train on everything; else a deterministic sample of about this size
     held_out_fraction: float = 0.02  # documents kept out of training to report bytes per token
 
@@ -40,104 +41,105 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=list)  # files, directories, globs
-    text_field: str = "text"  # for .jsonl/.json/.csv/.parquet
-    val_fraction: float = 0.01
-    workers: int = 0  # 0: all cores
-    dedup: bool = True
+    text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet
+    val_fraction: float = 0.01  # fraction of documents held out for validation (by a hash of their text)
+    workers: int = 0  # tokenizer processes; 0: all cores
+    dedup: bool = True  # drop exact duplicate documents
     shard_tokens: int = 100_000_000  # tokens per shard file
 
 
 @dataclass
 class ModelConfig:
     preset: str = ""  # tiny | small | medium | large | xl | gpt2-*; explicit keys override it
-    arch: str = "llama"  # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
+    # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
+    arch: Literal["llama", "gpt2"] = "llama"
     vocab_size: int = 0  # 0: take it from the tokenizer, padded up to `pad_vocab_to`
     pad_vocab_to: int = 64  # multiples of 64 keep matmuls on fast kernels
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 256  # model width
+    n_head: int = 4  # attention heads
     n_kv_head: int = 0  # 0: same as n_head; 1: multi-query attention
     head_dim: int = 0  # 0: n_embd // n_head; else each head's width (Qwen3 keeps 128 at every size)
     ffn_dim: int = 0  # 0: derived from n_embd (8/3 for SwiGLU, 4x otherwise), multiple of 64
-    mlp: str = "swiglu"  # swiglu | gelu | relu2
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-6
-    pos: str = "rope"  # rope | learned
-    rope_theta: float = 10000.0
-    qk_norm: bool = False
-    bias: bool = False
+    mlp: Literal["swiglu", "gelu", "relu2"] = "swiglu"  # the MLP's activation
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # the normalisation layers
+    norm_eps: float = 1e-6  # epsilon of every norm
+    pos: Literal["rope", "learned"] = "rope"  # rotary or learned absolute positions
+    rope_theta: float = 10000.0  # RoPE base frequency
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    bias: bool = False  # biases on every linear layer
     attn_qkv_bias: bool = False  # biases on q/k/v only (Qwen2); `bias` puts them on every linear
-    tie_embeddings: bool = True
-    max_seq_len: int = 1024
+    tie_embeddings: bool = True  # the head shares the token embedding's weights
+    max_seq_len: int = 1024  # the model's context length
     logit_softcap: float = 0.0  # 0: off; else tanh soft-capping of logits at this value
     zero_init_out: bool = False  # zero-init the output projections of attention and MLP
-    init_std: float = 0.02
-    dropout: float = 0.0
+    init_std: float = 0.02  # standard deviation of the initial weights
+    dropout: float = 0.0  # attention dropout while training
 
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per training sequence
     micro_batch: int = 8  # sequences per process per forward
     batch_tokens: int = 0  # global batch in tokens; 0: micro_batch * seq_len * world
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps (unless max_minutes fixes them)
     max_minutes: float = 0.0  # >0: fix the step count from measured step time to fit this budget
-    optimizer: str = "adamw"  # adamw | muon
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | linear | wsd | constant
-    warmup_steps: int = 100
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on matrices, AdamW on the rest
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"  # decay after warmup
+    warmup_steps: int = 100  # linear warmup steps
     decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
-    compile: bool = False
-    activation_checkpointing: bool = False
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    muon_lr: float = 0.02  # Muon's learning rate for matrices
+    muon_momentum: float = 0.95  # Muon's momentum
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0: off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, else fp32
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (0: 1024); never all fp32 logits
-    eval_every: int = 200
-    eval_batches: int = 20
-    sample_every: int = 0  # 0: only at the end
-    sample_prompt: str = ""
-    save_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    eval_every: int = 200  # steps between validation passes; 0: only at the end
+    eval_batches: int = 20  # micro-batches per validation pass
+    sample_every: int = 0  # steps between samples; 0: only at the end
+    sample_prompt: str = ""  # prompt of the samples; "": the start of a validation document
+    save_every: int = 500  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 3  # checkpoints kept on disk; older ones are deleted
+    log_every: int = 10  # steps between progress lines and metrics.jsonl rows
+    resume: str = "auto"  # auto (latest checkpoint of this run) | none (start afresh) | path to a checkpoint
     init_from: str = ""  # checkpoint to start from (continued pretraining, fine-tuning)
-    tensorboard: bool = False
-    wandb: bool = False
-    swanlab: bool = False
-    progress: bool = True
-    detect_anomaly: bool = False
+    tensorboard: bool = False  # also log to RUN/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    swanlab: bool = False  # also log to SwanLab (needs `pip install swanlab`)
+    progress: bool = True  # the live progress line
+    detect_anomaly: bool = False  # torch.autograd anomaly detection (slow; finds the op that made a NaN)
 
 
 @dataclass
 class EvalConfig:
     checkpoint: str = ""  # "" : latest checkpoint of the run
-    split: str = "val"
+    split: str = "val"  # prepared split to evaluate on
     files: list[str] = field(default_factory=list)  # raw text files instead of a prepared split
     max_batches: int = 0  # 0: the whole split
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per forward
     seq_len: int = 0  # 0: model's max_seq_len
     task: str = ""  # "": loss/perplexity; arith: exact-match accuracy on RUN/demo/test.jsonl; or a prompts .jsonl
 
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = ""
-    prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int = 0
-    stream: bool = True
+    checkpoint: str = ""  # "": latest checkpoint of the run
+    prompts: list[str] = field(default_factory=list)  # prompts when none is given with --prompt
+    max_new_tokens: int = 128  # tokens to generate per prompt
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 50  # sample among the k most likely tokens; 0: off
+    top_p: float = 0.95  # nucleus sampling; 1: off
+    repetition_penalty: float = 1.0  # >1 discourages repeating tokens; 1: off
+    stop: list[str] = field(default_factory=list)  # strings that end a completion
+    seed: int = 0  # sampling seed
+    stream: bool = True  # print text as it is generated
 
 
 # --- post-training (lmforge.train.sft / dpo / reward / grpo) ----------------------------------------
@@ -151,20 +153,20 @@ StageTrain = dataclasses.make_dataclass(
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    enabled: bool = False  # train LoRA adapters on a frozen base instead of all weights
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # adapter scale (alpha / r)
+    dropout: float = 0.0  # dropout on the adapters' input
     target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    quantize: str = ""  # "": full-precision base; nf4: QLoRA, the frozen base in 4-bit NormalFloat (torchao)
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linear layers to adapt
+    quantize: Literal["", "nf4"] = ""  # "": full-precision base; nf4: QLoRA, the frozen base in 4-bit NormalFloat
 
 
 @dataclass
 class SFTConfig:
     data: list[str] = field(default_factory=list)  # .jsonl / .json files of chat examples
     val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
-    val_fraction: float = 0.0
+    val_fraction: float = 0.0  # fraction of data held out when val_data is empty
     init_from: str = ""  # checkpoint, a stage name of this run (pretrain, sft, dpo...), "": latest pretrain
     packing: bool = True  # several examples per row (attention kept apart); false: one padded example per row
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -174,13 +176,15 @@ class SFTConfig:
 @dataclass
 class DPOConfig:
     data: list[str] = field(default_factory=list)  # {"prompt"|"instruction", "chosen", "rejected"}
-    val_data: list[str] = field(default_factory=list)
-    val_fraction: float = 0.0
-    init_from: str = ""
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge
-    beta: float = 0.1
+    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
+    val_fraction: float = 0.0  # fraction of data held out when val_data is empty
+    init_from: str = ""  # checkpoint, a stage name of this run, "": latest pretrain
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # the preference loss
+    beta: float = 0.1  # strength of the implicit KL constraint to the reference
     sft_coef: float = 0.0  # weight of the chosen reply's per-token NLL added to the loss (RPO; TRL's rpo_alpha)
-    reference: str = "auto"  # auto | copy | precomputed | adapters (LoRA: the base, adapters off)
+    # the reference policy: a frozen copy, log-probs precomputed once, or the base with adapters off;
+    # auto: adapters under LoRA, else precomputed
+    reference: Literal["auto", "copy", "precomputed", "adapters"] = "auto"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: StageTrain = field(default_factory=StageTrain)
 
@@ -188,9 +192,9 @@ class DPOConfig:
 @dataclass
 class RMConfig:
     data: list[str] = field(default_factory=list)  # preference pairs, as for DPO
-    val_data: list[str] = field(default_factory=list)
-    val_fraction: float = 0.1
-    init_from: str = ""
+    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
+    val_fraction: float = 0.1  # fraction of data held out when val_data is empty
+    init_from: str = ""  # checkpoint, a stage name of this run, "": latest pretrain
     margin: float = 0.0  # default margin in -log sigmoid(r_c - r_r - margin); a "margin" field overrides it
     center_coef: float = 0.0  # weight of (r_c + r_r)^2, keeping rewards centred on 0
     train: StageTrain = field(default_factory=StageTrain)
@@ -199,19 +203,21 @@ class RMConfig:
 @dataclass
 class GRPOConfig:
     data: list[str] = field(default_factory=list)  # {"prompt"|"messages", ...fields the rewards need}
-    init_from: str = ""
+    init_from: str = ""  # checkpoint, a stage name of this run, "": latest pretrain
     group_size: int = 8  # completions sampled per prompt (train.micro_batch = prompts per micro-batch)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: int = 64  # tokens per sampled completion
+    temperature: float = 1.0  # rollout sampling temperature
+    top_k: int = 0  # rollout top-k; 0: off
+    top_p: float = 1.0  # rollout nucleus sampling; 1: off
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])  # built-in names, model, module:function
     reward_weights: list[float] = field(default_factory=list)  # empty: 1.0 each
     reward_model: str = ""  # checkpoint of `lmforge rm` (or a stage name) for the "model" reward
-    loss_type: str = "dapo"  # grpo (per-sequence mean) | dr_grpo (fixed length) | dapo (per token)
-    scale_rewards: str = "auto"  # group (divide by the group's std) | none | auto (none for dr_grpo)
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    # grpo (per-sequence mean) | dr_grpo (fixed length) | dapo (per token)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    # group (divide by the group's std) | none | auto (none for dr_grpo)
+    scale_rewards: Literal["auto", "group", "none"] = "auto"
+    epsilon_low: float = 0.2  # lower clip of the probability ratio
+    epsilon_high: float = 0.2  # upper clip of the probability ratio
     beta: float = 0.0  # KL weight (k3 estimator) to the initial policy; 0: no reference model kept
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss
     iterations: int = 1  # optimizer steps per batch of rollouts (>1 makes the ratio clipping bite)
@@ -223,17 +229,17 @@ class GRPOConfig:
 class DemoConfig:
     """The built-in arithmetic task (lmforge.data.demo); its seed is its own so runs share one test set."""
 
-    seed: int = 0
-    max_digits: int = 2
-    n_train: int = 4000
-    n_test: int = 500
+    seed: int = 0  # seed of the task's problems
+    max_digits: int = 2  # operands up to this many digits
+    n_train: int = 4000  # SFT examples
+    n_test: int = 500  # held-out test problems
     n_pretrain: int = 40000  # lines of arithmetic text for the demo's pretraining corpus
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
-    seed: int = 1337
+    run_dir: str = "runs/default"  # the run directory every stage reads and writes
+    seed: int = 1337  # seeds weights, data order and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     stages: list[str] = field(default_factory=list)  # for `lmforge run`
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -268,13 +274,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         last: Exception | None = None
         for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _coerce(value, arm, key)
             except ConfigError as e:
                 last = e
         raise last or ConfigError(f"{key}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            hint = _suggest(str(value), [str(a) for a in allowed])
+            raise ConfigError(f"{key}: {value!r} is not one of {shown}{hint}")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):  # "a,b" on the command line
@@ -422,18 +437,6 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
-    choices = {
-        "model.arch": (cfg.model.arch, ("llama", "gpt2")),
-        "model.mlp": (cfg.model.mlp, ("swiglu", "gelu", "relu2")),
-        "model.norm": (cfg.model.norm, ("rmsnorm", "layernorm")),
-        "model.pos": (cfg.model.pos, ("rope", "learned")),
-        "train.optimizer": (cfg.train.optimizer, ("adamw", "muon")),
-        "train.schedule": (cfg.train.schedule, ("cosine", "linear", "wsd", "constant")),
-        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16", "fp16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{_suggest(value, list(allowed))}")
     for key, value in (("train.micro_batch", cfg.train.micro_batch), ("train.seq_len", cfg.train.seq_len),
                        ("model.n_layer", cfg.model.n_layer), ("model.n_head", cfg.model.n_head)):
         if value <= 0:
@@ -458,3 +461,35 @@ def section_from_dict(cls: type, data: dict) -> Any:
     known = {k: v for k, v in data.items() if k in _fields(cls)}
     _apply(obj, known)
     return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description: the comment at the end of its definition, else the comment lines above it.
+
+    Read from the source of the dataclass, so `--help` shows what the schema says and cannot drift from it.
+    """
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # a generated class (StageTrain) or no source shipped
+        return {}
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    docs: dict[str, str] = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        above, n = [], node.lineno - 1
+        while n in comments and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        if trailing or above:
+            docs[node.target.id] = trailing[-1] if trailing else " ".join(above)
+    return docs
