@@ -195,6 +195,25 @@ def test_refuses_a_tokenizer_without_an_end_of_text_token(tmp_path):
     assert Tokenizer.load(tmp_path / "run" / "tokenizer").eot_id == 1
 
 
+def test_chat_data_without_chat_tokens_names_the_switch(llama3_run):
+    from lmforge.data.chat import render_conversation
+    from lmforge.infer.chat import render_messages
+
+    t = Tokenizer.load(llama3_run / "tokenizer")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(LmforgeError, match=r"tokenizer\.add_chat_tokens=true"):
+        render_conversation(t, msgs)
+    with pytest.raises(LmforgeError, match=r"tokenizer\.add_chat_tokens=true"):
+        render_messages(t, msgs)
+
+
+def test_prompts_start_with_bos(llama3_run):
+    from lmforge.infer.engine import encode_prompt
+
+    t = Tokenizer.load(llama3_run / "tokenizer")
+    assert encode_prompt(t, "def f") == [t.bos_id] + t.encode("def f") and encode_prompt(t, "") == [t.bos_id]
+
+
 # --- sentencepiece -------------------------------------------------------------------------------
 
 SPM_STYLES = {"llama2_bpe": LLAMA2_SPM, "unigram": UNIGRAM_SPM}

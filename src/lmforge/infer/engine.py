@@ -279,8 +279,12 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """An empty prompt starts from <|endoftext|>, the token every training document follows."""
-    return tokenizer.encode(text) if text else [tokenizer.eot_id]
+    """A prompt starts as training documents do: with the BOS of tokenizers that add one (Llama-style).
+
+    Without one, an empty prompt starts from the end-of-text token every training document follows.
+    """
+    prefix = list(getattr(tokenizer, "doc_prefix", []))
+    return prefix + tokenizer.encode(text) if text else prefix or [tokenizer.eot_id]
 
 
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
