@@ -212,6 +212,7 @@ def test_prompts_start_with_bos(llama3_run):
 
     t = Tokenizer.load(llama3_run / "tokenizer")
     assert encode_prompt(t, "def f") == [t.bos_id] + t.encode("def f") and encode_prompt(t, "") == [t.bos_id]
+    assert encode_prompt(t, "<|begin_of_text|>def f") == [t.bos_id] + t.encode("def f")  # not twice
 
 
 # --- sentencepiece -------------------------------------------------------------------------------
@@ -396,3 +397,35 @@ def test_llama3_specials_survive(llama3_run):
     t = Tokenizer.load(llama3_run / "tokenizer")
     assert all(t.tok.token_to_id(s) is not None for s in LLAMA3_SPECIALS)
     assert t.encode("<|eot_id|>") == [t.tok.token_to_id("<|eot_id|>")]
+
+
+# --- the whole pipeline with an adopted tokenizer --------------------------------------------------
+
+def test_pipeline_with_a_sentencepiece_tokenizer(tmp_path):
+    """tokenizer -> prepare -> pretrain -> generate, with a Llama-2 style tokenizer that has no <|endoftext|>."""
+    import sentencepiece as spm
+    from spine import TINY
+
+    from lmforge.checkpoint import load_model
+    from lmforge.config import load_config
+    from lmforge.infer.engine import SamplingParams, generate
+    from lmforge.infer.loading import load_tokenizer, resolve_checkpoint
+    from lmforge.stages import run_prepare, run_pretrain, run_tokenizer
+
+    model_file = sentencepiece_model(tmp_path / "tokenizer.model", **LLAMA2_SPM)
+    corpus = write_corpus(tmp_path / "corpus", 120)
+    cfg = load_config(overrides=[f"run_dir={tmp_path / 'run'}", f"data.sources=[{corpus}]",
+                                 f"tokenizer.from_file={model_file}", "data.val_fraction=0.1", "data.workers=1",
+                                 *TINY, "train.max_steps=4", "train.save_every=4", "train.sample_every=0"])
+    run_tokenizer(cfg)
+    run_prepare(cfg)
+    run_pretrain(cfg)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    tok = load_tokenizer(ckpt)
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    assert (tok.eot_id, tok.bos_id, tok.add_bos) == (sp.eos_id(), sp.bos_id(), True)
+    assert auto_tokenizer(ckpt).encode(TEXTS["code"]) == [sp.bos_id()] + sp.encode(TEXTS["code"])
+    model = load_model(ckpt)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, seed=0)
+    out = generate(model, tok, ["机器学习", ""], params)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)

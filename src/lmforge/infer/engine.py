@@ -281,10 +281,14 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """A prompt starts as training documents do: with the BOS of tokenizers that add one (Llama-style).
 
-    Without one, an empty prompt starts from the end-of-text token every training document follows.
+    Not twice: a prompt decoded from training data already starts with it. Without a BOS, an empty
+    prompt starts from the end-of-text token every training document follows.
     """
     prefix = list(getattr(tokenizer, "doc_prefix", []))
-    return prefix + tokenizer.encode(text) if text else prefix or [tokenizer.eot_id]
+    ids = tokenizer.encode(text) if text else []
+    if ids[:len(prefix)] == prefix:
+        prefix = []
+    return prefix + ids or [tokenizer.eot_id]
 
 
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
