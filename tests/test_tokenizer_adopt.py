@@ -401,7 +401,7 @@ def test_llama3_specials_survive(llama3_run):
 
 # --- the whole pipeline with an adopted tokenizer --------------------------------------------------
 
-def test_pipeline_with_a_sentencepiece_tokenizer(tmp_path):
+def test_pipeline_with_a_sentencepiece_tokenizer(tmp_path, monkeypatch):
     """tokenizer -> prepare -> pretrain -> generate, with a Llama-2 style tokenizer that has no <|endoftext|>."""
     import sentencepiece as spm
     from spine import TINY
@@ -429,3 +429,15 @@ def test_pipeline_with_a_sentencepiece_tokenizer(tmp_path):
     params = SamplingParams(max_new_tokens=8, temperature=0.0, seed=0)
     out = generate(model, tok, ["机器学习", ""], params)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+    # eval on raw files lays documents out as prepare did: BOS, text, EOS
+    import lmforge.eval.lm as lm
+
+    seen = []
+    real = lm.evaluate_tokens
+    monkeypatch.setattr(lm, "evaluate_tokens", lambda m, ids, *a, **k: seen.append(ids) or real(m, ids, *a, **k))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXTS["english"], encoding="utf-8")
+    cfg.eval.files, cfg.eval.seq_len = [str(doc)], 16
+    assert lm.evaluate(cfg)["loss"] > 0
+    assert seen[0].tolist() == [sp.bos_id(), *sp.encode(TEXTS["english"]), sp.eos_id()]
