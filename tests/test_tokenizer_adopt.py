@@ -344,6 +344,8 @@ def test_tiktoken_encoding_from_the_key(tmp_path):
         adopt(tmp_path, file)
     report = adopt(tmp_path, file, ("tiktoken_encoding", "o200k_base"))
     assert report["adopted"]["encoding"] == "o200k_base"
+    other = write_tiktoken(tmp_path / "ranks.txt", ranks)  # with the key, any file name will do
+    assert adopt(tmp_path, other, ("tiktoken_encoding", "r50k_base"))["adopted"]["encoding"] == "r50k_base"
 
 
 # --- mistakes and missing packages -----------------------------------------------------------------

@@ -285,10 +285,10 @@ def adopt_tokenizer(tc: TokenizerConfig, model_max_length: int = 1024) -> tuple[
     if not path.exists():
         raise LmforgeError(f"tokenizer.from_file: {path} does not exist")
     file = _file_in(path) if path.is_dir() else path
-    if tc.tiktoken_encoding or file.suffix == ".tiktoken":
-        adopted = from_tiktoken(file, tc.tiktoken_encoding)
-    elif file.suffix == ".model":
+    if file.suffix == ".model":
         adopted = from_sentencepiece(file)
+    elif file.suffix == ".tiktoken" or (tc.tiktoken_encoding and file.suffix != ".json"):
+        adopted = from_tiktoken(file, tc.tiktoken_encoding)
     else:
         adopted = _read_tokenizer_json(file)
     adopted.info["file"] = str(file.resolve())
