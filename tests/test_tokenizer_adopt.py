@@ -166,6 +166,14 @@ def test_mistral_style_without_config(tmp_path):
     assert (t.eos_token, t.eot_id, t.bos_token, t.bos_id, t.add_bos) == ("</s>", 2, "<s>", 1, True)
 
 
+def test_bos_found_in_a_vocabulary_that_cannot_spell_hello():
+    raw = HFTokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2}, merges=[]))  # no <unk>: "Hello" is []
+    raw.add_special_tokens(["<s>", "</s>"])
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    t = Tokenizer(raw)
+    assert (t.bos_id, t.add_bos, t.eot_id, t.doc_prefix) == (0, True, 1, [0])
+
+
 def test_add_bos_token_wins_over_the_post_processor(tmp_path):
     """A folder whose config says add_bos_token=true but whose tokenizer.json adds nothing (transformers
     follows the config): documents get the BOS and the saved tokenizer.json adds it too."""

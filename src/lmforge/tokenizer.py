@@ -91,11 +91,11 @@ def choose_eos(tok: HFTokenizer, configured: str | None = None) -> str:
 
 def bos_prefix(tok: HFTokenizer) -> list[int]:
     """The ids the tokenizer's post-processor puts before a text (Llama: [BOS]; GPT-2, Qwen: none)."""
-    plain = tok.encode("Hello", add_special_tokens=False).ids
-    full = tok.encode("Hello", add_special_tokens=True).ids
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return full[:i]
+    for probe in ("Hello", "a", "0", " "):  # the first the vocabulary can spell (some have no <unk>)
+        plain = tok.encode(probe, add_special_tokens=False).ids
+        if plain:
+            full = tok.encode(probe, add_special_tokens=True).ids
+            return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
     return []
 
 
@@ -405,13 +405,7 @@ def train_tokenizer(cfg: Config) -> dict:
         "adopted": None,
     }
     if adopted:
-        named = [wrapped.eos_token, wrapped.bos_token, wrapped.pad_token, wrapped.unk_token, IM_START, IM_END, *added]
-        report["special_tokens"] = {t: wrapped.tok.token_to_id(t) for t in dict.fromkeys(named)
-                                    if t and wrapped.tok.token_to_id(t) is not None}
-        report["adopted"] = {**adopted.info, "eos_token": wrapped.eos_token, "bos_token": wrapped.bos_token,
-                             "add_bos": wrapped.add_bos, "pad_token": wrapped.pad_token,
-                             "added_tokens": added, "chat_tokens": wrapped.im_start_id is not None
-                             and wrapped.im_end_id is not None, "parity": parity}
+        report.update(_adoption_report(wrapped, adopted, added, parity))
     with AtomicDir(out_dir) as tmp:
         wrapped.save(tmp)
         atomic_write_json(tmp / "report.json", report)
@@ -429,3 +423,15 @@ def train_tokenizer(cfg: Config) -> dict:
         log(f"tokenizer: {wrapped.vocab_size} tokens, trained on {seen['bytes'] / 1e6:.1f} MB "
             f"({seen['docs']} docs); held-out bytes/token {bpt} -> {out_dir}")
     return report
+
+
+def _adoption_report(tok: Tokenizer, adopted: Adopted, added: list[str], parity: dict | None) -> dict:
+    """report.json's special_tokens and adopted entries for an adopted tokenizer: what was read, what changed."""
+    named = [tok.eos_token, tok.bos_token, tok.pad_token, tok.unk_token, IM_START, IM_END, *added]
+    return {
+        "special_tokens": {t: tok.tok.token_to_id(t) for t in dict.fromkeys(named)
+                           if t and tok.tok.token_to_id(t) is not None},
+        "adopted": {**adopted.info, "eos_token": tok.eos_token, "bos_token": tok.bos_token, "add_bos": tok.add_bos,
+                    "pad_token": tok.pad_token, "added_tokens": added,
+                    "chat_tokens": tok.im_start_id is not None and tok.im_end_id is not None, "parity": parity},
+    }
