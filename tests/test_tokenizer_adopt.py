@@ -280,6 +280,17 @@ def test_sentencepiece_user_defined_pieces_and_no_bos(tmp_path):
         assert t.encode(text) == sp.encode(text)
 
 
+def test_unigram_byte_fallback_skips_literal_byte_pieces(tmp_path):
+    """A literal "<0x41>" may come out as the byte piece in `tokenizers`' Unigram, never in sentencepiece:
+    the parity check leaves such texts out instead of refusing the tokenizer; all others must agree."""
+    from lmforge.tokenizer_formats import from_sentencepiece
+
+    adopted = from_sentencepiece(sentencepiece_model(tmp_path / "u.model", model_type="unigram", byte_fallback=True,
+                                                     hard_vocab_limit=False))
+    result = check_parity(adopted, ["x <0x41> y", *TEXTS.values(), "emoji 🚀 unseen ☃"])
+    assert result["skipped"] == 1 and result["texts"] >= len(TEXTS) + 1 and result["mismatches"] == 0
+
+
 # --- tiktoken --------------------------------------------------------------------------------------
 
 def published(encoding: str) -> dict:
