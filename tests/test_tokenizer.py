@@ -139,14 +139,32 @@ def test_adopt_existing_tokenizer(tok_dir, tmp_path):
     cfg.tokenizer.from_file = str(tmp_path / "adopt.json")
     report = train_tokenizer(cfg)
     t = Tokenizer.load(tmp_path / "run" / "tokenizer")
-    assert t.eot_id == 2 and t.im_start_id is not None and t.im_end_id is not None
-    assert report["adopted_from"] == cfg.tokenizer.from_file
+    # the chat tokens change the vocabulary, so they come only when asked for
+    assert t.eot_id == 2 and t.im_start_id is None and t.im_end_id is None and t.vocab_size == 3
+    assert t.bos_id is None and not t.add_bos and t.chat_template is None
+    assert report["adopted_from"] == cfg.tokenizer.from_file and report["adopted"]["chat_tokens"] is False
+    cfg.tokenizer.add_chat_tokens = True
+    train_tokenizer(cfg)
+    t = Tokenizer.load(tmp_path / "run" / "tokenizer")
+    assert (t.eot_id, t.im_start_id, t.im_end_id) == (2, 3, 4) and t.chat_template == CHAT_TEMPLATE
 
     no_eot = HFTokenizer(models.BPE(vocab={"a": 0}, merges=[]))
     no_eot.save(str(tmp_path / "bad.json"))
     cfg.tokenizer.from_file = str(tmp_path / "bad.json")
     with pytest.raises(LmforgeError, match=r"bad\.json.*<\|endoftext\|>"):
         train_tokenizer(cfg)
+
+
+def test_adopting_an_lmforge_tokenizer_changes_nothing(tok, tok_dir, tmp_path):
+    """Same ids, same files, same hash: a run can reuse another run's tokenizer."""
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    cfg.tokenizer.from_file = str(tok_dir)
+    report = train_tokenizer(cfg)
+    again = Tokenizer.load(tmp_path / "run" / "tokenizer")
+    assert report["hash"] == again.hash == tok.hash and report["adopted"]["added_tokens"] == []
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "run" / "tokenizer" / name).read_bytes() == (tok_dir / name).read_bytes()
+    assert again.encode(SAMPLES["mixed"]) == tok.encode(SAMPLES["mixed"]) and again.doc_prefix == []
 
 
 def test_load_errors(tmp_path):

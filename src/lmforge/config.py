@@ -32,7 +32,9 @@ class TokenizerConfig:
     min_frequency: int = 2  # a pair must occur this often to become a merge
     # added verbatim and never split; <|endoftext|>, <|im_start|> and <|im_end|> are always there
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    from_file: str = ""  # adopt an existing tokenizer.json instead of training one
+    from_file: str = ""  # adopt instead of training: a tokenizer.json (or its folder), sentencepiece .model, .tiktoken
+    add_chat_tokens: bool = False  # adopting: add <|im_start|>, <|im_end|> (chat and SFT need them)
+    tiktoken_encoding: Literal["", "r50k_base", "cl100k_base", "o200k_base"] = ""  # .tiktoken's encoding; "": by name
     sources: list[str] = field(default_factory=list)  # text to train on; empty: use data.sources
     max_train_bytes: int = 0  # 0: train on everything; else a deterministic sample of about this size
     held_out_fraction: float = 0.02  # documents kept out of training to report bytes per token

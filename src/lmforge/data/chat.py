@@ -229,8 +229,8 @@ def render_conversation(tok, messages: Messages, max_len: int = 0, where: str = 
     sampling, and no assistant token is required. max_len > 0 cuts the ids to that length.
     """
     if tok.im_start_id is None or tok.im_end_id is None:
-        raise LmforgeError("the tokenizer has no <|im_start|>/<|im_end|> tokens; train one with "
-                           "`lmforge tokenizer` (it adds them) to use chat data")
+        raise LmforgeError("the tokenizer has no <|im_start|>/<|im_end|> tokens: re-run `lmforge tokenizer` with "
+                           "tokenizer.add_chat_tokens=true (an adopted tokenizer) or train one (it has them)")
     ids: list[int] = []
     mask: list[int] = []
     newline = tok.encode("\n")

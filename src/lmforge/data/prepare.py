@@ -43,13 +43,21 @@ def _init_worker(tokenizer_json: str) -> None:
     _TOK = HFTokenizer.from_str(tokenizer_json)
 
 
-def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str) -> np.ndarray:
-    """Token ids of `texts`, each followed by the end-of-text id, as one flat array."""
+def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos_id: int | None = None) -> np.ndarray:
+    """Token ids of `texts`, each followed by the end-of-text id, as one flat array.
+
+    With `bos_id` (tokenizers whose post-processor adds a BOS, as Llama's do) each document also
+    starts with it, so training sees text the way that model family does.
+    """
     encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    out = np.empty(sum(len(e.ids) for e in encs) + len(encs), dtype=DTYPES[dtype])
+    head = 0 if bos_id is None else 1
+    out = np.empty(sum(len(e.ids) for e in encs) + (1 + head) * len(encs), dtype=DTYPES[dtype])
     i = 0
     for e in encs:
         ids = e.ids
+        if head:
+            out[i] = bos_id
+            i += 1
         out[i:i + len(ids)] = ids
         i += len(ids)
         out[i] = eot_id
@@ -57,7 +65,7 @@ def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str) -> 
     return out
 
 
-def _encode_job(job: tuple[list[str], int, str]) -> np.ndarray:
+def _encode_job(job: tuple[list[str], int, str, int | None]) -> np.ndarray:
     return encode_docs(_TOK, *job)
 
 
@@ -119,16 +127,17 @@ def _one_thread() -> Iterator[None]:
 
 def _tokenized(p: _Pass, tok: Tokenizer, workers: int) -> Iterator[tuple[str, np.ndarray, int]]:
     """(split, ids, utf-8 bytes) per batch, in corpus order whatever the number of workers."""
+    bos = tok.bos_id if tok.add_bos else None
     if workers <= 1:
         with _one_thread():
             for split, texts, size in p.batches():
-                yield split, encode_docs(tok.tok, texts, tok.eot_id, p.dtype), size
+                yield split, encode_docs(tok.tok, texts, tok.eot_id, p.dtype, bos), size
         return
     ctx = mp.get_context("spawn")  # fork is unsafe with rich's refresh thread and torch loaded
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(),)) as pool:
         inflight: deque = deque()  # bounded, so reading never runs far ahead of tokenizing
         for split, texts, size in p.batches():
-            inflight.append((split, pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype),)), size))
+            inflight.append((split, pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype, bos),)), size))
             if len(inflight) >= 2 * workers:
                 split, job, size = inflight.popleft()
                 yield split, job.get(), size

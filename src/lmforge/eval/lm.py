@@ -84,7 +84,7 @@ def evaluate(cfg) -> dict:
         ids: list[int] = []
         n_bytes = 0
         for doc in iter_documents(ec.files, cfg.data.text_field):
-            ids.extend(tok.encode(doc.text))
+            ids.extend(tok.doc_prefix + tok.encode(doc.text))  # as prepare lays documents out
             ids.append(tok.eot_id)
             n_bytes += len(doc.text.encode("utf-8"))
         tokens = np.asarray(ids, dtype=np.int64)

@@ -39,7 +39,9 @@ def _compile(template: str):
 def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise LmforgeError("the tokenizer has no chat_template (tokenizer_config.json); cannot chat with it")
+        raise LmforgeError("the tokenizer has no chat_template (tokenizer_config.json); cannot chat with it. "
+                           "An adopted tokenizer without <|im_start|>/<|im_end|> gets them (and the template) "
+                           "from `lmforge tokenizer` with tokenizer.add_chat_tokens=true")
     from jinja2 import TemplateError
 
     try:

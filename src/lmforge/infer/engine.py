@@ -279,8 +279,16 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """An empty prompt starts from <|endoftext|>, the token every training document follows."""
-    return tokenizer.encode(text) if text else [tokenizer.eot_id]
+    """A prompt starts as training documents do: with the BOS of tokenizers that add one (Llama-style).
+
+    Not twice: a prompt decoded from training data already starts with it. Without a BOS, an empty
+    prompt starts from the end-of-text token every training document follows.
+    """
+    prefix = list(getattr(tokenizer, "doc_prefix", []))
+    ids = tokenizer.encode(text) if text else []
+    if ids[:len(prefix)] == prefix:
+        prefix = []
+    return prefix + ids or [tokenizer.eot_id]
 
 
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
