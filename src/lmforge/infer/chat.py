@@ -49,6 +49,11 @@ def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool
         raise LmforgeError(f"chat_template failed to render: {e}") from None
 
 
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids a reply to `messages` is sampled after."""
+    return tokenizer.encode(render_messages(tokenizer, messages))
+
+
 def check_messages(messages: object) -> list[dict]:
     """Validate a list of {role, content} messages (the server passes user input straight here)."""
     if not isinstance(messages, list) or not messages:
