@@ -28,7 +28,11 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
+from tokenizers import decoders
+
 from lmforge.errors import LmforgeError
+from lmforge.infer.chat import check_messages, render_prompt
+from lmforge.infer.engine import default_stop_ids, encode_prompt
 from lmforge.infer.sampling import SamplingParams
 
 MAX_N = 8
@@ -161,8 +165,6 @@ def parse_request(body: object, *, chat: bool, tokenizer, context: int, max_toke
 
     texts: list[str] | None = None
     if chat:
-        from lmforge.infer.chat import check_messages, render_prompt
-
         try:
             prompts = [render_prompt(tokenizer, check_messages(body.get("messages")))]
         except LmforgeError as e:
@@ -197,8 +199,6 @@ def parse_request(body: object, *, chat: bool, tokenizer, context: int, max_toke
 
 def _completion_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[str]]:
     """(token ids, text) of each prompt: a string, a list of strings, a list of ids or of id lists."""
-    from lmforge.infer.engine import encode_prompt
-
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -246,8 +246,6 @@ class TokenText:
     alone, else OpenAI's `bytes:\\xe6\\x9c` form (a token can hold part of a character)."""
 
     def __init__(self, tokenizer):
-        from tokenizers import decoders
-
         self.tokenizer = tokenizer
         hf = getattr(tokenizer, "tok", None)
         self.hf = hf if hf is not None and isinstance(hf.decoder, decoders.ByteLevel) else None
@@ -305,8 +303,6 @@ def chat_logprobs(tt: TokenText, c, stop_ids: set[int]) -> dict:
 
 def response(req: ApiRequest, rid: str, model: str, completions, tokenizer=None) -> dict:
     """The whole (non-streamed) answer; `tokenizer` is needed only for log-probabilities."""
-    from lmforge.infer.engine import default_stop_ids
-
     tt = TokenText(tokenizer) if req.top_logprobs is not None else None
     stop_ids = default_stop_ids(tokenizer) if tt is not None else set()
     choices = []

@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.engine import complete_ids, context_length
 from lmforge.infer.openai_api import (
     ApiError,
     ApiRequest,
@@ -55,8 +56,6 @@ class ModelService:
     """The model, its tokenizer and the lock that serializes generations."""
 
     def __init__(self, model, tokenizer, name: str, max_tokens: int, max_waiting: int = 64):
-        from lmforge.infer.engine import context_length
-
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context = context_length(model)
         self.max_tokens = max(1, min(max_tokens, self.context - 1))
@@ -64,8 +63,6 @@ class ModelService:
         self.slots = threading.BoundedSemaphore(max_waiting)
 
     def run(self, req: ApiRequest, on_text=None):
-        from lmforge.infer.engine import complete_ids
-
         with self.lock:
             return complete_ids(self.model, self.tokenizer, req.prompts, req.params, on_text=on_text,
                                 top_logprobs=req.top_logprobs, score_prompt=req.echo and req.top_logprobs is not None)
@@ -335,7 +332,8 @@ def cmd_serve(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     ap.add_argument("--model-name", default=None, help="the id /v1/models reports; requests naming another get 404")
     ap.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, else no key)")
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, which other users "
+                         "cannot read in the process list; without either, no key)")
     ap.add_argument("--max-tokens", type=int, default=512, help="upper bound (and chat default) for max_tokens")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     ap.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond this get 429")
