@@ -8,7 +8,9 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from infer_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
 
 from lmforge.checkpoint import load_model
@@ -33,19 +36,31 @@ GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
 
 
 class Served:
-    def __init__(self, url: str, ckpt: Path, proc: subprocess.Popen):
+    def __init__(self, url: str, ckpt: Path, proc: subprocess.Popen, api_key: str | None = None):
         self.url, self.ckpt, self.proc = url, ckpt, proc
         self.host, self.port = url.split("//")[1].split(":")[0], int(url.rsplit(":", 1)[1])
         self.model = load_model(ckpt)
         self.tok = Tokenizer.load(ckpt)
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=60)
 
     def expected_completion(self, prompt: str, n: int, **kw):
         return complete(self.model, self.tok, [prompt], SamplingParams(max_new_tokens=n, **{**GREEDY, **kw}))[0]
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tok.encode(render_messages(self.tok, messages))
+
     def expected_chat(self, messages: list[dict], n: int, **kw):
-        ids = self.tok.encode(render_messages(self.tok, messages))
+        ids = self.chat_ids(messages)
         return complete_ids(self.model, self.tok, [ids], SamplingParams(max_new_tokens=n, **{**GREEDY, **kw}))[0]
+
+    @torch.no_grad()
+    def model_tokens(self, ids: list[int], n: int) -> list[int]:
+        """Up to n greedy tokens by plain forward passes (no cache), a final stop id included."""
+        out: list[int] = []
+        stop = {self.tok.eot_id, self.tok.im_end_id}
+        while len(out) < n and (not out or out[-1] not in stop):
+            out.append(int(self.model(torch.tensor([ids + out]))[0, -1, :self.tok.vocab_size].argmax()))
+        return out
 
     def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
@@ -57,14 +72,12 @@ class Served:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    ckpt, _, _ = make_checkpoint(root, seed=1)
+def start_server(ckpt: Path, *flags: str, env: dict | None = None, api_key: str | None = None):
+    """Start `lmforge serve` on a free port; return (url, process) once it prints its address."""
     cmd = [sys.executable, "-m", "lmforge", "serve", str(ckpt), "--port", "0", "--max-body-bytes", "20000",
-           "--max-tokens", "64", "--device", "cpu"]
+           "--max-tokens", "64", "--device", "cpu", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     url, log, deadline = None, [], time.monotonic() + 90
@@ -79,12 +92,24 @@ def served(tmp_path_factory):
     if url is None:
         proc.kill()
         pytest.fail("server did not start:\n" + "".join(log))
-    yield Served(url, ckpt, proc)
-    proc.terminate()
+    return Served(url, ckpt, proc, api_key)
+
+
+def stop_server(served: Served) -> None:
+    served.proc.terminate()
     try:
-        proc.wait(timeout=10)
+        served.proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        served.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt, _, _ = make_checkpoint(root, seed=1)
+    s = start_server(ckpt)
+    yield s
+    stop_server(s)
 
 
 def test_models_and_completions(served):
@@ -187,6 +212,139 @@ def test_web_page_is_self_contained(served):
     assert "<script src" not in html and "https://" not in html and "http://" not in html  # no CDN
 
 
+def test_unknown_model_gets_404_model_not_found(served):
+    for call in (lambda: served.client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2),
+                 lambda: served.client.chat.completions.create(
+                     model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2),
+                 lambda: served.client.models.retrieve("gpt-4o")):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.status_code == 404 and e.value.code == "model_not_found"
+        err = e.value.body  # the client hands over the inner "error" object
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+        assert err["param"] is None and "`gpt-4o`" in err["message"] and "`ckpt`" in err["message"]
+    # no model at all, and the served name, are both fine
+    status, body = served.raw("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
+                              {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body)["model"] == "ckpt"
+    assert served.client.models.retrieve("ckpt").id == "ckpt"
+
+
+def test_a_burst_of_connections_is_accepted_at_once(served):
+    """With listen(5), connections past the backlog have their SYN dropped and retry a second later."""
+    socks = [socket.socket() for _ in range(48)]
+    try:
+        for s in socks:
+            s.setblocking(False)
+        start = time.monotonic()
+        for s in socks:  # all SYNs in flight together, as from many clients at once
+            s.connect_ex((served.host, served.port))
+        pending, connected = set(socks), {}
+        while pending and time.monotonic() - start < 5:
+            _, writable, _ = select.select([], list(pending), [], 0.05)
+            for s in writable:
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                connected[s] = time.monotonic() - start
+                pending.discard(s)
+        assert not pending and max(connected.values()) < 0.5, sorted(connected.values())[-5:]
+        # and they are real connections: each gets an answer
+        for s in socks[:8]:
+            s.setblocking(True)
+            s.settimeout(30)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- a server that needs a key, with two waiting slots and a short body timeout ----------------
+
+KEY = "sk-lmforge-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guarded")
+    ckpt, _, _ = make_checkpoint(root, seed=2)
+    s = start_server(ckpt, "--max-waiting", "2", "--read-timeout", "4", env={"LMFORGE_API_KEY": KEY}, api_key=KEY)
+    yield s
+    stop_server(s)
+
+
+def _headers(response: http.client.HTTPResponse) -> dict:
+    return {k.lower(): v for k, v in response.getheaders()}
+
+
+def test_api_key_is_required_on_v1_only(guarded):
+    body = json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0}).encode()
+
+    def post(headers: dict):
+        conn = http.client.HTTPConnection(guarded.host, guarded.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json", **headers})
+            r = conn.getresponse()
+            return r.status, _headers(r), json.loads(r.read())
+        finally:
+            conn.close()
+
+    status, headers, err = post({})
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["type"] == "invalid_request_error"
+    assert "API key" in err["error"]["message"]
+    for wrong in ("Bearer nope", f"Bearer {KEY}x", f"Basic {KEY}", KEY, f"Bearer {KEY[:-1]}"):
+        status, _, err = post({"Authorization": wrong})
+        assert status == 401, wrong
+    status, _, err = post({"Authorization": "Bearer nope"})
+    assert err["error"]["code"] == "invalid_api_key"
+    status, _, ok = post({"Authorization": f"bearer {KEY}"})  # the scheme is case-insensitive
+    assert status == 200 and ok["choices"][0]["text"] == guarded.expected_completion("Hello", 3).text
+    assert guarded.raw("GET", "/v1/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in guarded.client.models.list().data] == ["ckpt"]
+    # the page and the health check stay open: the page asks for the key itself
+    status, page = guarded.raw("GET", "/")
+    assert status == 200 and b'id="api-key"' in page
+    assert guarded.raw("GET", "/health")[0] == 200
+
+
+def test_api_key_flag_and_environment():
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.server import api_key_from
+
+    assert api_key_from(None, {}) is None
+    assert api_key_from(None, {"LMFORGE_API_KEY": ""}) is None
+    assert api_key_from(None, {"LMFORGE_API_KEY": " k1 "}) == "k1"
+    assert api_key_from("k2", {"LMFORGE_API_KEY": "k1"}) == "k2"
+    with pytest.raises(LmforgeError, match="--api-key is empty"):
+        api_key_from("  ", {})
+
+
+def test_stalled_clients_hold_no_waiting_slot(guarded):
+    """Three clients send headers and part of a body, then stall; the server has two waiting slots.
+    A normal request must still be served at once, and the stalled ones get 408 after the read timeout."""
+    stalled = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection((guarded.host, guarded.port), timeout=30)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+            stalled.append(s)
+        time.sleep(0.5)  # the server is now waiting on their bodies
+        start = time.monotonic()
+        r = guarded.client.completions.create(model="ckpt", prompt="Hello", max_tokens=3, temperature=0)
+        assert time.monotonic() - start < 3.0  # well before the stalled clients time out (4 s)
+        assert r.choices[0].text == guarded.expected_completion("Hello", 3).text
+        for s in stalled:
+            answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"request_timeout" in answer
+    finally:
+        for s in stalled:
+            s.close()
+
+
 # --- the web page in a real browser --------------------------------------------------------------
 
 class Cdp:
@@ -259,11 +417,8 @@ def browser(tmp_path):
             proc.kill()
 
 
-def test_web_chat_streams_in_a_browser(served, browser):
-    browser.call("Page.enable")
-    browser.call("Page.navigate", url=served.url + "/")
-    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')"
-                     " && document.getElementById('model').textContent.includes('ckpt')")
+def chat_in_browser(browser, served: Served) -> None:
+    """Send one message from the page and check the streamed reply against the engine's."""
     browser.eval("""
         window.__states = [];
         new MutationObserver(() => {
@@ -285,3 +440,24 @@ def test_web_chat_streams_in_a_browser(served, browser):
     assert final == want.text and final
     assert len(states) >= 2, states  # the reply grew in several steps: it was streamed
     assert all(final.startswith(s) for s in states)
+
+
+def test_web_chat_streams_in_a_browser(served, browser):
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=served.url + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')"
+                     " && document.getElementById('model').textContent.includes('ckpt')")
+    assert browser.eval("document.getElementById('key-label').hidden") is True  # no key, no key field
+    chat_in_browser(browser, served)
+
+
+def test_web_chat_asks_for_the_api_key(guarded, browser):
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=guarded.url + "/")
+    browser.wait_for("document.readyState === 'complete'"
+                     " && document.getElementById('model').textContent.includes('needs an API key')")
+    assert browser.eval("document.getElementById('key-label').hidden") is False
+    browser.eval(f"""const k = document.getElementById('api-key'); k.value = '{KEY}';
+                     k.dispatchEvent(new Event('change')); true""")
+    browser.wait_for("document.getElementById('model').textContent.includes('ckpt')")
+    chat_in_browser(browser, guarded)

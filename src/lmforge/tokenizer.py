@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -57,6 +58,38 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     """CHAT_TEMPLATE in plain Python (no jinja2 at run time); tests check both agree."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+@lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """A Jinja chat template compiled the way transformers compiles it (sandboxed, trim_blocks,
+    lstrip_blocks, `raise_exception`), so it renders the same text here and there."""
+    from jinja2 import TemplateError  # only a tokenizer with a custom template needs jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise LmforgeError(f"the tokenizer's chat_template is not valid Jinja: {e}") from None
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                    bos_token: str = "", eos_token: str = EOT) -> str:
+    """Render any chat template (tokenizer_config.json's `chat_template`) to text."""
+    if template == CHAT_TEMPLATE:
+        return render_chat(messages, add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return _compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:
+        raise LmforgeError(f"chat_template failed to render: {e}") from None
 
 
 def _canonical_hash(tok: HFTokenizer) -> str:
@@ -157,7 +190,18 @@ class Tokenizer:
         return i
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return render_chat(messages, add_generation_prompt)
+        """The conversation as text, by this tokenizer's chat template (ChatML unless it was changed)."""
+        if not self.chat_template:
+            raise LmforgeError("the tokenizer has no chat_template (tokenizer_config.json); cannot chat with it. "
+                               "An adopted tokenizer without <|im_start|>/<|im_end|> gets them (and the template) "
+                               "from `lmforge tokenizer` with tokenizer.add_chat_tokens=true")
+        return render_template(self.chat_template, messages, add_generation_prompt)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` as `encode` gives them, and each token's (start, end) character span in it
+        (a token holding part of a character spans that whole character)."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and chat_template.jinja, each atomically.

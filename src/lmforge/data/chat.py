@@ -1,10 +1,11 @@
 """Post-training examples: file formats -> conversations -> token ids + loss masks -> batches.
 
-`render_conversation` is the one function that turns a conversation into (ids, loss mask); SFT,
-DPO, the reward model and GRPO all go through it, so the ChatML layout and the rule "learn only
-the assistant's tokens, its <|im_end|> included" live in one place (as nanochat's
-`render_conversation` does). Each message is encoded segment by segment, so the mask boundary is
-exact even where BPE could have merged across it.
+`render_conversation` is the one function that turns a conversation into (ids, loss mask): SFT,
+DPO, the reward model, GRPO, eval, `chat` and `serve` all go through it, so the layout and the rule
+"learn only the assistant's tokens, its <|im_end|> included" live in one place (as nanochat's
+`render_conversation` does). It renders the tokenizer's chat template to text and encodes the text
+whole, so the ids are the ones `transformers`' `apply_chat_template(..., tokenize=True)`, vLLM and
+llama.cpp feed the model: what it is trained on is what it is served.
 
 Readers accept JSON Lines or JSON arrays, and every problem names the file, the line and the field,
 because a bad record found after an hour of training is an hour lost.
@@ -21,6 +22,7 @@ import torch
 
 from lmforge.data.loader import EpochStream
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer import CHAT_TEMPLATE, IM_END, IM_START
 from lmforge.train.losses import IGNORE
 
 ROLES = ("system", "user", "assistant")
@@ -221,29 +223,22 @@ def prompt_messages(rec: Record) -> Messages:
 
 def render_conversation(tok, messages: Messages, max_len: int = 0, where: str = "",
                         add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """ChatML token ids of a conversation and a mask (1 = learn this token) of the same length.
+    """Token ids of a conversation and a mask (1 = learn this token) of the same length.
 
-    Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`; the mask is 1 exactly on the content of
-    assistant turns and their <|im_end|>, so the model learns what to say and when to stop, never the
-    user's words. With add_generation_prompt the ids end with `<|im_start|>assistant\\n`, ready for
-    sampling, and no assistant token is required. max_len > 0 cuts the ids to that length.
+    The text is the tokenizer's chat template (ChatML: `<|im_start|>role\ncontent<|im_end|>\n`
+    per turn), encoded whole. The mask marks the tokens that hold any character of an assistant's
+    content or of the end-of-turn token after it, so the model learns what to say and when to stop,
+    never the user's words. Byte-level BPE can merge across the edge of a reply (a reply that starts
+    with "\n" shares one "\n\n" token with the template's "\n" after the role): such a token holds
+    reply text, so it is learned; without it the reply's first character would never be a target.
+    The reply's end never straddles: <|im_end|> is a special token, and text is split around it.
+
+    With add_generation_prompt the ids end with `<|im_start|>assistant\n`, ready for sampling, and
+    no assistant token is required. max_len > 0 cuts the ids to that length.
     """
-    if tok.im_start_id is None or tok.im_end_id is None:
-        raise LmforgeError("the tokenizer has no <|im_start|>/<|im_end|> tokens: re-run `lmforge tokenizer` with "
-                           "tokenizer.add_chat_tokens=true (an adopted tokenizer) or train one (it has them)")
-    ids: list[int] = []
-    mask: list[int] = []
-    newline = tok.encode("\n")
-    for m in messages:
-        head = [tok.im_start_id] + tok.encode(m["role"] + "\n")
-        body = tok.encode(m["content"]) + [tok.im_end_id]
-        learn = int(m["role"] == "assistant")
-        ids += head + body + newline
-        mask += [0] * len(head) + [learn] * len(body) + [0] * len(newline)
-    if add_generation_prompt:
-        head = [tok.im_start_id] + tok.encode("assistant\n")
-        ids += head
-        mask += [0] * len(head)
+    text, spans = chat_text(tok, messages, add_generation_prompt, where)
+    ids, offsets = tok.encode_with_offsets(text)
+    mask = learned(offsets, spans)
     if max_len and len(ids) > max_len:
         ids, mask = ids[:max_len], mask[:max_len]
         if add_generation_prompt:
@@ -254,6 +249,61 @@ def render_conversation(tok, messages: Messages, max_len: int = 0, where: str = 
                                "raise train.seq_len or shorten the example")
         raise LmforgeError(f"{where}: the conversation has no assistant message to learn from")
     return ids, mask
+
+
+def chat_text(tok, messages: Messages, add_generation_prompt: bool = False,
+              where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to learn (assistant content + end of turn)."""
+    template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE
+    if template == CHAT_TEMPLATE:
+        if tok.im_start_id is None or tok.im_end_id is None:
+            raise LmforgeError("the tokenizer has no <|im_start|>/<|im_end|> tokens: re-run `lmforge tokenizer` "
+                               "with tokenizer.add_chat_tokens=true (an adopted tokenizer) or train one (it has them)")
+        parts, spans, at = [], [], 0
+        for m in messages:  # render_chat, keeping track of where each reply lies
+            head, body = f"{IM_START}{m['role']}\n", m["content"] + IM_END
+            if m["role"] == "assistant":
+                spans.append((at + len(head), at + len(head) + len(body)))
+            parts.append(head + body + "\n")
+            at += len(parts[-1])
+        text = "".join(parts) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+        return text, spans
+    return _template_text(tok, messages, add_generation_prompt, where)
+
+
+def _template_text(tok, messages: Messages, add_generation_prompt: bool, where: str):
+    """chat_text for any other template: each reply starts where the template's generation prompt
+    for the turns before it ends, and is learned up to the special token that closes it."""
+    text = tok.render_chat(messages, add_generation_prompt)
+    hf = getattr(tok, "tok", None)
+    ends = sorted((t.content for t in hf.get_added_tokens_decoder().values() if t.special) if hf else [IM_END],
+                  key=len, reverse=True)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(before := tok.render_chat(messages[:i], add_generation_prompt=True))
+        if not text.startswith(before) or not text.startswith(m["content"], start):
+            raise LmforgeError(f"{where}: the tokenizer's chat_template does not render messages[{i}] (assistant) "
+                               "verbatim after the generation prompt of the turns before it, so the tokens to "
+                               "learn cannot be told apart; use lmforge's ChatML template")
+        end = start + len(m["content"])
+        close = next((t for t in ends if text.startswith(t, end)), None)
+        if close is None:
+            raise LmforgeError(f"{where}: the tokenizer's chat_template puts no special token right after "
+                               f"messages[{i}] (assistant), so the model could not learn to end its turn")
+        spans.append((start, end + len(close)))
+    return text, spans
+
+
+def learned(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap a span (both sorted by position), else 0."""
+    mask, j = [], 0
+    for start, end in offsets:
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        mask.append(int(j < len(spans) and start < spans[j][1] and end > spans[j][0]))
+    return mask
 
 
 def shift(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:

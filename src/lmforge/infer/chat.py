@@ -1,18 +1,18 @@
-"""Chat on top of the engine: render a conversation with the tokenizer's template, keep history.
+"""Chat on top of the engine: render a conversation to ids, keep history.
 
-The template is the Jinja text saved with the tokenizer (tokenizer_config.json /
-chat_template.jinja), rendered the way transformers renders it (sandboxed Jinja, trim_blocks,
-lstrip_blocks), so a conversation becomes the same tokens here, in `transformers` and in the
-exported model. jinja2 comes with torch, so this adds no dependency.
+The ids come from `render_conversation` (data/chat.py), the renderer SFT, DPO, GRPO and eval use:
+the tokenizer's chat template rendered to text (as transformers renders it) and encoded whole, so
+a conversation becomes the same tokens here, in training, in `transformers` and in the exported
+model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 
 from torch import nn
 
+from lmforge.data.chat import render_conversation
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Completion, complete_ids, context_length
 from lmforge.infer.sampling import SamplingParams
@@ -20,35 +20,14 @@ from lmforge.infer.sampling import SamplingParams
 ROLES = ("system", "user", "assistant")
 
 
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise LmforgeError(f"the tokenizer's chat_template is not valid Jinja: {e}") from None
-
-
 def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise LmforgeError("the tokenizer has no chat_template (tokenizer_config.json); cannot chat with it. "
-                           "An adopted tokenizer without <|im_start|>/<|im_end|> gets them (and the template) "
-                           "from `lmforge tokenizer` with tokenizer.add_chat_tokens=true")
-    from jinja2 import TemplateError
+    """The conversation as text (what `render_prompt` encodes), for display and tests."""
+    return tokenizer.render_chat(messages, add_generation_prompt)
 
-    try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         eos_token="<|endoftext|>", bos_token="")
-    except TemplateError as e:
-        raise LmforgeError(f"chat_template failed to render: {e}") from None
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids a reply to `messages` is sampled after."""
+    return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
 
 
 def check_messages(messages: object) -> list[dict]:
@@ -89,7 +68,7 @@ class ChatSession:
         reserve = max(1, min(self.params.max_new_tokens, ctx // 4))
         first = 1 if self.system else 0
         while True:
-            ids = self.tokenizer.encode(render_messages(self.tokenizer, self.messages))
+            ids = render_prompt(self.tokenizer, self.messages)
             if len(ids) + reserve <= ctx:
                 return ids
             if len(self.messages) - first <= 1:

@@ -16,6 +16,11 @@ Context length: a prompt that leaves no room in the model's context (len >= max_
 LmforgeError. Otherwise a row's new tokens are truncated to fit the context
 (`min(max_new_tokens, max_seq_len - len(prompt))`) and the row finishes with reason "length".
 
+Log-probabilities for clients (`top_logprobs`, `score_prompt`; the server's `logprobs` / `echo`)
+are the model's own: log_softmax over its whole output layer at temperature 1, before any sampling
+filter, i.e. exactly what a plain forward pass and the training loss compute. Prompt tokens are
+scored from the prefill's logits, so scoring a prompt costs no extra forward pass.
+
 The text layer (`generate`, `complete`) decodes incrementally: it emits only whole characters (a
 multi-byte UTF-8 character split across tokens is held back until complete) and never emits text
 that could still turn out to be the start of a stop string.
@@ -26,7 +31,7 @@ This module imports only torch and lmforge's error type, so any stage can use it
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,12 +46,24 @@ OnText = Callable[[int, str], None]
 
 
 @dataclass
+class TokenScore:
+    """A token's log-probability under the model and the `top` most likely tokens at its position
+    (most likely first), as (id, log-probability) pairs; only real tokenizer ids are candidates."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Sample:
     """One row's result: the new tokens (a final stop id included) and why it ended."""
 
     tokens: list[int]
     finish_reason: str  # "stop" (stop id / stop string / callback) or "length" (budget or context)
     logprobs: list[float] | None = None  # log p(token) under softmax(logits / T), T=1 when greedy
+    scores: list[TokenScore] | None = None  # per new token, with top_logprobs
+    prompt_scores: list[TokenScore | None] | None = None  # per prompt token (None for the first), with score_prompt
 
 
 def context_length(model: nn.Module) -> int:
@@ -63,27 +80,56 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(int(params.seed))
 
 
-def check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
-    """LmforgeError for an empty prompt or one that leaves no room for a new token."""
+def check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], room: int = 1) -> None:
+    """LmforgeError for an empty prompt or one that leaves fewer than `room` positions free
+    (room=0: a prompt that is only scored may fill the context)."""
     ctx = context_length(model)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise LmforgeError(f"prompt {i} is empty: give at least one token (e.g. <|endoftext|>)")
-        if len(p) >= ctx:
-            raise LmforgeError(f"prompt {i} has {len(p)} tokens, which leaves no room in the model's "
+        if len(p) > ctx - room:
+            what = "which leaves no room in" if room else "more than"
+            raise LmforgeError(f"prompt {i} has {len(p)} tokens, {what} the model's "
                                f"context of {ctx} tokens (model.max_seq_len); shorten it")
+
+
+def score_logits(logits: torch.Tensor, targets: torch.Tensor, top: int = 0, vocab_limit: int | None = None,
+                 chunk: int = 256) -> list[TokenScore]:
+    """The TokenScore of each targets[i] under logits[i] ((T, V) and (T,)).
+
+    log_softmax runs over the whole vocabulary, in chunks of rows so a long prompt never needs a
+    (T, V) fp32 copy at once; `top` alternatives come from ids below vocab_limit (the model's
+    vocabulary is padded past the tokenizer's, and padding ids decode to nothing).
+    """
+    out: list[TokenScore] = []
+    for s in range(0, targets.shape[0], chunk):
+        lsm = logits[s:s + chunk].float().log_softmax(-1)
+        tgt = targets[s:s + chunk]
+        lps = lsm.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
+        if top > 0:
+            values, ids = lsm[:, :vocab_limit].topk(min(top, lsm[:, :vocab_limit].shape[-1]), dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            tops = [[] for _ in lps]
+        out += [TokenScore(t, lp, alt) for t, lp, alt in zip(tgt.tolist(), lps, tops)]
+    return out
 
 
 @torch.inference_mode()
 def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                      stop_ids: set[int] | frozenset[int] = frozenset(),
                      generator: torch.Generator | None = None, on_token: OnToken | None = None,
-                     logprobs: bool = False, vocab_limit: int | None = None) -> list[Sample]:
+                     logprobs: bool = False, vocab_limit: int | None = None, top_logprobs: int | None = None,
+                     score_prompt: bool = False) -> list[Sample]:
     """Sample continuations for a batch of token-id prompts.
 
     model: a Transformer in eval mode (DDP / torch.compile wrappers are unwrapped here).
     vocab_limit: only ids below it are ever sampled (the model's vocabulary is padded past the
     tokenizer's; a trained model never picks those ids, a random one might).
+    top_logprobs: k >= 0 records each new token's TokenScore (with k alternatives) in Sample.scores.
+    score_prompt: also score every prompt token but the first (Sample.prompt_scores, with
+    top_logprobs alternatives). With max_new_tokens=0 the prompts are only scored, and may then
+    fill the whole context.
     """
     from lmforge.checkpoint import unwrap
 
@@ -92,15 +138,17 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     ctx = context_length(model)
     if not prompts:
         return []
-    check_prompts(model, prompts)
+    score_only = params.max_new_tokens == 0
+    check_prompts(model, prompts, room=0 if score_only else 1)
     device = _device_of(model)
     if generator is None:
         generator = make_generator(params, device)
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     budgets = torch.clamp(ctx - lens, max=params.max_new_tokens)
-    results = [Sample([], "length", [] if logprobs else None) for _ in range(B)]
-    if params.max_new_tokens == 0:
+    results = [Sample([], "length", [] if logprobs else None, [] if top_logprobs is not None else None)
+               for _ in range(B)]
+    if score_only and not score_prompt:
         return results
     L = int(lens.max())
     steps = int(budgets.max())
@@ -122,13 +170,24 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
 
-    logits = model(ids, positions=positions, cache=cache)[:, -1]
+    prefill = model(ids, positions=positions, cache=cache)
+    if score_prompt:  # logits at column c predict the token at column c + 1
+        for b in range(B):
+            p = int(pads[b])
+            results[b].prompt_scores = [None, *score_logits(prefill[b, p:L - 1], ids[b, p + 1:],
+                                                            top_logprobs or 0, vocab_limit)]
+    if steps == 0:
+        return results
+    logits = prefill[:, -1]
+    del prefill
     rows = torch.arange(B, device=device)  # original row of each live batch entry
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     for step in range(steps):
+        raw = logits.clone() if top_logprobs is not None else None  # before the vocabulary mask
         if vocab_limit is not None and vocab_limit < vocab:
             logits[:, vocab_limit:] = float("-inf")
         nxt = sample_next(logits, params, seen, generator)
+        step_scores = score_logits(raw, nxt, top_logprobs, vocab_limit) if raw is not None else None
         if logprobs:
             scaled = logits.float() / (params.temperature if not params.greedy else 1.0)
             lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
@@ -139,6 +198,8 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
             res.tokens.append(tokens[j])
             if logprobs:
                 res.logprobs.append(lp[j])
+            if step_scores is not None:
+                res.scores.append(step_scores[j])
             if tokens[j] in stop_ids:
                 res.finish_reason = "stop"
             if on_token is not None and on_token(r, tokens[j]) and not done_list[j]:
@@ -250,12 +311,17 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    tokens: list[int] = field(default_factory=list)  # the new ids, a final stop id included
+    scores: list[TokenScore] | None = None  # per new token, with top_logprobs
+    prompt_scores: list[TokenScore | None] | None = None  # per prompt token, with score_prompt
 
 
 def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  on_text: OnText | None = None, stop_ids: set[int] | None = None,
-                 on_token: OnToken | None = None) -> list[Completion]:
-    """Text completions of token-id prompts, with stop strings and streaming deltas."""
+                 on_token: OnToken | None = None, top_logprobs: int | None = None,
+                 score_prompt: bool = False) -> list[Completion]:
+    """Text completions of token-id prompts, with stop strings and streaming deltas (and, when
+    asked, log-probabilities of the new and the prompt tokens: see `generate_samples`)."""
     stop_ids = default_stop_ids(tokenizer) if stop_ids is None else stop_ids
     streams = [TextStream(tokenizer, params.stop, stop_ids) for _ in prompts]
 
@@ -268,13 +334,15 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
         return stopped
 
     samples = generate_samples(model, prompts, params, stop_ids=stop_ids, on_token=token_cb,
-                               vocab_limit=tokenizer.vocab_size)
+                               vocab_limit=tokenizer.vocab_size, top_logprobs=top_logprobs,
+                               score_prompt=score_prompt)
     out = []
     for row, (s, stream) in enumerate(zip(samples, streams)):
         delta = stream.finish()
         if delta and on_text is not None:
             on_text(row, delta)
-        out.append(Completion(stream.text, s.finish_reason, len(prompts[row]), len(s.tokens)))
+        out.append(Completion(stream.text, s.finish_reason, len(prompts[row]), len(s.tokens), s.tokens,
+                              s.scores, s.prompt_scores))
     return out
 
 

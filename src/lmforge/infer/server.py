@@ -1,31 +1,51 @@
 """`lmforge serve`: an OpenAI-compatible HTTP server with a small web chat page at `/`.
 
-    lmforge serve CKPT_OR_RUN_DIR [--host 127.0.0.1] [--port 8000] [--quantize int8|int4]
+    lmforge serve CKPT_OR_RUN_DIR [--host 127.0.0.1] [--port 8000] [--quantize int8|int4] [--api-key KEY]
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with `stream: true`
-as server-sent events ending in `data: [DONE]`), GET /health, GET / (the chat page).
+Endpoints: GET /v1/models (and /v1/models/ID), POST /v1/completions, POST /v1/chat/completions
+(with `stream: true` as server-sent events ending in `data: [DONE]`), GET /health, GET / (the
+chat page). With an API key (--api-key or LMFORGE_API_KEY), every /v1 route needs
+`Authorization: Bearer KEY`; / and /health stay open, and the page asks for the key.
 
 Why the standard library's ThreadingHTTPServer and not FastAPI/uvicorn: the model runs one
 generation at a time behind a lock anyway (correctness first: outputs can never mix), so an async
 stack buys no throughput here, while zero extra dependencies keeps `pip install lmforge` small and
 the whole request path readable in two files. What a production front end would add is done by
-hand: a body-size limit checked before reading, socket timeouts against slow clients, a bound on
-waiting requests (429 past it), OpenAI-shaped JSON errors for every 4xx, and binding to
+hand: a body-size limit checked before reading, a listen backlog that absorbs bursts of
+connections, a per-read timeout on the body, which is read whole before the request may take one
+of the bounded waiting slots (429 past them), so a stalled client never holds one; an optional
+API key compared in constant time, OpenAI-shaped JSON errors for every 4xx, and binding to
 127.0.0.1 unless told otherwise. Put a reverse proxy in front to expose it beyond one machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import sys
 import threading
 import traceback
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
-from lmforge.infer.openai_api import ApiError, ApiRequest, chunk, new_id, parse_request, response, usage_chunk
+from lmforge.errors import LmforgeError
+from lmforge.infer.engine import complete_ids, context_length
+from lmforge.infer.openai_api import (
+    ApiError,
+    ApiRequest,
+    chunk,
+    model_not_found,
+    new_id,
+    parse_request,
+    response,
+    usage_chunk,
+)
 
 
 class ClientGone(Exception):
@@ -36,8 +56,6 @@ class ModelService:
     """The model, its tokenizer and the lock that serializes generations."""
 
     def __init__(self, model, tokenizer, name: str, max_tokens: int, max_waiting: int = 64):
-        from lmforge.infer.engine import context_length
-
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context = context_length(model)
         self.max_tokens = max(1, min(max_tokens, self.context - 1))
@@ -45,19 +63,36 @@ class ModelService:
         self.slots = threading.BoundedSemaphore(max_waiting)
 
     def run(self, req: ApiRequest, on_text=None):
-        from lmforge.infer.engine import complete_ids
-
         with self.lock:
-            return complete_ids(self.model, self.tokenizer, req.prompts, req.params, on_text=on_text)
+            return complete_ids(self.model, self.tokenizer, req.prompts, req.params, on_text=on_text,
+                                top_logprobs=req.top_logprobs, score_prompt=req.echo and req.top_logprobs is not None)
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of clients connecting at once overflows it, the
+    # kernel drops their SYNs, and each waits a second to retry. Linux caps this at
+    # net.core.somaxconn (4096 on current kernels).
+    request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], service: ModelService, max_body: int, verbose: bool = False):
+    def __init__(self, address: tuple[str, int], service: ModelService, max_body: int, verbose: bool = False,
+                 api_key: str | None = None, read_timeout: float = 10.0):
         super().__init__(address, Handler)
         self.service, self.max_body, self.verbose = service, max_body, verbose
+        self.read_timeout = read_timeout
+        # Only a digest is kept: comparing two digests of equal length takes the same time whatever
+        # the key and whatever the client sent.
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else None
+
+    def authorized(self, header: str | None) -> bool | None:
+        """True when no key is set or `header` is `Bearer <key>`; None when no key was sent."""
+        if self.key_digest is None:
+            return True
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return None
+        return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self.key_digest)
 
 
 def chat_page() -> bytes:
@@ -75,22 +110,25 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
-    def _send(self, status: int, body: bytes, content_type: str, close: bool = False) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, close: bool = False,
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, obj: dict, close: bool = False) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", close)
+    def _json(self, status: int, obj: dict, close: bool = False, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", close, headers)
 
-    def _error(self, e: ApiError, close: bool = False) -> None:
-        self._json(e.status, e.body(), close)
+    def _error(self, e: ApiError, close: bool = False, headers: dict[str, str] | None = None) -> None:
+        self._json(e.status, e.body(), close, headers)
 
     def _body(self) -> object:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -107,26 +145,70 @@ class Handler(BaseHTTPRequestHandler):
         if n > self.server.max_body:
             raise ApiError(413, f"request body of {n} bytes exceeds the limit of {self.server.max_body}",
                            code="request_too_large")
-        raw = self.rfile.read(n)
+        raw = self._read(n)
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
 
+    def _read(self, n: int) -> bytes:
+        """The body's n bytes. Each read may wait `read_timeout` seconds, not the connection's long
+        idle timeout, so a client that sends headers and then stalls is answered 408 soon."""
+        self.connection.settimeout(self.server.read_timeout)
+        parts, got = [], 0
+        try:
+            while got < n:
+                part = self.rfile.read1(min(n - got, 1 << 16))  # at most one recv: one timeout per read
+                if not part:
+                    raise ApiError(400, f"the connection closed after {got} of {n} body bytes")
+                parts.append(part)
+                got += len(part)
+        except TimeoutError:
+            raise ApiError(408, f"the client sent {got} of {n} body bytes, then nothing for "
+                           f"{self.server.read_timeout:g} s", code="request_timeout") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
+
+    def _check_key(self) -> bool:
+        """Answer 401 (OpenAI's shape) unless the request carries the server's key."""
+        ok = self.server.authorized(self.headers.get("Authorization"))
+        if ok:
+            return True
+        if ok is None:
+            e = ApiError(401, "You didn't provide an API key. This server needs one: send "
+                         "'Authorization: Bearer KEY' (the key lmforge serve was started with).")
+        else:
+            e = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        # Closed: the request's body, if any, is left unread.
+        self._error(e, close=True, headers={"WWW-Authenticate": 'Bearer realm="lmforge"'})
+        return False
+
     # --- routes -------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
+        s = self.server.service
         if path in ("/", "/index.html"):
             self._send(200, chat_page(), "text/html; charset=utf-8")
-        elif path == "/v1/models":
-            s = self.server.service
-            self._json(200, {"object": "list", "data": [{"id": s.name, "object": "model", "created": 0,
-                                                         "owned_by": "lmforge", "context_length": s.context,
-                                                         "max_tokens": s.max_tokens}]})
         elif path == "/health":
             self._json(200, {"status": "ok"})
+        elif path.startswith("/v1/") and not self._check_key():
+            return
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [self._model_card()]})
+        elif path.startswith("/v1/models/"):
+            name = urllib.parse.unquote(path[len("/v1/models/"):])
+            if name == s.name:
+                self._json(200, self._model_card())
+            else:
+                self._error(model_not_found(name, s.name))
         else:
             self._error(ApiError(404, f"no route GET {path}", code="not_found"))
+
+    def _model_card(self) -> dict:
+        s = self.server.service
+        return {"id": s.name, "object": "model", "created": 0, "owned_by": "lmforge",
+                "context_length": s.context, "max_tokens": s.max_tokens}
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
@@ -134,24 +216,34 @@ class Handler(BaseHTTPRequestHandler):
         if path not in routes:
             self._error(ApiError(404, f"no route POST {path}", code="not_found"), close=True)
             return
-        s = self.server.service
-        if not s.slots.acquire(blocking=False):
-            self._error(ApiError(429, "too many requests waiting; retry later", code="server_busy",
-                                 kind="rate_limit_error"), close=True)
+        if not self._check_key():
             return
+        s = self.server.service
+        # The body is read and checked before a waiting slot is taken: the slots bound requests
+        # queued for the model, and a client still sending (or stalled) must not hold one.
+        slot = False
         try:
             try:
                 body = self._body()
-                req = parse_request(body, chat=routes[path], tokenizer=s.tokenizer, context=s.context,
-                                    max_tokens_limit=s.max_tokens)
             except ApiError as e:
-                self._error(e, close=e.status in (411, 413))
+                self._error(e, close=True)  # the body may be partly unread: the connection cannot be reused
+                return
+            try:
+                req = parse_request(body, chat=routes[path], tokenizer=s.tokenizer, context=s.context,
+                                    max_tokens_limit=s.max_tokens, model_name=s.name)
+            except ApiError as e:
+                self._error(e)
+                return
+            slot = s.slots.acquire(blocking=False)
+            if not slot:
+                self._error(ApiError(429, "too many requests waiting; retry later", code="server_busy",
+                                     kind="rate_limit_error"))
                 return
             if req.stream:
                 self._stream(req)
             else:
                 completions = s.run(req)
-                self._json(200, response(req, new_id(req.chat), s.name, completions))
+                self._json(200, response(req, new_id(req.chat), s.name, completions, s.tokenizer))
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             self.close_connection = True
         except Exception:  # a bug, not the client's fault: log it, answer 500 in the same shape
@@ -161,7 +253,8 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
         finally:
-            s.slots.release()
+            if slot:
+                s.slots.release()
 
     # --- server-sent events -------------------------------------------------------------------
     def _write_chunk(self, data: bytes) -> None:
@@ -184,9 +277,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
-        if req.chat:
-            for i in range(len(req.prompts)):
+        for i in range(len(req.prompts)):
+            if req.chat:
                 self._event(chunk(req, rid, s.name, i, role=True))
+            elif req.echo:
+                self._event(chunk(req, rid, s.name, i, text=req.prompt_texts[i]))
         try:
             completions = s.run(req, on_text=lambda row, text: self._event(chunk(req, rid, s.name, row, text=text)))
         except ClientGone:
@@ -212,6 +307,22 @@ def model_name(ckpt: Path) -> str:
     return ckpt.resolve().name
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def api_key_from(flag: str | None, env: dict[str, str]) -> str | None:
+    """--api-key wins over LMFORGE_API_KEY; an empty environment variable means no key."""
+    if flag is not None:
+        if not flag.strip():
+            raise LmforgeError("--api-key is empty: give a key, or leave the flag out to serve without one")
+        return flag.strip()
+    return env.get("LMFORGE_API_KEY", "").strip() or None
+
+
 def cmd_serve(argv: list[str]) -> int:
     from lmforge.infer.cli import add_model_args, split_items
 
@@ -219,23 +330,37 @@ def cmd_serve(argv: list[str]) -> int:
     ap.add_argument("items", nargs="*", metavar="CKPT_OR_RUN_DIR | recipe.yaml | key=value")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    ap.add_argument("--model-name", default=None, help="the id /v1/models reports")
+    ap.add_argument("--model-name", default=None, help="the id /v1/models reports; requests naming another get 404")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, which other users "
+                         "cannot read in the process list; without either, no key)")
     ap.add_argument("--max-tokens", type=int, default=512, help="upper bound (and chat default) for max_tokens")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     ap.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond this get 429")
+    ap.add_argument("--read-timeout", type=float, default=10.0,
+                    help="seconds a client may pause while sending a request body (then 408)")
     ap.add_argument("--verbose", action="store_true", help="log every request")
     add_model_args(ap)
     args = ap.parse_intermixed_args(argv)
     target, cfg = split_items(args.items)
+    api_key = api_key_from(args.api_key, dict(os.environ))
+    if args.read_timeout <= 0:
+        raise LmforgeError(f"--read-timeout must be > 0 seconds, got {args.read_timeout}")
+    if args.max_waiting < 1:
+        raise LmforgeError(f"--max-waiting must be at least 1, got {args.max_waiting}")
 
     from lmforge.infer.loading import load_for_inference
 
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
     service = ModelService(model, tokenizer, args.model_name or model_name(ckpt), args.max_tokens, args.max_waiting)
-    server = Server((args.host, args.port), service, args.max_body_bytes, args.verbose)
+    server = Server((args.host, args.port), service, args.max_body_bytes, args.verbose, api_key, args.read_timeout)
     host, port = server.server_address[:2]
-    print(f"lmforge serve: {service.name} at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",
+    access = "API key required" if api_key else "no API key"
+    print(f"lmforge serve: {service.name} at http://{host}:{port}/ (OpenAI API under /v1, {access}); Ctrl-C stops",
           file=sys.stderr, flush=True)
+    if api_key is None and not _is_loopback(host):
+        print(f"lmforge serve: listening on {host} without an API key: anyone who can reach this address can "
+              "use the model (set --api-key or LMFORGE_API_KEY)", file=sys.stderr, flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
