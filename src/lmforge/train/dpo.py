@@ -106,8 +106,8 @@ class DPOObjective(Objective):
 
     def __init__(self, pairs, val_pairs, micro_batch: int, seed: int, pad_id: int, beta: float, loss: str,
                  reference: str, sft_coef: float = 0.0):
-        # dpo.loss, dpo.reference, dpo.beta and dpo.sft_coef were checked when the config loaded;
-        # `reference` is resolved here already ("auto" is run_dpo's to decide).
+        # loss, reference, beta and sft_coef were checked when the config loaded; `reference` comes
+        # resolved (run_dpo decides what "auto" means).
         self.sft_coef = sft_coef
         self.pairs, self.val_pairs = pairs, val_pairs
         self.micro_batch, self.seed, self.pad_id = micro_batch, seed, pad_id
