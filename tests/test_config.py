@@ -44,8 +44,8 @@ def test_recipe_errors_name_the_file(tmp_path):
 def test_preset_then_explicit_keys_win(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  preset: small\n  n_layer: 3\n")
-    cfg = load_config(recipe, ["model.n_head=6"])
-    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (3, 768, 6)
+    cfg = load_config(recipe, ["model.n_head=24"])  # a multiple of the preset's 12 key/value heads
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (3, 768, 24)
     gpt2 = load_config(overrides=["model.preset=gpt2-small"]).model
     assert (gpt2.norm, gpt2.pos, gpt2.mlp, gpt2.bias) == ("layernorm", "learned", "gelu", True)
     with pytest.raises(Exception, match="unknown model preset 'huge'"):

@@ -15,12 +15,14 @@ crash during a save leaves the previous checkpoint as the latest complete one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -118,7 +120,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
     """Write a complete checkpoint folder atomically; returns its path."""
     path = Path(path)
     m = unwrap(model)
-    with AtomicDir(path) as tmp:
+    with AtomicDir(path) as tmp, _disk_full_as_enospc(path.parent):
         atomic_write_json(tmp / "config.json", hf_config(m.cfg))
         save_weights = getattr(m, "save_weights", None)
         if save_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
@@ -130,15 +132,50 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
         if config_yaml is not None:
             (tmp / "lmforge.yaml").write_text(config_yaml, encoding="utf-8")
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
+            _torch_save(optimizer_state, tmp / "optimizer.pt")
         if rng_state is not None:
-            torch.save(rng_state, tmp / "rng.pt")
+            _torch_save(rng_state, tmp / "rng.pt")
         if extra is not None:
             extra(tmp)
         _fault_point("mid-save", path.name)
         if trainer_state is not None:  # written last: its presence marks a resumable checkpoint
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
     return path
+
+
+def _torch_save(obj: object, path: Path) -> None:
+    """torch.save through a Python file: then a full disk leaves its OSError on the RuntimeError torch
+    raises (given a path, torch reports only "unexpected pos ..." and the cause is lost)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _is_disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a writer library's error is a full disk: an ENOSPC in its chain, the OS message in its
+    text (safetensors: "No space left on device (os error 28)"), or no free space left at all."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _disk_full_as_enospc(folder: Path) -> Iterator[None]:
+    """Re-raise safetensors' and torch's disk-full errors as OSError(ENOSPC), which AtomicDir turns into
+    the DiskFullError every artifact write gives (the temporary folder removed, the last checkpoint kept)."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as e:
+        if _is_disk_full(e, folder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -156,10 +193,10 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if not cfg_file.is_file():
         raise LmforgeError(f"{path} is not a checkpoint: config.json is missing")
     data = read_json(cfg_file, "the checkpoint is damaged")
-    if "lmforge" not in data:
+    if not isinstance(data, dict) or "lmforge" not in data:
         raise LmforgeError(f"{cfg_file} has no 'lmforge' section: a Hugging Face folder must be imported "
                            "first with `lmforge import hf PATH`")
-    return section_from_dict(ModelConfig, data["lmforge"])
+    return section_from_dict(ModelConfig, data["lmforge"], cfg_file, "lmforge.")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,11 @@ from lmforge.errors import LmforgeError
 
 
 class ConfigError(LmforgeError, ValueError):
-    """A recipe or override that does not fit the schema."""
+    """A recipe or override that does not fit the schema; `key` is the dotted key at fault, if one is."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -433,18 +438,131 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     for k, v in implied.items():
         setattr(cfg.model, k, v)
     cfg = build(cfg)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # a value the recipe set (and the command line did not): name the file
+        if recipe and e.key and e.key not in dict(pairs) and _has_key(data, e.key):
+            raise ConfigError(f"{recipe}: {e}", e.key) from None
+        raise
     return cfg
 
 
+def _has_key(data: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+# --- range and cross-field checks ----------------------------------------------------------------
+# Each rule is (test, what the value must be). They run when the config loads, so a bad value stops
+# in the first second with the key named, not after the data and model are loaded, and never
+# trains: a negative max_steps used to exit 0 with no checkpoint, n_embd=0 crashed in the loss.
+_POS = (lambda v: v > 0, "positive")
+_NONNEG = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_PROB = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+RULES: dict[type, dict[str, tuple]] = {
+    TokenizerConfig: {"min_frequency": _NONNEG, "max_train_bytes": _NONNEG},
+    DataConfig: {"val_fraction": _FRACTION, "workers": _NONNEG, "shard_tokens": _POS},
+    ModelConfig: {"vocab_size": _NONNEG, "pad_vocab_to": _NONNEG, "n_layer": _POS, "n_embd": _POS, "n_head": _POS,
+                  "n_kv_head": _NONNEG, "head_dim": _NONNEG, "ffn_dim": _NONNEG, "norm_eps": _POS,
+                  "rope_theta": _POS, "max_seq_len": _POS, "logit_softcap": _NONNEG, "init_std": _POS,
+                  "dropout": _FRACTION},
+    TrainConfig: {"seq_len": _POS, "micro_batch": _POS, "batch_tokens": _NONNEG,
+                  "max_minutes": _NONNEG, "lr": _POS, "min_lr_ratio": _UNIT, "warmup_steps": _NONNEG,
+                  "decay_fraction": _UNIT, "weight_decay": _NONNEG, "beta1": _FRACTION, "beta2": _FRACTION,
+                  "eps": _POS, "muon_lr": _POS, "muon_momentum": _FRACTION, "grad_clip": _NONNEG,
+                  "loss_chunk": _NONNEG, "eval_every": _NONNEG, "eval_batches": _AT_LEAST_1,
+                  "sample_every": _NONNEG, "save_every": _NONNEG, "keep_last": _NONNEG, "log_every": _AT_LEAST_1},
+    EvalConfig: {"max_batches": _NONNEG, "batch_size": _POS, "seq_len": _NONNEG},
+    GenerateConfig: {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _PROB,
+                     "repetition_penalty": _POS},
+    LoRAConfig: {"r": _POS, "alpha": _POS, "dropout": _FRACTION},
+    SFTConfig: {"val_fraction": _FRACTION},
+    DPOConfig: {"val_fraction": _FRACTION, "beta": _POS, "sft_coef": _NONNEG},
+    RMConfig: {"val_fraction": _FRACTION, "center_coef": _NONNEG},
+    # group_size >= 2: advantages compare a prompt's completions; temperature 0 would make them all equal
+    GRPOConfig: {"group_size": (lambda v: v >= 2, ">= 2 (advantages compare a prompt's completions)"),
+                 "max_new_tokens": _POS, "temperature": (lambda v: v > 0, "positive (rollouts are sampled)"),
+                 "top_k": _NONNEG, "top_p": _PROB, "epsilon_low": _NONNEG, "epsilon_high": _NONNEG,
+                 "beta": _NONNEG, "iterations": _AT_LEAST_1},
+    DemoConfig: {"max_digits": _AT_LEAST_1, "n_train": _NONNEG, "n_test": _NONNEG, "n_pretrain": _NONNEG},
+}
+POST_STAGES = ("sft", "dpo", "rm", "grpo")
+
+
+def _check_ranges(obj: Any, key: Callable[[str], str]) -> None:
+    """Apply RULES to one section; key(field) is the dotted name the user wrote."""
+    for name, (ok, want) in RULES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        if not ok(value):
+            raise ConfigError(f"{key(name)} must be {want}, got {value!r}", key(name))
+
+
+def check_model(m: ModelConfig, prefix: str = "model.") -> None:
+    """The model section's ranges and the shape rules the attention needs."""
+    _check_ranges(m, lambda k: prefix + k)
+    if not m.head_dim and m.n_embd % m.n_head:
+        raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}: each head gets "
+                          f"n_embd / n_head dimensions (or set {prefix}head_dim)", prefix + "n_embd")
+    n_kv = m.n_kv_head or m.n_head
+    if m.n_head % n_kv:
+        raise ConfigError(f"{prefix}n_head={m.n_head} is not divisible by {prefix}n_kv_head={n_kv}: each key/value "
+                          f"head serves the same number of query heads (set {prefix}n_kv_head to a divisor of "
+                          "n_head, or 0 for one per query head)", prefix + "n_kv_head")
+    width = m.head_dim or m.n_embd // m.n_head
+    if m.pos == "rope" and width % 2:
+        where = f"{prefix}head_dim={m.head_dim}" if m.head_dim else \
+            f"{prefix}n_embd / {prefix}n_head = {m.n_embd} / {m.n_head} = {width}"
+        raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
+                          prefix + ("head_dim" if m.head_dim else "n_embd"))
+
+
+def _check_train(t: TrainConfig, key: Callable[[str], str]) -> None:
+    _check_ranges(t, key)
+    if t.max_steps < 0 or (t.max_steps == 0 and t.max_minutes <= 0):
+        raise ConfigError(f"{key('max_steps')} must be positive (0 only with {key('max_minutes')}, a time budget), "
+                          f"got {t.max_steps}", key("max_steps"))
+    per_micro = t.micro_batch * t.seq_len
+    if t.batch_tokens % per_micro:
+        raise ConfigError(f"{key('batch_tokens')}={t.batch_tokens} is not a multiple of {key('micro_batch')} * "
+                          f"{key('seq_len')} = {per_micro}: a step is a whole number of micro-batches",
+                          key("batch_tokens"))
+
+
+def stage_train(cfg: Config, name: str) -> TrainConfig:
+    """The `train` section a post-training stage runs with: `train`, with its `<name>.train` keys applied."""
+    out = copy.deepcopy(cfg.train)
+    for f in dataclasses.fields(StageTrain):
+        value = getattr(getattr(cfg, name).train, f.name)
+        if value is not None:
+            setattr(out, f.name, value)
+    return out
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    for key, value in (("train.micro_batch", cfg.train.micro_batch), ("train.seq_len", cfg.train.seq_len),
-                       ("model.n_layer", cfg.model.n_layer), ("model.n_head", cfg.model.n_head)):
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    """Ranges and cross-field checks that types alone cannot express (RULES, shapes, batch sizes)."""
+    for section in ("tokenizer", "data", "eval", "generate", "demo", *POST_STAGES):
+        _check_ranges(getattr(cfg, section), lambda k, s=section: f"{s}.{k}")
+    check_model(cfg.model)
+    _check_train(cfg.train, lambda k: f"train.{k}")
+    for stage in POST_STAGES:
+        sc = getattr(cfg, stage)
+        if hasattr(sc, "lora"):
+            _check_ranges(sc.lora, lambda k, s=stage: f"{s}.lora.{k}")
+        own = sc.train
+        if any(getattr(own, f.name) is not None for f in dataclasses.fields(own)):
+            _check_train(stage_train(cfg, stage),
+                         lambda k, s=stage, own=own: f"{s}.train.{k}" if getattr(own, k) is not None else f"train.{k}")
+    g = cfg.grpo
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise ConfigError(f"grpo.reward_weights has {len(g.reward_weights)} values for {len(g.rewards)} grpo.rewards",
+                          "grpo.reward_weights")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -457,11 +575,24 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
-def section_from_dict(cls: type, data: dict) -> Any:
-    """Rebuild one section (e.g. ModelConfig from a checkpoint), ignoring keys a newer version dropped."""
+def section_from_dict(cls: type, data: dict, file: str | Path | None = None, prefix: str = "") -> Any:
+    """Rebuild one section (e.g. ModelConfig from a checkpoint), ignoring keys a newer version dropped.
+
+    Errors name `file` and the key as `prefix` + name (e.g. "ckpt/config.json: lmforge.n_layer: ..."), so a
+    hand-edited or damaged file is pointed at; a ModelConfig also gets the shape checks a recipe gets.
+    """
+    where = f"{file}: " if file else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{prefix.rstrip('.') or 'the section'} must be a mapping of keys, "
+                          f"got {type(data).__name__}")
     obj = cls()
     known = {k: v for k, v in data.items() if k in _fields(cls)}
-    _apply(obj, known)
+    try:
+        _apply(obj, known, prefix)
+        if cls is ModelConfig:
+            check_model(obj, prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}", e.key) from None
     return obj
 
 

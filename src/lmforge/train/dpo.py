@@ -20,19 +20,19 @@ log-probabilities computed once before training so no second model stays in memo
 from __future__ import annotations
 
 import copy
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.config import Config
+from lmforge.config import Config, DPOConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, token_logprobs
 from lmforge.train.objectives import Objective
-
-LOSSES = ("sigmoid", "ipo", "hinge")
-REFERENCES = ("auto", "copy", "precomputed", "adapters")
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -45,7 +45,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         return torch.relu(1.0 - beta * h)
     if kind == "ipo":
         return (h - 1.0 / (2.0 * beta)) ** 2
-    raise LmforgeError(f"dpo.loss: '{kind}' is not one of {', '.join(LOSSES)}")
+    allowed = typing.get_args(typing.get_type_hints(DPOConfig)["loss"])  # config.py checks it at load
+    raise LmforgeError(f"dpo.loss: '{kind}' is not one of {', '.join(allowed)}")
 
 
 def encode_pairs(tok, records, seq_len: int) -> list[tuple]:
@@ -61,6 +62,43 @@ def encode_pairs(tok, records, seq_len: int) -> list[tuple]:
     return out
 
 
+def drop_tied_pairs(splits: list[tuple[list, list]], tied: Callable[[Any], bool], seq_len: int) -> list[list]:
+    """Each split's encoded pairs without those whose chosen and rejected are the same tokens.
+
+    splits: (encoded pairs, their records) per split, e.g. train and val; tied(pair) says whether
+    a pair's two sides are equal. Such a pair gives both sides one log-probability: it teaches
+    nothing and, in a batch of them, holds the loss at its starting value. A file whose pairs are
+    all tied is a mistake (the same field read twice, a broken export) and stops with an error;
+    a few are dropped with a warning that counts them and names the first.
+    """
+    files: dict[str, list] = {}  # file -> [pairs, tied, (line, where) of the first tied]
+    kept = []
+    for pairs, records in splits:
+        out = []
+        for pair, rec in zip(pairs, records):
+            file, _, line = rec.where.rpartition(":")
+            stats = files.setdefault(file or rec.where, [0, 0, None])
+            stats[0] += 1
+            if tied(pair):
+                stats[1] += 1
+                at = (int(line) if line.isdigit() else 0, rec.where)
+                stats[2] = min(stats[2], at) if stats[2] else at
+            else:
+                out.append(pair)
+        kept.append(out)
+    why = f"the same text, or texts that differ only after train.seq_len={seq_len} tokens"
+    for file, (n, n_tied, first) in files.items():
+        if n_tied == n:
+            raise LmforgeError(f"{file}: all {n} preference pairs have 'chosen' equal to 'rejected' ({why}; first at "
+                               f"{first[1]}): such pairs teach nothing. Check which fields hold the two replies")
+        if n_tied:
+            log(f"[yellow]warning:[/] {file}: {n_tied} of {n} preference pairs have 'chosen' equal to 'rejected' "
+                f"({why}; first at {first[1]}); they teach nothing and are left out")
+    if splits[0][0] and not kept[0]:
+        raise LmforgeError(f"every training pair has 'chosen' equal to 'rejected' ({why}): nothing to learn from")
+    return kept
+
+
 class DPOObjective(Objective):
     """A micro-batch is `micro_batch` pairs, run as one (2B, T) forward; the unit is one pair."""
 
@@ -68,14 +106,8 @@ class DPOObjective(Objective):
 
     def __init__(self, pairs, val_pairs, micro_batch: int, seed: int, pad_id: int, beta: float, loss: str,
                  reference: str, sft_coef: float = 0.0):
-        if loss not in LOSSES:
-            raise LmforgeError(f"dpo.loss: '{loss}' is not one of {', '.join(LOSSES)}")
-        if reference not in REFERENCES[1:]:
-            raise LmforgeError(f"dpo.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
-        if beta <= 0:
-            raise LmforgeError(f"dpo.beta must be positive, got {beta}")
-        if sft_coef < 0:
-            raise LmforgeError(f"dpo.sft_coef must be >= 0, got {sft_coef}")
+        # loss, reference, beta and sft_coef were checked when the config loaded; `reference` comes
+        # resolved (run_dpo decides what "auto" means).
         self.sft_coef = sft_coef
         self.pairs, self.val_pairs = pairs, val_pairs
         self.micro_batch, self.seed, self.pad_id = micro_batch, seed, pad_id
@@ -197,6 +229,8 @@ def run_dpo(cfg: Config):
     train_records, val_records = load_split(dc.data, dc.val_data, dc.val_fraction, "preference pairs")
     pairs = encode_pairs(st.tok, train_records, tc.seq_len)
     val_pairs = encode_pairs(st.tok, val_records, tc.seq_len)
+    pairs, val_pairs = drop_tied_pairs([(pairs, train_records), (val_pairs, val_records)],
+                                       lambda p: p[0] == p[2] and p[1] == p[3], tc.seq_len)
     reference = dc.reference
     if reference == "auto":
         reference = "adapters" if dc.lora.enabled else "precomputed"

@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     total += fused
                     if not (want_h or want_w):
                         continue
-                    g, masked = z.to(dtype), False
+                    g, masked = z.to(dtype), False  # zero rows of g already give ignored tokens no gradient
                 else:
                     if softcap > 0:
                         th = z.div_(softcap).tanh_()
@@ -99,8 +99,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     masked = not (hc.device.type == "cpu" and bool(valid.all()))
                 if want_h:
                     out = grad_h[i:i + chunk]
-                    if masked or out.dtype != dtype:
+                    if masked:
                         out.copy_((g @ w) * valid)
+                    elif out.dtype != dtype:  # bf16 matmul under autocast, fp32 gradient buffer
+                        out.copy_(g @ w)
                     else:
                         torch.mm(g, w, out=out)
                 if want_w:

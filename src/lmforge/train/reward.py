@@ -195,6 +195,7 @@ class RewardObjective(Objective):
 def run_rm(cfg: Config):
     from lmforge.data.chat import read_records, split_records
     from lmforge.io import atomic_write_json
+    from lmforge.train.dpo import drop_tied_pairs
     from lmforge.train.loop import train
     from lmforge.train.sft import finish, prepare_stage
 
@@ -207,6 +208,7 @@ def run_rm(cfg: Config):
     seq = st.cfg.train.seq_len
     pairs = encode_pairs(st.tok, train_records, seq, rc.margin)
     val_pairs = encode_pairs(st.tok, val, seq, rc.margin)
+    pairs, val_pairs = drop_tied_pairs([(pairs, train_records), (val_pairs, val)], lambda p: p[0] == p[1], seq)
     policy = st.load_policy()
     torch.manual_seed(st.cfg.seed)
     model = RewardModel.from_policy(policy, st.tok.eot_id).train()

@@ -15,7 +15,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import re
+import sys
+import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,27 +74,88 @@ NEEDS_FIELD = {"exact_match": "answer"}
 
 
 def load_function(spec: str) -> RewardFn:
-    """`package.module:function` or `path/to/file.py:function`."""
+    """`package.module:function` or `path/to/file.py:function`.
+
+    A module is looked up from the current directory too (as `python -m` does; the `lmforge` script
+    would not), and one that fails to import is reported with its exception and its own line, not a
+    traceback through lmforge.
+    """
     module_name, _, func = spec.rpartition(":")
     if not module_name or not func:
         raise LmforgeError(f"grpo.rewards: '{spec}' is not a built-in ({', '.join(BUILTIN)}, model) "
                            "nor module:function")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise LmforgeError(f"grpo.rewards: '{spec}': file {path} not found")
-            s = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(s)
-            s.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise LmforgeError(f"grpo.rewards: cannot import '{module_name}' ({e})") from None
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise LmforgeError(f"grpo.rewards: '{spec}': file {path} not found")
+        module = _import(spec, module_name, lambda: _exec_file(path))
+    else:
+        module = _import(spec, module_name, lambda: _import_from_cwd(module_name))
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise LmforgeError(f"grpo.rewards: '{module_name}' has no function '{func}'")
+        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                 and getattr(v, "__module__", None) == module.__name__]
+        raise LmforgeError(f"grpo.rewards: '{module_name}' has no function '{func}'"
+                           + (f" (it defines {', '.join(found[:8])})" if found else ""))
     return fn
+
+
+def _exec_file(path: Path) -> types.ModuleType:
+    # Registered in sys.modules while it runs, as `import` does: dataclasses and pickling look there.
+    name = f"lmforge_reward_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_from_cwd(name: str) -> types.ModuleType:
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _import(spec: str, module_name: str, load: Callable[[], types.ModuleType]) -> types.ModuleType:
+    """load(), with any failure turned into an LmforgeError naming the module, the exception and its line."""
+    try:
+        return load()
+    except ModuleNotFoundError as e:
+        if e.name == module_name or module_name.startswith(f"{e.name}."):  # it, or its package, is missing
+            raise LmforgeError(f"grpo.rewards: '{spec}': no module named '{e.name}' (looked in the current "
+                               "directory and the installed packages; a file is given as path/to/file.py:function)"
+                               ) from None
+        raise LmforgeError(f"grpo.rewards: importing '{module_name}' failed{_where(e)}: "
+                           f"ModuleNotFoundError: {e}") from None
+    except (Exception, SystemExit) as e:  # whatever the module's own code raised while it ran
+        raise LmforgeError(f"grpo.rewards: importing '{module_name}' failed{_where(e)}: "
+                           f"{type(e).__name__}: {e}") from None
+
+
+def _where(e: BaseException) -> str:
+    """' at FILE:LINE' in the module whose import raised (or of a syntax error).
+
+    That module is the deepest frame running module-level code; within its file, the deepest line
+    (a helper of the module that raised is more precise than the call at module level).
+    """
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" at {e.filename}:{e.lineno}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<")]
+    modules = [f.filename for f in frames if f.name == "<module>"]
+    if not modules:
+        return ""
+    line = [f for f in frames if f.filename == modules[-1]][-1]
+    return f" at {line.filename}:{line.lineno}"
 
 
 def _call(fn: RewardFn, name: str, completions: list[str], examples: list[dict], info: dict) -> list[float]:

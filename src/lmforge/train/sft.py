@@ -10,7 +10,6 @@ each stage module holds only its data format, its batches and its loss.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.checkpoint import latest_checkpoint
-from lmforge.config import Config, LoRAConfig
+from lmforge.config import Config, LoRAConfig, stage_train
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, cross_entropy_sum
@@ -34,11 +33,7 @@ POST_STAGES = ("sft", "dpo", "rm", "grpo")
 def stage_config(cfg: Config, name: str) -> Config:
     """A copy of `cfg` whose `train` section has the stage's non-empty `<name>.train` keys applied."""
     out = copy.deepcopy(cfg)
-    overrides = getattr(cfg, name).train
-    for f in dataclasses.fields(overrides):
-        value = getattr(overrides, f.name)
-        if value is not None:
-            setattr(out.train, f.name, value)
+    out.train = stage_train(cfg, name)  # the merge config.validate checked when the config loaded
     return out
 
 

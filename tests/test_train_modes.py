@@ -1,0 +1,132 @@
+"""Training modes through the real loop: bf16 on a CPU, torch.compile, activation checkpointing, Muon.
+
+Each mode is held to the plain fp32 eager AdamW run on the same batches: activation checkpointing
+must reproduce its losses, bf16 and compile must stay within a tolerance, and every mode must learn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from spine import TINY, copy_run, lmforge, prepared_run
+
+from lmforge.config import load_config
+from lmforge.model import cpu_kernels as K
+from lmforge.train.losses import IGNORE, linear_cross_entropy
+
+
+def _loss_and_grads(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, bf16: bool):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = linear_cross_entropy(h, w, t, chunk=96)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_bf16_fused_loss_is_close_to_fp32(path, monkeypatch):
+    """Under bf16 autocast the head matmuls run in bf16; the softmax and the loss stay fp32."""
+    if path == "kernel" and K.library() is None:
+        pytest.skip("CPU kernels unavailable (no C compiler, or LMFORGE_CPU_KERNELS=0)")
+    if path == "kernel":
+        monkeypatch.setattr(K, "MIN_ELEMENTS", 0)  # the chunks here are below the size floor
+    else:
+        monkeypatch.setattr(K, "enabled", False)
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 160, 64, generator=g), 0.2 * torch.randn(512, 64, generator=g)
+    t = torch.randint(0, 512, (2, 160), generator=g)
+    t[0, :7] = IGNORE  # a prompt's worth of ignored targets, inside the first chunk
+    t[1, -3:] = IGNORE
+    ref = F.cross_entropy((h @ w.T).view(-1, 512), t.view(-1), ignore_index=IGNORE, reduction="sum")
+
+    loss32, gh32, gw32 = _loss_and_grads(h, w, t, bf16=False)
+    loss16, gh16, gw16 = _loss_and_grads(h, w, t, bf16=True)
+    assert loss16.dtype == torch.float32 and gh16.dtype == torch.float32 and gw16.dtype == torch.float32
+    torch.testing.assert_close(loss32, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(loss16, loss32, rtol=5e-3, atol=0)
+    for a, b in ((gh16, gh32), (gw16, gw32)):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())
+        assert not torch.equal(a, b), "the bf16 run multiplied in fp32"
+    assert not gh16.view(-1, 64)[:7].any() and not gh16.view(-1, 64)[-3:].any(), "ignored tokens got a gradient"
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+# Ten real optimizer steps of the 2-layer, 64-wide model on the prepared corpus, in this process.
+STEPS = ["train.max_steps=10", "train.warmup_steps=1", "train.lr=1e-2", "train.save_every=0"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    return prepared_run(tmp_path_factory.mktemp("modes"))
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def train_losses(base_run: Path, run: Path, *overrides: str) -> list[float]:
+    from lmforge.stages import run_pretrain
+
+    copy_run(base_run, run)
+    run_pretrain(load_config(overrides=[f"run_dir={run}", *TINY, *STEPS, *overrides]))
+    return losses(run)
+
+
+@pytest.fixture(scope="module")
+def fp32(base_run, tmp_path_factory) -> list[float]:
+    """The reference: fp32, eager, AdamW, no activation checkpointing."""
+    out = train_losses(base_run, tmp_path_factory.mktemp("fp32") / "run", "train.precision=fp32")
+    assert len(out) == 10 and out[-1] < out[0] - 0.3, out
+    return out
+
+
+def test_activation_checkpointing_gives_the_same_losses(base_run, fp32, tmp_path, monkeypatch):
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = train_losses(base_run, tmp_path / "run", "train.precision=fp32", "train.activation_checkpointing=true")
+    assert len(calls) >= 2 * 10, "the blocks were not checkpointed"
+    assert out == pytest.approx(fp32, abs=1e-6, rel=0)
+
+
+def test_bf16_on_cpu_trains_close_to_fp32(base_run, fp32, tmp_path):
+    out = train_losses(base_run, tmp_path / "run", "train.precision=bf16")
+    assert out != fp32, "bf16 computed exactly what fp32 did: autocast was not on"
+    assert out == pytest.approx(fp32, abs=0.02, rel=0)
+    assert out[-1] < out[0] - 0.3
+
+
+def test_muon_trains_through_the_loop(base_run, fp32, tmp_path):
+    run = tmp_path / "run"
+    out = train_losses(base_run, run, "train.optimizer=muon", "train.muon_lr=0.02")
+    assert out[-1] < out[0] - 0.25, out
+    assert out[1:] != pytest.approx(fp32[1:], abs=1e-3), "the same steps as AdamW"
+    state = torch.load(run / "checkpoints" / "step_000010" / "optimizer.pt", weights_only=True)
+    assert "muon" in {g.get("kind") for g in state["param_groups"]}
+
+
+def test_compile_matches_eager(base_run, tmp_path):
+    """torch.compile (inductor: C++ kernels on a CPU) of a 1-layer model, four steps, against eager.
+
+    Both run as CLI processes with the same thread count; a fresh inductor cache shows that kernels were
+    really compiled (the loop falls back to eager where compiling fails, which would pass unnoticed).
+    """
+    cache = tmp_path / "inductor"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    runs = {}
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        run = copy_run(base_run, tmp_path / name)
+        r = lmforge("pretrain", f"run_dir={run}", *TINY, *STEPS, "model.n_layer=1", "train.max_steps=4",
+                    f"train.compile={flag}", env=env, timeout=900)
+        assert r.returncode == 0, r.stderr
+        runs[name] = losses(run)
+        if flag == "false":
+            assert not cache.exists() or not list(cache.rglob("*.so"))
+    assert list(cache.rglob("*.so")), "inductor compiled nothing"
+    assert len(runs["compiled"]) == 4
+    assert runs["compiled"] == pytest.approx(runs["eager"], abs=1e-4, rel=0)
