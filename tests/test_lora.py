@@ -44,9 +44,10 @@ def test_lora_adapters_saved_alone_peft_compatible_and_merge_matches(tmp_path):
 
     ids = torch.tensor([[1, 5, 9, 33, 70, 2, 12]])
     adapted = load_adapted(ckpt, merge=False)
-    # PEFT itself reads the folder onto our model and agrees.
-    by_peft = peft.PeftModel.from_pretrained(load_model(base), str(ckpt))
-    torch.testing.assert_close(logits_of(by_peft, ids), logits_of(adapted, ids))
+    # PEFT itself reads the folder (onto the base loaded by transformers) and agrees.
+    by_peft = peft.AutoPeftModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_peft(ids).logits, logits_of(adapted, ids), atol=2e-5, rtol=1e-4)
     # `lmforge merge` writes a plain checkpoint with the same logits as base + adapter.
     assert cmd_merge([str(ckpt), str(tmp_path / "merged")]) == 0
     merged = load_model(tmp_path / "merged")
