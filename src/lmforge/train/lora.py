@@ -223,7 +223,8 @@ def base_of(folder: str | Path) -> Path:
     cfg_file = folder / ADAPTER_CONFIG
     given = _read_json(cfg_file).get("base_model_name_or_path") or ""
     meta = _read_json(folder / ADAPTER_META) if (folder / ADAPTER_META).is_file() else {}
-    candidates = ([folder / meta["base"]] if meta.get("base") else []) + ([Path(given)] if given else [])
+    # resolve(): `..` as the file system means it (the relative path was computed between resolved paths)
+    candidates = ([(folder / meta["base"]).resolve()] if meta.get("base") else []) + ([Path(given)] if given else [])
     if not candidates:
         raise LmforgeError(f"{cfg_file}: base_model_name_or_path is empty; the adapter does not say its base")
     trained_on = read_model_config(folder)
