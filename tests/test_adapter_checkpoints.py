@@ -167,7 +167,13 @@ def test_serve(trained, kind, monkeypatch):
     thread = threading.Thread(target=cli, args=(["serve", str(run / "sft"), "--port", "0", "--device", "cpu"],),
                               daemon=True)
     thread.start()
-    server = started.get(timeout=120)
+    server = None
+    while server is None and thread.is_alive():  # a command that fails ends its thread: no waiting then
+        try:
+            server = started.get(timeout=0.5)
+        except queue.Empty:
+            pass
+    assert server is not None, "lmforge serve stopped before serving"
     try:
         host, port = server.server_address[:2]
         url = f"http://{host}:{port}"
