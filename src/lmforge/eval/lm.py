@@ -23,7 +23,8 @@ from lmforge.train.losses import cross_entropy_sum
 def open_checkpoint(cfg):
     """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged), in fp32 so
     the figures do not depend on the device's preferred dtype."""
-    return load_for_inference(cfg.eval.checkpoint, cfg.device, "fp32", run_dir=cfg.run_dir, key="eval.checkpoint")
+    target, key = (cfg.eval.checkpoint, "eval.checkpoint") if cfg.eval.checkpoint else (cfg.run_dir, "")
+    return load_for_inference(target, cfg.device, "fp32", run_dir=cfg.run_dir, key=key)
 
 
 def stage_label(ckpt: Path, run_path: Path) -> str:

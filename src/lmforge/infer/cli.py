@@ -60,7 +60,9 @@ def split_items(items: list[str]):
     cfg = config_from_args(rest)
     if target is not None:
         return resolve_checkpoint(target, cfg.run_dir), cfg
-    return resolve_checkpoint(cfg.generate.checkpoint, cfg.run_dir, "generate.checkpoint"), cfg
+    if cfg.generate.checkpoint:
+        return resolve_checkpoint(cfg.generate.checkpoint, cfg.run_dir, "generate.checkpoint"), cfg
+    return resolve_checkpoint(cfg.run_dir), cfg  # its errors then speak of the run folder
 
 
 def sampling_params(args: argparse.Namespace, gen) -> SamplingParams:
