@@ -280,7 +280,9 @@ def load_any(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """
     if is_adapter_checkpoint(path):
         model = load_adapted(path, device)
-        log(f"[dim]{path}: LoRA adapters merged into their base {base_of(path)}[/]")
+        meta = Path(path) / ADAPTER_META
+        kind = "QLoRA" if meta.is_file() and _read_json(meta).get("quantize") == "nf4" else "LoRA"
+        log(f"[dim]{path}: {kind} adapters merged into their base {base_of(path)}[/]")
         return model
     return load_model(path, device=device)
 
