@@ -202,3 +202,30 @@ def test_export_hf_gpt2_variant_loads_as_gpt2lmheadmodel(tmp_path):
     x = torch.tensor([tok.encode("def f(x): return x + 1")])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_from_training_stops_at_im_end_in_transformers(tmp_path):
+    """A checkpoint folder as `lmforge sft` saved it (no export) carries generation_config.json and the token
+    ids, so transformers' generate ends a chat reply at <|im_end|> instead of running to max_new_tokens."""
+    from test_chat import tiny_checkpoint, write_jsonl
+    from test_sft import EXAMPLES, sft_config
+
+    from lmforge.train.sft import run_sft
+
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "sft.jsonl", EXAMPLES)
+    ckpt = run_sft(sft_config(tmp_path, base, data)).checkpoint  # 60 steps: it reproduces the replies
+    tok = Tokenizer.load(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (None, tok.eot_id, tok.eot_id)
+    assert json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"] == [tok.eot_id, tok.im_end_id]
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    hf_tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.im_end_id in model.generation_config.eos_token_id
+    messages = EXAMPLES[0]["messages"][:2]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = hf_tok(text, add_special_tokens=False)["input_ids"]
+    new = hf_greedy(model, prompt, 40)
+    assert new[-1] == tok.im_end_id and len(new) < 40
+    assert hf_tok.decode(new, skip_special_tokens=True) == EXAMPLES[0]["messages"][2]["content"]

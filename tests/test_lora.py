@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import peft
 import pytest
@@ -15,6 +16,7 @@ from test_sft import EXAMPLES, sft_config
 
 from lmforge.checkpoint import load_model
 
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 12]])
 LORA = ["sft.lora.enabled=true", "sft.lora.r=4", "sft.lora.alpha=8", "sft.lora.dropout=0.1",
         "sft.train.max_steps=10", "sft.train.lr=1e-2"]
 
@@ -44,9 +46,10 @@ def test_lora_adapters_saved_alone_peft_compatible_and_merge_matches(tmp_path):
 
     ids = torch.tensor([[1, 5, 9, 33, 70, 2, 12]])
     adapted = load_adapted(ckpt, merge=False)
-    # PEFT itself reads the folder onto our model and agrees.
-    by_peft = peft.PeftModel.from_pretrained(load_model(base), str(ckpt))
-    torch.testing.assert_close(logits_of(by_peft, ids), logits_of(adapted, ids))
+    # PEFT itself reads the folder (onto the base loaded by transformers) and agrees.
+    by_peft = peft.AutoPeftModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_peft(ids).logits, logits_of(adapted, ids), atol=2e-5, rtol=1e-4)
     # `lmforge merge` writes a plain checkpoint with the same logits as base + adapter.
     assert cmd_merge([str(ckpt), str(tmp_path / "merged")]) == 0
     merged = load_model(tmp_path / "merged")
@@ -94,3 +97,57 @@ def test_dpo_with_lora_uses_the_base_as_reference(tmp_path):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == base
     assert result.metrics["val_loss"] < math.log(2)
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_checkpoint_finds_its_base_from_anywhere(tmp_path, monkeypatch):
+    """Trained with relative paths; then merged from /, loaded by peft.AutoPeftModelForCausalLM, after the
+    whole work folder moved, and with another base at the old absolute path (the relative one wins)."""
+    import shutil
+
+    from lmforge.cli import main as cli_main
+    from lmforge.errors import LmforgeError
+    from lmforge.train.lora import load_adapted, load_any
+    from lmforge.train.sft import run_sft
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    tiny_checkpoint(Path("."))
+    data = write_jsonl(Path("sft.jsonl"), EXAMPLES)
+    rel = run_sft(sft_config(Path("."), Path("base/step_000000"), data, *LORA)).checkpoint
+    ckpt = (work / rel).resolve()
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((work / "base" / "step_000000").resolve())
+    assert cfg["task_type"] == "CAUSAL_LM"
+    meta = json.loads((ckpt / "lmforge_adapter.json").read_text())
+    assert meta == {"quantize": "", "base": "../../../../base/step_000000"}
+    want = logits_of(load_adapted(ckpt, merge=False), IDS)
+
+    monkeypatch.chdir("/")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["merge", str(ckpt.parent.parent), str(tmp_path / "merged")])  # the stage folder: its latest
+    assert e.value.code == 0
+    torch.testing.assert_close(logits_of(load_model(tmp_path / "merged"), IDS), want, atol=1e-5, rtol=1e-5)
+    by_peft = peft.AutoPeftModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_peft(IDS).logits, want, atol=2e-5, rtol=1e-4)
+    lone = tmp_path / "lone" / "step_000010"
+    shutil.copytree(ckpt, lone)  # the adapter folder alone: found through the absolute path
+    torch.testing.assert_close(logits_of(load_any(lone), IDS), want, atol=1e-5, rtol=1e-5)
+
+    moved = tmp_path / "elsewhere" / "work"
+    shutil.move(work, moved)
+    ckpt = moved / "run" / "sft" / "checkpoints" / ckpt.name
+    torch.testing.assert_close(logits_of(load_any(ckpt), IDS), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LmforgeError, match="not where the adapter says"):
+        load_any(lone)
+    # A different base (same shape) at the old absolute path: the moved run still uses its own.
+    tiny_checkpoint(work, seed=1)
+    torch.testing.assert_close(logits_of(load_any(ckpt), IDS), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits_of(load_any(lone), IDS), want)  # the lone copy can only follow the absolute
+    # A base that does not match what the adapters were trained on is refused, not silently used.
+    shutil.rmtree(work)
+    shutil.rmtree(moved / "base" / "step_000000")
+    tiny_checkpoint(moved, n_kv_head=2)
+    with pytest.raises(LmforgeError, match="is not the base these adapters were trained on"):
+        load_any(ckpt)

@@ -1,8 +1,10 @@
 """Checkpoint folders: a Hugging Face model folder plus the state needed to resume bit-exactly.
 
     step_000100/
-      config.json            transformers config (llama / qwen3) + the lmforge ModelConfig
+      config.json            transformers config (llama / qwen3) + the lmforge ModelConfig + token ids
+      generation_config.json eos = <|endoftext|> and <|im_end|>, so transformers' generate stops a reply
       model.safetensors      HF-named weights (tied head omitted, as transformers does)
+                             (a LoRA checkpoint has adapter_config.json + adapter_model.safetensors instead)
       tokenizer.json, tokenizer_config.json, chat_template.jinja
       lmforge.yaml           the resolved run config
       optimizer.pt           optimizer state (loaded with weights_only=True)
@@ -11,6 +13,9 @@
 
 The folder is built under a temporary name and renamed into place (lmforge.io.AtomicDir), so a
 crash during a save leaves the previous checkpoint as the latest complete one.
+
+`resolve_checkpoint` is the one reading of what a user names as a checkpoint (a checkpoint
+folder, a run folder, a stage folder, a stage name); every command goes through it.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json
 from lmforge.model.transformer import Transformer
 from lmforge.model.transformer import head_dim as model_head_dim
+from lmforge.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 STEP_RE = re.compile(r"^step_(\d+)$")
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's files, written by lmforge.train.lora
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STAGES = ("pretrain", "sft", "dpo", "rm", "grpo")  # the stages that write checkpoints into a run
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,11 +60,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def hf_config(cfg: ModelConfig) -> dict:
+def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
     """The transformers config.json: llama, qwen2 when only q/k/v have biases, qwen3 with QK-norm.
 
     Written into every checkpoint, so a checkpoint folder loads in transformers as it is; variants
     transformers cannot represent get only the `lmforge` section (export says which key is why).
+    With the checkpoint's tokenizer it also carries the bos / eos / pad ids.
     """
     out: dict = {}
     if cfg.arch == "llama" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" and cfg.pos == "rope" \
@@ -95,8 +105,39 @@ def hf_config(cfg: ModelConfig) -> dict:
             out.pop("mlp_bias")
         elif cfg.qk_norm:
             out.pop("mlp_bias")
+    if tok is not None:
+        out.update(token_ids(tok))
     out["lmforge"] = {k: v for k, v in vars(cfg).items()}
     return out
+
+
+def token_ids(tok: Tokenizer) -> dict:
+    """config.json's bos / eos / pad: the document end ends a sequence and pads a batch; BOS only if the
+    tokenizer has one (lmforge's own tokenizers have none and add nothing before a text)."""
+    return {"bos_token_id": getattr(tok, "bos_id", None), "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
+
+
+def generation_config(tok: Tokenizer | None) -> dict:
+    """generation_config.json: a completion ends at <|endoftext|>, a chat reply at <|im_end|>.
+
+    transformers' `generate` reads its stop ids from here, not from config.json; without it a chat
+    reply runs on past <|im_end|> to max_new_tokens.
+    """
+    out: dict = {"_from_model_config": False}
+    if tok is not None:
+        eos = [tok.eot_id] + ([tok.im_end_id] if tok.im_end_id is not None else [])
+        out.update(eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=tok.eot_id)
+        if getattr(tok, "bos_id", None) is not None:
+            out["bos_token_id"] = tok.bos_id
+    return out
+
+
+def write_model_config(folder: Path, cfg: ModelConfig, tokenizer_dir: str | Path | None) -> None:
+    """config.json and generation_config.json of a checkpoint, with the ids of its own tokenizer."""
+    has_tok = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file()
+    tok = Tokenizer.load(tokenizer_dir) if has_tok else None  # (copy_tokenizer names a missing one)
+    atomic_write_json(folder / "config.json", hf_config(cfg, tok))
+    atomic_write_json(folder / "generation_config.json", generation_config(tok))
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +162,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
     path = Path(path)
     m = unwrap(model)
     with AtomicDir(path) as tmp, _disk_full_as_enospc(path.parent):
-        atomic_write_json(tmp / "config.json", hf_config(m.cfg))
+        write_model_config(tmp, m.cfg, tokenizer_dir)
         save_weights = getattr(m, "save_weights", None)
         if save_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
             save_weights(tmp)
@@ -236,6 +277,62 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def stage_checkpoints(run_dir: str | Path, stage: str) -> Path:
+    """Where a stage keeps its step_N folders: RUN/checkpoints for pretraining, else RUN/<stage>/checkpoints."""
+    return Path(run_dir) / "checkpoints" if stage == "pretrain" else Path(run_dir) / stage / "checkpoints"
+
+
+def resolve_checkpoint(target: str | Path = "", run_dir: str | Path | None = None, key: str = "") -> Path:
+    """The checkpoint folder a user means, read the same way by every command that takes one.
+
+    - a checkpoint folder (config.json beside model.safetensors, or a LoRA adapter): that folder;
+    - a folder of step_N checkpoints (RUN/checkpoints, RUN/sft/checkpoints): its latest complete one;
+    - a run folder (RUN): its latest pretraining checkpoint; a stage folder (RUN/sft): that stage's latest;
+    - a stage name (pretrain, sft, dpo, rm, grpo), when no folder of that name exists here: that
+      stage's latest in `run_dir`; "" is the latest pretraining checkpoint of `run_dir`.
+    `key` (e.g. "sft.init_from") starts every error, so the user knows which setting to fix.
+    """
+    name = str(target)
+    where = f"{key}={name!r}: " if key else ""
+    if name == "" or (name in STAGES and run_dir is not None and not Path(name).exists()):
+        if run_dir is None:
+            raise LmforgeError(f"{where}no checkpoint given: name a checkpoint folder, a run folder or a stage folder")
+        stage = name or "pretrain"
+        found = latest_checkpoint(stage_checkpoints(run_dir, stage))
+        if found is None:
+            raise LmforgeError(f"{where}no {stage} checkpoint in {stage_checkpoints(run_dir, stage)} yet"
+                               f"{_stages_hint(Path(run_dir), stage)}: run `lmforge {stage} run_dir={run_dir}` "
+                               "first, or give a checkpoint folder")
+        return found
+    p = Path(target)
+    if not p.exists():
+        raise LmforgeError(f"{where}{p} does not exist: give a checkpoint folder, a run folder, a stage folder "
+                           f"(RUN/sft) or a stage name ({', '.join(STAGES)})")
+    if not p.is_dir():
+        raise LmforgeError(f"{where}{p} is a file; a checkpoint is a folder (config.json + model.safetensors)")
+    if (p / "config.json").is_file():
+        return p  # load_model / load_any say precisely what is wrong with an incomplete one
+    for root in (p / "checkpoints", p):  # a run or stage folder, or a folder of step_N
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    if (p / "checkpoints").is_dir():
+        raise LmforgeError(f"{where}{p / 'checkpoints'} holds no complete checkpoint yet{_stages_hint(p, '')} "
+                           "(train first; the folders of an interrupted save do not count)")
+    hint = _stages_hint(p, "")
+    if hint:
+        raise LmforgeError(f"{where}{p} has no pretraining checkpoint (no checkpoints/ folder){hint}: "
+                           "give one of those")
+    raise LmforgeError(f"{where}{p} is neither a checkpoint (no config.json) nor a run or stage folder "
+                       "(no checkpoints/ with step_N folders)")
+
+
+def _stages_hint(run: Path, skip: str) -> str:
+    """", the stages with checkpoints in this run: RUN/sft, ..." when there are any besides `skip`."""
+    found = [str(run / s) for s in STAGES[1:] if s != skip and latest_checkpoint(stage_checkpoints(run, s))]
+    return f"; the run's stages with checkpoints: {', '.join(found)}" if found else ""
 
 
 def list_checkpoints(root: str | Path, resumable: bool = False) -> list[Path]:

@@ -57,11 +57,12 @@ def build_model(cfg: Config, vocab_size: int):
     """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`."""
     import torch
 
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import resolve_checkpoint
     from lmforge.model.transformer import Transformer, padded_vocab
+    from lmforge.train.lora import load_any
 
     if cfg.train.init_from:
-        model = load_model(cfg.train.init_from)
+        model = load_any(resolve_checkpoint(cfg.train.init_from, cfg.run_dir, "train.init_from"))
         if model.cfg.vocab_size < vocab_size:
             raise LmforgeError(f"train.init_from={cfg.train.init_from} has vocab_size {model.cfg.vocab_size}, "
                                f"smaller than the tokenizer's {vocab_size}")

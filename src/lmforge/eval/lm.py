@@ -12,24 +12,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.checkpoint import latest_checkpoint, load_model
 from lmforge.cli import parse_config
 from lmforge.console import log, progress
 from lmforge.errors import LmforgeError
+from lmforge.infer.loading import load_for_inference
 from lmforge.io import atomic_write_json
 from lmforge.train.losses import cross_entropy_sum
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run (or stage) folder whose latest checkpoint is meant."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise LmforgeError(f"no checkpoint found at {path} (expected a step_N folder or a run with checkpoints/)")
+def open_checkpoint(cfg):
+    """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged), in fp32 so
+    the figures do not depend on the device's preferred dtype."""
+    target, key = (cfg.eval.checkpoint, "eval.checkpoint") if cfg.eval.checkpoint else (cfg.run_dir, "")
+    return load_for_inference(target, cfg.device, "fp32", run_dir=cfg.run_dir, key=key)
+
+
+def stage_label(ckpt: Path, run_path: Path) -> str:
+    """The name an evaluation file starts with: pretrain for RUN/checkpoints/step_N, sft for RUN/sft/..."""
+    if ckpt.parent.name != "checkpoints":
+        return "model"
+    if ckpt.parent.parent.resolve() == run_path.resolve():
+        return "pretrain"
+    return ckpt.parent.parent.name
 
 
 @torch.no_grad()
@@ -63,21 +67,16 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_
 
 def evaluate(cfg) -> dict:
     from lmforge.data.shards import check_tokenizer, open_shards
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.dist import pick_device
 
     if cfg.eval.task:  # generative task: exact-match accuracy (lmforge.eval.tasks)
         from lmforge.eval.tasks import evaluate_task
 
         return evaluate_task(cfg)
     ec = cfg.eval
-    ckpt = resolve_checkpoint(ec.checkpoint or cfg.run_dir)
-    device = pick_device(cfg.device)
-    model = load_model(ckpt, device=device)
+    model, tok, ckpt = open_checkpoint(cfg)
     seq_len = ec.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise LmforgeError(f"eval.seq_len={seq_len} exceeds the model's context {model.cfg.max_seq_len}")
-    tok = Tokenizer.load(ckpt)
     if ec.files:
         from lmforge.data.sources import iter_documents
 
@@ -99,8 +98,7 @@ def evaluate(cfg) -> dict:
         name = ec.split
     result = evaluate_tokens(model, tokens, seq_len, ec.batch_size, n_bytes, ec.max_batches)
     result.update({"checkpoint": str(ckpt), "data": name, "seq_len": seq_len})
-    stage = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else "model"
-    out = cfg.run_path / "eval" / f"{stage}-{ckpt.name}-{name}.json"
+    out = cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
     atomic_write_json(out, result)
     log(f"{name}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}"
         + (f"  bits/byte {result['bits_per_byte']:.4f}" if "bits_per_byte" in result else "")

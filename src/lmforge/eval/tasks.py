@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from lmforge.checkpoint import resolve_checkpoint
 from lmforge.config import Config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
+from lmforge.eval.lm import open_checkpoint, stage_label
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -59,17 +61,11 @@ def accuracy(model, tok, records, batch_size: int, max_new_tokens: int) -> tuple
 
 def evaluate_task(cfg: Config) -> dict:
     from lmforge.data.chat import prompt_messages, read_records
-    from lmforge.eval.lm import resolve_checkpoint
     from lmforge.io import atomic_write_json
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.dist import pick_device
-    from lmforge.train.lora import load_any
 
     ec = cfg.eval
     name, path = task_file(cfg)
-    ckpt = resolve_checkpoint(ec.checkpoint or cfg.run_dir)
-    model = load_any(ckpt, device=pick_device(cfg.device)).eval()
-    tok = Tokenizer.load(ckpt if (ckpt / "tokenizer.json").is_file() else cfg.run_path / "tokenizer")
+    model, tok, ckpt = open_checkpoint(cfg)
     records = read_records([str(path)], "evaluation prompts")
     if ec.max_batches:
         records = records[:ec.max_batches * ec.batch_size]
@@ -83,10 +79,7 @@ def evaluate_task(cfg: Config) -> dict:
             result[f"accuracy_{lang}"] = sum(hits) / len(hits)
     result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": a, "answer": r.data["answer"]}
                           for r, a in list(zip(records, replies))[:5]]
-    stage = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else "model"
-    if ckpt.parent.parent.resolve() == cfg.run_path.resolve():
-        stage = "pretrain"
-    out = cfg.run_path / "eval" / f"{stage}-{ckpt.name}-{name}.json"
+    out = cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
     atomic_write_json(out, result)
     log(f"{name}: exact-match accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
         + "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
@@ -99,10 +92,8 @@ def evaluate_task(cfg: Config) -> dict:
 def _stage_cfg(cfg: Config, stage: str) -> Config:
     import copy
 
-    from lmforge.train.sft import resolve_init
-
     sub = copy.deepcopy(cfg)
-    sub.eval.checkpoint = str(resolve_init(cfg, "eval", stage))
+    sub.eval.checkpoint = str(resolve_checkpoint(stage, cfg.run_dir))
     sub.eval.task = cfg.eval.task or "arith"
     return sub
 

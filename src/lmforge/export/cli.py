@@ -1,6 +1,7 @@
 """`lmforge export hf|gguf CKPT OUT` and `lmforge import hf PATH OUT`.
 
-CKPT may be a checkpoint folder or a run directory (its latest checkpoint is used).
+CKPT may be a checkpoint folder, a run folder or a stage folder (its latest checkpoint is used);
+a LoRA / QLoRA checkpoint is exported merged, or as a PEFT folder with `export hf --adapter`.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ def cmd_export(argv: list[str]) -> int:
     hf.add_argument("ckpt", metavar="CKPT_OR_RUN_DIR")
     hf.add_argument("out", metavar="OUT_DIR")
     hf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights on disk")
+    hf.add_argument("--adapter", action="store_true", help="a LoRA checkpoint as a PEFT folder (adapters + OUT/base) "
+                    "instead of the merged model")
     gg = sub.add_parser("gguf", help="one GGUF file for llama.cpp")
     gg.add_argument("ckpt", metavar="CKPT_OR_RUN_DIR")
     gg.add_argument("out", metavar="OUT.gguf")
     gg.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0"], help="matrix storage type")
     args = ap.parse_args(argv)
 
-    from lmforge.infer.loading import resolve_checkpoint
+    from lmforge.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.ckpt)
     if args.format == "hf":
         from lmforge.export.hf import export_hf
 
-        out = export_hf(ckpt, args.out, dtype=args.dtype)
-        print(f"lmforge export: {ckpt} -> {out} (transformers.AutoModelForCausalLM.from_pretrained('{out}'))",
-              file=sys.stderr)
+        out = export_hf(ckpt, args.out, dtype=args.dtype, adapter=args.adapter)
+        loader = "peft.AutoPeftModelForCausalLM" if args.adapter else "transformers.AutoModelForCausalLM"
+        print(f"lmforge export: {ckpt} -> {out} ({loader}.from_pretrained('{out}'))", file=sys.stderr)
     else:
         from lmforge.export.gguf import export_gguf
 

@@ -2,6 +2,8 @@
 
     lmforge export gguf CKPT OUT.gguf --type f16|q8_0|q4_0
 
+CKPT may be any checkpoint lmforge reads; a LoRA / QLoRA one is written merged into its base.
+
 Written with the `gguf` package (llama.cpp's own Python writer), following what llama.cpp's
 convert_hf_to_gguf.py does for the same Hugging Face model, so llama.cpp reads our file exactly
 as it reads a converted Llama / Qwen2 / Qwen3:
@@ -35,9 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmforge.checkpoint import model_state
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write
+from lmforge.model.transformer import ffn_dim
 from lmforge.model.transformer import head_dim as model_head_dim
+from lmforge.train.lora import load_any
 
 TYPES = ("f16", "q8_0", "q4_0")
 
@@ -150,14 +156,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
     except ImportError:
         raise LmforgeError("GGUF export needs the `gguf` package: pip install 'lmforge[gguf]'") from None
 
-    from lmforge.checkpoint import load_model, model_state
-    from lmforge.io import atomic_write
-    from lmforge.model.transformer import ffn_dim
-
     if kind not in TYPES:
         raise LmforgeError(f"--type must be one of {', '.join(TYPES)}, got '{kind}'")
     ckpt, out = Path(ckpt), Path(out)
-    model = load_model(ckpt)
+    model = load_any(ckpt)  # an adapter checkpoint is written merged into its base
     cfg = model.cfg
     arch = gguf_arch(cfg)
     tok = tokenizer_metadata(ckpt, cfg.vocab_size)

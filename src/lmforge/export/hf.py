@@ -5,6 +5,17 @@
     OUT/generation_config.json  eos = <|endoftext|> and <|im_end|>
     OUT/tokenizer.json, tokenizer_config.json (chat_template inside), chat_template.jinja
 
+A LoRA / QLoRA checkpoint is exported merged (one plain model), or with `--adapter` as a PEFT
+folder that `peft.AutoPeftModelForCausalLM.from_pretrained(OUT)` loads:
+
+    OUT/adapter_config.json, adapter_model.safetensors   the adapters; base_model_name_or_path = OUT/base
+    OUT/base/                                            the base as above, as the adapters were trained
+                                                         on it (QLoRA: its NF4 values, dequantized)
+    OUT/tokenizer files                                  (AutoPeftModel reads the tokenizer from OUT)
+
+base_model_name_or_path is absolute (PEFT resolves it against the current directory): after
+moving OUT, export again or load with PeftModel.from_pretrained(AutoModelForCausalLM(OUT/base), OUT).
+
 Each architecture has a writer in WRITERS: it checks the config, returns the transformers config
 and maps the state dict. Llama-family weights need no mapping (our names and RoPE layout are
 transformers'); a GPT-2 writer (GPT2LMHeadModel: Conv1D transposes, renames) plugs in beside it.
@@ -18,10 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
+from lmforge.checkpoint import copy_tokenizer, generation_config, hf_config, model_state, token_ids
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.lora import adapter_base, copy_adapter, is_adapter_checkpoint, load_any
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 StateMap = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 Writer = Callable[[ModelConfig], tuple[dict, StateMap]]
@@ -47,8 +66,6 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
 
 def llama_family_config(cfg: ModelConfig) -> dict:
     """The checkpoint's transformers config (checkpoint.hf_config), refused for variants it cannot load."""
-    from lmforge.checkpoint import hf_config
-
     problems = _llama_family_problems(cfg)
     if problems:
         raise LmforgeError("cannot export to transformers: " + "; ".join(problems))
@@ -75,70 +92,66 @@ def writer_for(cfg: ModelConfig) -> Writer:
     return WRITERS[cfg.arch]
 
 
-def special_ids(folder: Path) -> dict[str, int]:
-    """Ids of <|endoftext|>, <|im_start|>, <|im_end|> in the folder's tokenizer.json (those present)."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        return {}
-    tok = HFTokenizer.from_file(str(file))
-    names = {"eot": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
-    return {k: i for k, t in names.items() if (i := tok.token_to_id(t)) is not None}
-
-
-def with_token_ids(config: dict, ids: dict[str, int]) -> dict:
-    """config.json's bos/eos/pad: no BOS (lmforge adds none), EOS and padding = <|endoftext|>."""
-    if "eot" in ids:
-        config.update(bos_token_id=None, eos_token_id=ids["eot"], pad_token_id=ids["eot"])
-    return config
-
-
-def generation_config(ids: dict[str, int]) -> dict:
-    eos = [ids[k] for k in ("eot", "im_end") if k in ids]
-    out: dict = {"_from_model_config": False}
-    if eos:
-        out.update(eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=ids["eot"] if "eot" in ids else eos[0])
-    return out
+def checkpoint_tokenizer(folder: Path) -> Tokenizer | None:
+    return Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
 
 
 def transformers_config(cfg: ModelConfig, tokenizer_dir: Path | None = None) -> dict:
-    """config.json for `cfg` (+ token ids when a tokenizer folder is given)."""
+    """config.json for `cfg` (+ the bos / eos / pad ids of the tokenizer in `tokenizer_dir`, when given)."""
     config, _ = writer_for(cfg)(cfg)
-    return with_token_ids(config, special_ids(tokenizer_dir)) if tokenizer_dir else config
+    tok = checkpoint_tokenizer(Path(tokenizer_dir)) if tokenizer_dir else None
+    return {**config, **token_ids(tok)} if tok is not None else config
 
 
-def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """Write the Hugging Face folder for a checkpoint; returns OUT."""
-    from safetensors.torch import save_file
-
-    from lmforge.checkpoint import copy_tokenizer, load_model, model_state
-    from lmforge.io import AtomicDir, atomic_write_json
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise LmforgeError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
+def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32", adapter: bool = False) -> Path:
+    """Write the Hugging Face folder for a checkpoint (an adapter checkpoint merged, or as a PEFT folder
+    with `adapter`); returns OUT."""
+    if dtype not in DTYPES:
+        raise LmforgeError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     ckpt, out = Path(ckpt), Path(out)
-    model = load_model(ckpt)
-    config, state_map = writer_for(model.cfg)(model.cfg)
-    ids = special_ids(ckpt)
-    config = with_token_ids(config, ids)
-    config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    state = {k: v.to(dtypes[dtype]).contiguous() for k, v in state_map(model_state(model)).items()}
+    if adapter:
+        return export_peft(ckpt, out, dtype)
+    model = load_any(ckpt)
     with AtomicDir(out) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", config)
-        atomic_write_json(tmp / "generation_config.json", generation_config(ids))
-        if (ckpt / "tokenizer.json").is_file():
+        write_hf_folder(model, ckpt, tmp, dtype)
+    return out
+
+
+def export_peft(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
+    """OUT = the adapters (PEFT's files) + OUT/base, the base they were trained on, exported."""
+    if not is_adapter_checkpoint(ckpt):
+        raise LmforgeError(f"--adapter: {ckpt} is not a LoRA/QLoRA checkpoint (no adapter_model.safetensors); "
+                           "export it without --adapter")
+    base = adapter_base(ckpt)
+    final = out.resolve()  # adapter_config.json names the base where it will be after the rename
+    with AtomicDir(out) as tmp:
+        write_hf_folder(base, ckpt, tmp / "base", dtype)
+        copy_adapter(ckpt, tmp, final / "base")
+        if (ckpt / "tokenizer.json").is_file():  # else AutoPeftModel asks the Hub for one
             copy_tokenizer(ckpt, tmp)
             _ensure_template_in_config(tmp)
     return out
 
 
+def write_hf_folder(model: nn.Module, ckpt: Path, folder: Path, dtype: str) -> None:
+    """config.json, generation_config.json, model.safetensors and the tokenizer of `ckpt`, into `folder`."""
+    config, state_map = writer_for(model.cfg)(model.cfg)
+    tok = checkpoint_tokenizer(ckpt)
+    if tok is not None:
+        config.update(token_ids(tok))
+    config["torch_dtype"] = DTYPE_NAMES[dtype]
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state_map(model_state(model)).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(folder / "config.json", config)
+    atomic_write_json(folder / "generation_config.json", generation_config(tok))
+    if tok is not None:
+        copy_tokenizer(ckpt, folder)
+        _ensure_template_in_config(folder)
+
+
 def _ensure_template_in_config(folder: Path) -> None:
     """transformers reads the template from either file; keep both in agreement for older versions."""
-    from lmforge.io import atomic_write_json, atomic_write_text
-
     cfg_file, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
     meta = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     template = jinja.read_text(encoding="utf-8") if jinja.is_file() else meta.get("chat_template")

@@ -39,7 +39,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def split_items(items: list[str]):
-    """(checkpoint or run dir given positionally, Config from the recipe and key=value items)."""
+    """(the checkpoint folder meant, Config from the recipe and key=value items).
+
+    The checkpoint is the positional one (a checkpoint, run or stage folder, or a stage name of the
+    run), else `generate.checkpoint`, else the run's latest pretraining checkpoint.
+    """
+    from lmforge.checkpoint import resolve_checkpoint
     from lmforge.cli import config_from_args
 
     target = None
@@ -53,7 +58,11 @@ def split_items(items: list[str]):
         else:
             rest.append(item)
     cfg = config_from_args(rest)
-    return target or cfg.generate.checkpoint or cfg.run_dir, cfg
+    if target is not None:
+        return resolve_checkpoint(target, cfg.run_dir), cfg
+    if cfg.generate.checkpoint:
+        return resolve_checkpoint(cfg.generate.checkpoint, cfg.run_dir, "generate.checkpoint"), cfg
+    return resolve_checkpoint(cfg.run_dir), cfg  # its errors then speak of the run folder
 
 
 def sampling_params(args: argparse.Namespace, gen) -> SamplingParams:

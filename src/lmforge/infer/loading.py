@@ -1,4 +1,9 @@
-"""Find the checkpoint a user named, pick the device, load model + tokenizer for inference."""
+"""Open the checkpoint a user named, on the device and dtype asked for: model + tokenizer.
+
+`load_for_inference` is the one loader of every command that runs a model (generate, chat, serve,
+eval): any checkpoint `lmforge.checkpoint.resolve_checkpoint` accepts, full or LoRA/QLoRA adapter
+(merged into its base in fp32, then cast and optionally quantized).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.checkpoint import resolve_checkpoint
 from lmforge.errors import LmforgeError
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the latest complete one under RUN/checkpoints/."""
-    from lmforge.checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise LmforgeError(f"{p} does not exist: give a checkpoint folder or a run directory")
-    if (p / "config.json").is_file():
-        return p
-    if (p / "checkpoints").is_dir():
-        found = latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise LmforgeError(f"{p / 'checkpoints'} holds no complete checkpoint yet (train first)")
-        return found
-    raise LmforgeError(f"{p} is neither a checkpoint (no config.json) nor a run directory (no checkpoints/)")
+from lmforge.infer.quant import quantize_model
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.lora import load_any
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -50,30 +42,25 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_tokenizer(ckpt: Path):
-    from lmforge.tokenizer import Tokenizer
-
+def load_tokenizer(ckpt: Path) -> Tokenizer:
     if not (ckpt / "tokenizer.json").is_file():
         raise LmforgeError(f"{ckpt} has no tokenizer.json: train or copy a tokenizer into the checkpoint "
                            "(checkpoints saved by lmforge carry one)")
     return Tokenizer.load(ckpt)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
-                       quantize: str | None = None) -> tuple[nn.Module, object, Path]:
-    """(model in eval mode, tokenizer, checkpoint path). Quantizes on the CPU, then moves the result."""
-    from lmforge.checkpoint import load_model
-
-    ckpt = resolve_checkpoint(path)
+def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+                       run_dir: str | Path | None = None, key: str = "") -> tuple[nn.Module, Tokenizer, Path]:
+    """(model in eval mode, tokenizer, checkpoint path). `path` is anything resolve_checkpoint reads (a stage
+    name needs `run_dir`). Quantizes on the CPU, then moves the result."""
+    ckpt = resolve_checkpoint(path, run_dir, key)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     tokenizer = load_tokenizer(ckpt)
-    model = load_model(ckpt, device="cpu" if quantize else dev, dtype=dt)
+    model = load_any(ckpt, device="cpu" if quantize else dev).to(dt)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{model.cfg.vocab_size} (model.vocab_size); they do not belong together")
     if quantize:
-        from lmforge.infer.quant import quantize_model
-
         model = quantize_model(model, quantize).to(dev)
     return model.eval(), tokenizer, ckpt

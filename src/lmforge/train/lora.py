@@ -7,27 +7,47 @@ with double-quantized scales; pure PyTorch, so it runs on CPU as on CUDA); its F
 dequantizes on the fly, and the adapters train in full precision on top.
 
 An adapter checkpoint holds `adapter_config.json` + `adapter_model.safetensors` in PEFT's own
-layout (so `peft.PeftModel.from_pretrained(LlamaForCausalLM..., folder)` reads it after an HF
-export of the base) next to the base's config.json, tokenizer and the usual resume state. The
-training loop saves and restores it through the model's `save_weights` / `load_weights` hooks.
+layout next to the base's config.json, tokenizer and the usual resume state. The training loop
+saves and restores it through the model's `save_weights` / `load_weights` hooks. Every command
+that reads a checkpoint opens one through `load_any`: base + adapters, merged.
+
+Where the base is: adapter_config.json's `base_model_name_or_path` is absolute (PEFT and
+transformers resolve it against the current directory, so only an absolute path works from
+anywhere: `peft.AutoPeftModelForCausalLM.from_pretrained(folder)` loads the checkpoint as it is,
+the base being a transformers folder itself). lmforge_adapter.json also records the base relative
+to the adapter folder, and lmforge tries that one first: when a whole run is moved or copied, the
+relative path finds the base that moved with it (for a copy, the copy's own base, not the
+original that may since have been pruned or retrained); the absolute one still finds a base
+outside the run, or the base of an adapter folder copied alone. A candidate counts only when its
+model config equals the one the adapters were trained on.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_model,
+    read_model_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmforge.config import LoRAConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_META = "lmforge_adapter.json"  # what PEFT's files cannot say: the base's quantization
+ADAPTER_META = "lmforge_adapter.json"  # what PEFT's files cannot say: the base's quantization, its relative path
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
@@ -61,25 +81,21 @@ def _adapter_model_class():
             self.get_base_model().activation_checkpointing = value
 
         def save_weights(self, folder: Path) -> None:
-            from safetensors.torch import save_file
-
             sd = peft.get_peft_model_state_dict(self)
             save_file({k: v.detach().contiguous() for k, v in sd.items()}, folder / ADAPTER_WEIGHTS,
                       metadata={"format": "pt"})
-            self.peft_config["default"].base_model_name_or_path = self.base_path
-            self.peft_config["default"].save_pretrained(str(folder))
-            (folder / ADAPTER_META).write_text(json.dumps({"quantize": self.quantize}) + "\n", encoding="utf-8")
+            write_adapter_config(self.peft_config["default"], folder, Path(self.base_path))
+            meta = {"quantize": self.quantize, "base": relative_base(Path(self.base_path), folder)}
+            (folder / ADAPTER_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
 
         def load_weights(self, folder: Path) -> None:
-            from safetensors.torch import load_file
-
             folder = Path(folder)
             if not is_adapter_checkpoint(folder):
                 raise LmforgeError(f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS}); it was not written by "
                                    "this LoRA run (use a new run_dir or train.resume=none)")
             saved = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            base = saved.get("base_model_name_or_path") or ""
-            if base and Path(base).resolve() != Path(self.base_path).resolve():
+            base = base_of(folder)  # found the way every command finds it, so a moved run resumes too
+            if base.resolve() != Path(self.base_path).resolve():
                 raise LmforgeError(f"cannot resume from {folder}: its adapters were trained on {base}, this run's "
                                    f"base is {self.base_path}")
             mine = self.peft_config["default"]
@@ -172,16 +188,58 @@ def apply_lora(model: nn.Module, lc: LoRAConfig, base_path: str | Path) -> nn.Mo
     return wrapped
 
 
-def base_of(folder: str | Path) -> Path:
-    """The base checkpoint an adapter checkpoint was trained on."""
-    cfg_file = Path(folder) / ADAPTER_CONFIG
+def write_adapter_config(config, folder: Path, base: Path) -> None:
+    """adapter_config.json as PEFT's Auto classes need it: an absolute base path and the CAUSAL_LM task."""
+    config = copy.copy(config)
+    config.base_model_name_or_path = str(base.resolve())
+    config.task_type = "CAUSAL_LM"
+    config.save_pretrained(str(folder))
+
+
+def copy_adapter(folder: Path, dst: Path, base: Path) -> None:
+    """The adapter files of the checkpoint `folder`, written into `dst` as adapters of `base`."""
+    shutil.copy2(folder / ADAPTER_WEIGHTS, dst / ADAPTER_WEIGHTS)
+    write_adapter_config(_peft().LoraConfig.from_pretrained(str(folder)), dst, base)
+
+
+def relative_base(base: Path, folder: Path) -> str | None:
+    """The base as seen from the adapter folder (resolved first, so `..` means what the file system means)."""
     try:
-        base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return os.path.relpath(base.resolve(), folder.resolve())
+    except ValueError:  # another drive on Windows: only the absolute path can say where it is
+        return None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"{cfg_file}: cannot read ({e})") from None
-    if not base or not Path(base).is_dir():
-        raise LmforgeError(f"{cfg_file}: base_model_name_or_path={base!r} is not a checkpoint folder here")
-    return Path(base)
+        raise LmforgeError(f"{file}: cannot read ({e}); the adapter checkpoint is damaged") from None
+
+
+def base_of(folder: str | Path) -> Path:
+    """The base checkpoint an adapter checkpoint was trained on: relative to the adapter first, then absolute."""
+    folder = Path(folder)
+    cfg_file = folder / ADAPTER_CONFIG
+    given = _read_json(cfg_file).get("base_model_name_or_path") or ""
+    meta = _read_json(folder / ADAPTER_META) if (folder / ADAPTER_META).is_file() else {}
+    # resolve(): `..` as the file system means it (the relative path was computed between resolved paths)
+    candidates = ([(folder / meta["base"]).resolve()] if meta.get("base") else []) + ([Path(given)] if given else [])
+    if not candidates:
+        raise LmforgeError(f"{cfg_file}: base_model_name_or_path is empty; the adapter does not say its base")
+    trained_on = read_model_config(folder)
+    mismatched = []
+    for base in candidates:
+        if (base / "config.json").is_file():
+            if read_model_config(base) == trained_on:
+                return base
+            mismatched.append(str(base))
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    if mismatched:
+        raise LmforgeError(f"{folder}: the checkpoint at {mismatched[0]} is not the base these adapters were trained "
+                           f"on (its model config differs from {folder / 'config.json'})")
+    raise LmforgeError(f"{folder}: its base checkpoint is not where the adapter says ({tried}); put the base back "
+                       f"there, or set base_model_name_or_path in {cfg_file} to where it is now")
 
 
 def dequantize_nf4(model: nn.Module) -> None:
@@ -191,22 +249,22 @@ def dequantize_nf4(model: nn.Module) -> None:
             mod.weight = nn.Parameter(mod.weight.get_original_weight().float(), requires_grad=False)
 
 
-def load_adapted(folder: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> nn.Module:
-    """The model of an adapter checkpoint: base + adapters, merged into plain weights by default.
-
-    A QLoRA adapter is applied to the base as it trained on it: NF4-quantized, then dequantized.
-    """
-    from safetensors.torch import load_file
-
-    from lmforge.checkpoint import load_model
-
-    peft = _peft()
+def adapter_base(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The base as the adapters were trained on it: for QLoRA, NF4-quantized and then dequantized."""
     folder = Path(folder)
     base = load_model(base_of(folder), device=device)
     meta = folder / ADAPTER_META
-    if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("quantize") == "nf4":
+    if meta.is_file() and _read_json(meta).get("quantize") == "nf4":
         quantize_nf4(base)
         dequantize_nf4(base)
+    return base
+
+
+def load_adapted(folder: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> nn.Module:
+    """The model of an adapter checkpoint: base + adapters, merged into plain weights by default."""
+    peft = _peft()
+    folder = Path(folder)
+    base = adapter_base(folder, device)
     config = peft.LoraConfig.from_pretrained(str(folder))
     config.inference_mode = True
     model = peft.PeftModel(base, config)
@@ -215,17 +273,23 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu", merge: 
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A plain model from a full checkpoint or from an adapter checkpoint (merged)."""
-    from lmforge.checkpoint import load_model
+    """The plain model of any checkpoint folder: a full one as it is, an adapter one merged into its base.
 
-    return load_adapted(path, device) if is_adapter_checkpoint(path) else load_model(path, device=device)
+    Every command that reads a checkpoint (eval, generate, chat, serve, export, a stage's init_from)
+    loads through here, so an adapter checkpoint works wherever a full one does.
+    """
+    if is_adapter_checkpoint(path):
+        model = load_adapted(path, device)
+        meta = Path(path) / ADAPTER_META
+        kind = "QLoRA" if meta.is_file() and _read_json(meta).get("quantize") == "nf4" else "LoRA"
+        log(f"[dim]{path}: {kind} adapters merged into their base {base_of(path)}[/]")
+        return model
+    return load_model(path, device=device)
 
 
 def merge(folder: str | Path, out: str | Path) -> Path:
     """Write base + adapters as one plain checkpoint (weights only, tokenizer copied)."""
-    from lmforge.checkpoint import save_checkpoint
-
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     if not is_adapter_checkpoint(folder):
         raise LmforgeError(f"{folder} is not a LoRA checkpoint (no {ADAPTER_WEIGHTS})")
     model = load_adapted(folder)
@@ -236,9 +300,11 @@ def merge(folder: str | Path, out: str | Path) -> Path:
 def cmd_merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmforge merge", description="Merge a LoRA/QLoRA adapter checkpoint into its "
                                 "base: OUT is a plain checkpoint that every lmforge command and transformers load.")
-    p.add_argument("checkpoint", help="adapter checkpoint folder (RUN/sft/checkpoints/step_N)")
+    p.add_argument("checkpoint", help="adapter checkpoint folder (RUN/sft/checkpoints/step_N), or its stage folder "
+                   "(RUN/sft: the latest)")
     p.add_argument("out", help="output checkpoint folder")
     a = p.parse_args(argv)
-    path = merge(a.checkpoint, a.out)
-    log(f"merged {a.checkpoint} into {base_of(a.checkpoint)} -> {path}")
+    folder = resolve_checkpoint(a.checkpoint)
+    path = merge(folder, a.out)
+    log(f"merged {folder} into {base_of(folder)} -> {path}")
     return 0

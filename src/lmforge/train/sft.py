@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint import latest_checkpoint, resolve_checkpoint
 from lmforge.config import Config, LoRAConfig, stage_train
 from lmforge.console import log
 from lmforge.errors import LmforgeError
@@ -47,24 +47,9 @@ def checkpoints_of(cfg: Config, stage: str) -> Path:
 
 
 def resolve_init(cfg: Config, name: str, value: str) -> Path:
-    """`<name>.init_from`: a checkpoint folder, a run/stage folder (its latest checkpoint), a stage name of
+    """`<name>.init_from`: a checkpoint folder, a run or stage folder (its latest checkpoint), a stage name of
     this run (pretrain, sft, dpo, rm, grpo), or "" for the run's latest pretraining checkpoint."""
-    key = f"{name}.init_from"
-    stage = value or "pretrain"
-    if stage in ("pretrain", *POST_STAGES) and not Path(stage).exists():
-        found = latest_checkpoint(checkpoints_of(cfg, stage))
-        if found is None:
-            raise LmforgeError(f"{key}={value!r}: no {stage} checkpoint in {checkpoints_of(cfg, stage)}; run that "
-                               "stage first or set it to a checkpoint folder")
-        return found
-    p = Path(value)
-    if (p / "config.json").is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise LmforgeError(f"{key}={value!r}: not a checkpoint folder, nor a folder with checkpoints")
+    return resolve_checkpoint(value, cfg.run_dir, key=f"{name}.init_from")
 
 
 @dataclass
