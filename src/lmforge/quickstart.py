@@ -8,12 +8,12 @@ byte and a sample, and leaves a run directory that `pretrain`, `eval` and `gener
 
 from __future__ import annotations
 
-import argparse
 import math
 import sysconfig
 import time
 from pathlib import Path
 
+from lmforge.cli import CommandParser
 from lmforge.config import load_config
 from lmforge.console import console
 from lmforge.errors import LmforgeError
@@ -45,7 +45,7 @@ def unigram_loss(split_dir: Path) -> float:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmforge quickstart", description=__doc__.split("\n\n")[0])
+    p = CommandParser("quickstart", __doc__.split("\n\n")[0], recipe=RECIPE)
     p.add_argument("--data", action="append", default=None,
                    help="your own text: file, folder or glob (repeatable); default: Python's stdlib sources")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget for the whole run")

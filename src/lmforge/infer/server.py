@@ -16,7 +16,6 @@ waiting requests (429 past it), OpenAI-shaped JSON errors for every 4xx, and bin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -25,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
+from lmforge.cli import CommandParser
 from lmforge.infer.openai_api import ApiError, ApiRequest, chunk, new_id, parse_request, response, usage_chunk
 
 
@@ -215,7 +215,7 @@ def model_name(ckpt: Path) -> str:
 def cmd_serve(argv: list[str]) -> int:
     from lmforge.infer.cli import add_model_args, split_items
 
-    ap = argparse.ArgumentParser(prog="lmforge serve", description="OpenAI-compatible HTTP server + web chat.")
+    ap = CommandParser("serve", "OpenAI-compatible HTTP server + web chat.")
     ap.add_argument("items", nargs="*", metavar="CKPT_OR_RUN_DIR | recipe.yaml | key=value")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
