@@ -68,6 +68,7 @@ COMMANDS: dict[str, Command] = {
                    ("run_dir", "seed", "device", "stages", "tokenizer", "data", "model", "train", "eval", "generate",
                     "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train", "rm", "rm.train",
                     "grpo", "grpo.lora", "grpo.train")),
+    "plot": Command("lmforge.plot:cmd_plot", "PNG + HTML of runs' curves: loss, bits/byte, lr, tokens/s, grad norm"),
 }
 
 

@@ -90,4 +90,11 @@ def cmd_quickstart(argv: list[str]) -> int:
                   f"train.max_steps={2 * result.step}\n"
                   f"evaluate:   lmforge eval run_dir={cfg.run_dir}\n"
                   f"generate:   lmforge generate {result.checkpoint} --prompt 'def '")
+    try:
+        from lmforge.plot import write_plots  # matplotlib: imported only now that training is done
+
+        png, page = write_plots([run])
+        console.print(f"curves:     {png} (and {page.name} beside it; redraw with `lmforge plot {cfg.run_dir}`)")
+    except Exception as e:  # noqa: BLE001 -- a picture must never fail a run that trained
+        console.print(f"[yellow]curves not drawn[/] ({type(e).__name__}: {e}); try `lmforge plot {cfg.run_dir}`")
     return 0
