@@ -69,6 +69,7 @@ COMMANDS: dict[str, Command] = {
                     "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train", "rm", "rm.train",
                     "grpo", "grpo.lora", "grpo.train")),
     "plot": Command("lmforge.plot:cmd_plot", "PNG + HTML of runs' curves: loss, bits/byte, lr, tokens/s, grad norm"),
+    "monitor": Command("lmforge.monitor:cmd_monitor", "live view of a run: metrics, ETA, checkpoints, sample, alive?"),
 }
 
 
