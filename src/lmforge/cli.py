@@ -70,6 +70,8 @@ COMMANDS: dict[str, Command] = {
                     "grpo", "grpo.lora", "grpo.train")),
     "plot": Command("lmforge.plot:cmd_plot", "PNG + HTML of runs' curves: loss, bits/byte, lr, tokens/s, grad norm"),
     "monitor": Command("lmforge.monitor:cmd_monitor", "live view of a run: metrics, ETA, checkpoints, sample, alive?"),
+    "doctor": Command("lmforge.doctor:cmd_doctor", "check this machine before a long run: GPU, compiler, disk, fit",
+                      (*RUN_KEYS, "model", "train")),
 }
 
 
