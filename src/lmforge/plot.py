@@ -15,21 +15,24 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
+from lmforge.monitor import hms
 
 STAGE_DIRS = ("sft", "dpo", "rm", "grpo")
-# Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss.
-NOT_SERIES = {"step", "time", "tokens", "total_steps", "eta_s", "val_ppl", "ppl"}
+# Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss; val_pairs a count.
+NOT_SERIES = {"step", "time", "tokens", "total_steps", "eta_s", "val_ppl", "ppl", "val_pairs"}
 
 
 @dataclass(frozen=True)
@@ -151,15 +154,28 @@ def short_labels(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
+def panel_group(key: str, present: set[str]) -> str:
+    """Which extra panel a series joins: val_x with x, rewards/a with rewards/b, x_max with x.
+
+    An accuracy stays apart from its group (rewards/accuracies is a fraction, the margins are not).
+    """
+    base = key.removeprefix("val_")
+    if "/" in base:
+        return base if "accura" in base else base.split("/")[0]
+    for suffix in ("_max", "_min", "_mean", "_std"):
+        if base.endswith(suffix) and base.removesuffix(suffix) in present | {f"val_{k}" for k in present}:
+            return base.removesuffix(suffix)
+    return base
+
+
 def panels_for(runs: list[RunMetrics]) -> list[Panel]:
-    """The known panels that have data, then one per other series (val_x beside x; a/b beside a/c)."""
+    """The known panels that have data, then one per group of the other series."""
     present = {k for r in runs for k in r.series} - NOT_SERIES
     out = [p for p in KNOWN if present & set(p.keys)]
     known = {k for p in KNOWN for k in p.keys}
     groups: dict[str, list[str]] = {}
     for key in sorted(present - known):
-        base = key.removeprefix("val_")
-        groups.setdefault(base.split("/")[0] if "/" in base else base, []).append(key)
+        groups.setdefault(panel_group(key, present), []).append(key)
     for name, keys in groups.items():
         train_first = sorted(keys, key=lambda k: (k.startswith("val_"), k))
         title = name.replace("_", " ")
@@ -299,6 +315,16 @@ def _eng(value: float) -> str:
 
 # --- the files ----------------------------------------------------------------------------------
 
+# Fallbacks for Chinese and Japanese run names, tried glyph by glyph after DejaVu Sans when installed.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Arial Unicode MS")
+
+
+def font_rc() -> dict:
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return {"font.family": ["DejaVu Sans", *(f for f in CJK_FONTS if f in installed)]}
+
+
 def output_paths(runs: list[RunMetrics], out: str | None) -> tuple[Path, Path]:
     """(png, html): RUN/plots/curves.* by default; `--out X.png` or `--out DIR` to choose."""
     if out is None:
@@ -338,7 +364,7 @@ def render_html(runs: list[RunMetrics], svg: str) -> str:
             i = int(np.argmin(v))
             best = f"{v[i]:.4f} ({int(s[i]):,})"
         tps = r.series.get("tokens_per_s")
-        wall = _hms(r.times[1] - r.times[0]) if r.times else ""
+        wall = hms(r.times[1] - r.times[0]) if r.times else ""
         body.append(f"<tr><td title='{html.escape(str(r.path))}'>{html.escape(r.label)}</td>"
                     f"<td>{r.last_step:,}</td><td>{_eng(r.last('tokens')) if r.last('tokens') else ''}</td>"
                     f"<td>{_cell(r.last('loss'))}</td><td>{_cell(r.last('val_loss'))}</td><td>{best}</td>"
@@ -371,11 +397,6 @@ pre {{ white-space: pre-wrap; background: #f5f5f5; padding: .8em; max-height: 20
 """
 
 
-def _hms(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def load_runs(paths: list[str | Path]) -> list[RunMetrics]:
     """Each run's metrics, labelled by the shortest path tail that tells them apart."""
     runs = [read_metrics(p) for p in paths]
@@ -389,10 +410,16 @@ def write_plots(runs: list[str | Path] | list[RunMetrics], out: str | None = Non
     """Draw the runs (paths or loaded RunMetrics); write the PNG and the HTML page; return their paths."""
     if not all(isinstance(r, RunMetrics) for r in runs):
         runs = load_runs(runs)
-    fig = draw(runs, x)
     png, page = output_paths(runs, out)
-    atomic_write_bytes(png, render_png(fig))
-    atomic_write_text(page, render_html(runs, render_svg(fig)))
+    fonts = font_rc()
+    with matplotlib.rc_context(fonts), warnings.catch_warnings():  # fonts are picked when text is made and drawn
+        if len(fonts["font.family"]) == 1 and any(not r.label.isascii() for r in runs):
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            print("lmforge plot: no CJK font installed, so non-Latin run names show as boxes in the PNG (the "
+                  "HTML page shows them); Debian/Ubuntu: apt-get install fonts-noto-cjk", file=sys.stderr)
+        fig = draw(runs, x)
+        atomic_write_bytes(png, render_png(fig))
+        atomic_write_text(page, render_html(runs, render_svg(fig)))
     return png, page
 
 
