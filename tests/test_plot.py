@@ -8,6 +8,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from spine import lmforge
 
@@ -71,6 +72,17 @@ def test_panels_cover_known_series_and_others(tmp_path):
     assert rewards.keys == ("rewards/exact_match", "rewards/format")
     drawn = {k for p in plot.panels_for(runs) for k in p.keys}
     assert not drawn & {"val_ppl", "total_steps", "eta_s", "time", "step"}  # bookkeeping is not a curve
+    dpo = plot.RunMetrics(tmp_path / "dpo" / "metrics.jsonl", "dpo")
+    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+                "completion_length", "completion_length_max", "accuracy", "val_accuracy", "val_pairs"):
+        dpo.series[key] = (np.array([1.0, 2.0]), np.array([0.5, 0.6]))
+    panels = {p.title: p.keys for p in plot.panels_for([dpo])}
+    assert panels["rewards"] == ("rewards/chosen", "rewards/margins")
+    assert panels["rewards/accuracies"] == ("rewards/accuracies",)  # a fraction: not on the margins' axis
+    assert panels["logps"] == ("logps/chosen", "logps/rejected")
+    assert panels["completion length"] == ("completion_length", "completion_length_max")
+    assert panels["accuracy"] == ("accuracy", "val_accuracy")
+    assert not any("val_pairs" in keys for keys in panels.values())
     loss = plot.read_metrics(tmp_path / "a")
     assert loss.bad_lines == 1 and loss.last_step == 200  # the cut line is skipped, the rest read
 

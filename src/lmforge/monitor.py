@@ -118,8 +118,9 @@ class Liveness:
 def lock_held(path: Path) -> bool | None:
     """True if some process holds the flock on `path`, False if none does, None if it cannot be told.
 
-    A shared, non-blocking probe: it never waits, and is released at once. (On a host where the
-    trainer's pid is known to be alive this is skipped, so a starting trainer never meets it.)
+    A shared, non-blocking probe: it never waits and is released at once, so the only process it
+    can disturb is a trainer starting in that same microsecond (its own non-blocking lock would
+    fail); `liveness` skips the probe when the lock's pid is known to be dead on this host.
     """
     try:
         fd = os.open(path, os.O_RDONLY)

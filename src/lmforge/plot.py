@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 from matplotlib import font_manager
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
@@ -209,6 +209,9 @@ def draw(runs: list[RunMetrics], x: str = "step") -> Figure:
                         wspace=0.9 / 6.2, hspace=1.1 / 2.5)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    max_step = max(r.last_step for r in runs)
+    max_tokens = max((float(r.tokens_at(np.array([r.last_step]))[0]) for r in runs if "tokens" in r.series),
+                     default=0.0)
     for ax, panel in zip(axes, panels):
         by_tokens = x == "tokens" or panel.fmt == "by-tokens"
         values_seen: list[np.ndarray] = []
@@ -229,6 +232,12 @@ def draw(runs: list[RunMetrics], x: str = "step") -> Figure:
         ax.set_title(panel.title, fontsize=11, loc="left")
         ax.set_xlabel("tokens seen" if by_tokens else "step")
         ax.grid(True, alpha=0.3)
+        # Every panel spans the whole run, so panels line up and a lone validation point sits in context.
+        right = max_tokens if by_tokens else max_step
+        if right > 0:
+            ax.set_xlim(0, right * 1.02)
+        if not by_tokens:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if by_tokens:
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         elif shared_tokens:
