@@ -25,8 +25,14 @@ from rich.markup import escape
 from lmforge.cli import CommandParser, config_from_args
 from lmforge.config import Config
 from lmforge.model.presets import PRESETS, preset_values, training_memory
+from lmforge.monitor import human_bytes
 
 GiB = 2**30
+
+
+def size(n: float) -> str:
+    """Memory in GiB, or MiB below a tenth of one (a tiny model's 0.00 GiB says nothing)."""
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass
@@ -316,8 +322,8 @@ def check_disk(cfg: Config, n_params: int) -> list[Check]:
     per_ckpt = n_params * (4 + opt_bytes)
     need = per_ckpt * (max(cfg.train.keep_last, 1) + 1)  # kept ones plus the one being written
     at = str(existing) if existing == where else f"{existing} (where {cfg.run_dir} will be created)"
-    detail = (f"{free / 1e9:.1f} GB free at {at}; checkpoints need about {need / 1e9:.2f} GB "
-              f"({max(cfg.train.keep_last, 1)} kept + 1 being written, {per_ckpt / 1e9:.2f} GB each)")
+    detail = (f"{human_bytes(free)} free at {at}; checkpoints need about {human_bytes(need)} "
+              f"({max(cfg.train.keep_last, 1)} kept + 1 being written, {human_bytes(per_ckpt)} each)")
     if free < need:
         return [Check("FAIL", "disk", detail, "free some space, lower train.keep_last, or choose a run_dir on "
                       "a larger disk")]
@@ -357,10 +363,11 @@ def check_fit(cfg: Config, n_params: int, found: list[GPU]) -> list[Check]:
     where = f"{gpu.name} ({capacity / GiB:.1f} GiB)" if gpu else f"available RAM ({capacity / GiB:.1f} GiB)"
     fit = Fit(cfg, precision_for(cfg, gpu), usable=0.9 * capacity)  # the rest: CUDA context, fragmentation
     mem = fit.need(m, n_params, t.micro_batch, t.activation_checkpointing, t.optimizer)
-    name = m.preset or f"{m.n_layer} layers x {m.n_embd}"
-    parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.items() if k != "total")
-    detail = (f"{name} ({n_params / 1e6:.1f}M parameters) at micro_batch {t.micro_batch} x seq_len {t.seq_len}, "
-              f"{fit.precision}: needs about {mem['total'] / GiB:.2f} GiB ({parts}) of {where}")
+    shape = f"{m.n_layer} layers x {m.n_embd}"
+    name = f"{m.preset} ({shape})" if m.preset else shape
+    parts = ", ".join(f"{k} {size(v)}" for k, v in mem.items() if k != "total")
+    detail = (f"{name}, {n_params / 1e6:.1f}M parameters, at micro_batch {t.micro_batch} x seq_len {t.seq_len}, "
+              f"{fit.precision}: needs about {size(mem['total'])} ({parts}) of {where}")
     if mem["total"] <= 0.75 * capacity:
         return [Check("OK", "fit", detail)]
     if mem["total"] <= fit.usable:
