@@ -119,7 +119,7 @@ def test_disk_and_compiler_failures(monkeypatch, tmp_path):
     code, out = run(cfg)
     assert code == 1
     status, detail = lines(out)["disk"]
-    assert status == "FAIL" and "0.0 GB free" in detail and "checkpoints need about" in detail
+    assert status == "FAIL" and "1.0 MB free" in detail and "checkpoints need about" in detail
     status, detail = lines(out)["cpu kernels"]
     assert status == "WARN" and "no C compiler" in detail  # CPU training falls back to PyTorch: not fatal
     assert "apt-get install gcc" in out
