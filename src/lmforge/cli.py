@@ -8,32 +8,180 @@ function takes the remaining argv and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
+import shutil
 import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
+from lmforge import config as schema
 from lmforge.errors import LmforgeError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("lmforge.quickstart:cmd_quickstart", "tokenizer + tiny model on a corpus every machine has"),
-    "tokenizer": ("lmforge.stages:cmd_tokenizer", "train a byte-level BPE tokenizer -> RUN/tokenizer"),
-    "prepare": ("lmforge.stages:cmd_prepare", "tokenize a corpus into shards -> RUN/data/<split>"),
-    "pretrain": ("lmforge.stages:cmd_pretrain", "train a model on prepared shards -> RUN/checkpoints"),
-    "sft": ("lmforge.train.sft:cmd_sft", "supervised fine-tuning on chat examples (full or LoRA/QLoRA)"),
-    "dpo": ("lmforge.train.dpo:cmd_dpo", "direct preference optimisation on chosen/rejected pairs"),
-    "rm": ("lmforge.train.reward:cmd_rm", "train a reward model (Bradley-Terry) on preference pairs"),
-    "grpo": ("lmforge.train.grpo:cmd_grpo", "group relative policy optimisation with reward functions"),
-    "merge": ("lmforge.train.lora:cmd_merge", "merge a LoRA adapter into its base -> plain checkpoint"),
-    "eval": ("lmforge.eval.lm:cmd_eval", "loss, perplexity, bits-per-byte of a checkpoint"),
-    "generate": ("lmforge.infer.cli:cmd_generate", "sample text from a checkpoint"),
-    "chat": ("lmforge.infer.cli:cmd_chat", "interactive terminal chat with a checkpoint"),
-    "serve": ("lmforge.infer.server:cmd_serve", "OpenAI-compatible HTTP server with a web chat page"),
-    "export": ("lmforge.export.cli:cmd_export", "`export hf|gguf CKPT OUT`: Hugging Face folder or GGUF file"),
-    "import": ("lmforge.export.cli:cmd_import", "`import hf PATH OUT`: a Llama/Qwen folder -> checkpoint"),
-    "model": ("lmforge.stages:cmd_model", "`model info PRESET`: parameters, FLOPs, training memory"),
-    "run": ("lmforge.stages:cmd_run", "run the stages a recipe lists, in order, resumable"),
+# Keys a command reads, for its --help: a section ("train"), a single key ("data.sources"), or a
+# per-stage train section ("sft.train"), which lists as one line pointing at `train`.
+RUN_KEYS = ("run_dir", "seed", "device")
+PRETRAIN_KEYS = (*RUN_KEYS, "tokenizer", "data", "model", "train")
+
+
+class Command(NamedTuple):
+    target: str  # module:function, imported only when the command runs
+    summary: str
+    keys: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command("lmforge.quickstart:cmd_quickstart", "tokenizer + tiny model on a corpus every machine has",
+                          PRETRAIN_KEYS),
+    "tokenizer": Command("lmforge.stages:cmd_tokenizer", "train a byte-level BPE tokenizer -> RUN/tokenizer",
+                         ("run_dir", "tokenizer", "data.sources", "data.text_field", "model.max_seq_len")),
+    "prepare": Command("lmforge.stages:cmd_prepare", "tokenize a corpus into shards -> RUN/data/<split>",
+                       ("run_dir", "data")),
+    "pretrain": Command("lmforge.stages:cmd_pretrain", "train a model on prepared shards -> RUN/checkpoints",
+                        (*RUN_KEYS, "model", "train")),
+    "sft": Command("lmforge.train.sft:cmd_sft", "supervised fine-tuning on chat examples (full or LoRA/QLoRA)",
+                   (*RUN_KEYS, "sft", "sft.lora", "sft.train", "train")),
+    "dpo": Command("lmforge.train.dpo:cmd_dpo", "direct preference optimisation on chosen/rejected pairs",
+                   (*RUN_KEYS, "dpo", "dpo.lora", "dpo.train", "train")),
+    "rm": Command("lmforge.train.reward:cmd_rm", "train a reward model (Bradley-Terry) on preference pairs",
+                  (*RUN_KEYS, "rm", "rm.train", "train")),
+    "grpo": Command("lmforge.train.grpo:cmd_grpo", "group relative policy optimisation with reward functions",
+                    (*RUN_KEYS, "grpo", "grpo.lora", "grpo.train", "train")),
+    "merge": Command("lmforge.train.lora:cmd_merge", "merge a LoRA adapter into its base -> plain checkpoint"),
+    "eval": Command("lmforge.eval.lm:cmd_eval", "loss, perplexity, bits-per-byte of a checkpoint",
+                    ("run_dir", "device", "eval", "data.text_field", "generate.max_new_tokens")),
+    "generate": Command("lmforge.infer.cli:cmd_generate", "sample text from a checkpoint",
+                        ("run_dir", "device", "generate")),
+    "chat": Command("lmforge.infer.cli:cmd_chat", "interactive terminal chat with a checkpoint",
+                    ("run_dir", "device", "generate")),
+    "serve": Command("lmforge.infer.server:cmd_serve", "OpenAI-compatible HTTP server with a web chat page",
+                     ("run_dir", "device", "generate.checkpoint")),
+    "export": Command("lmforge.export.cli:cmd_export", "`export hf|gguf CKPT OUT`: Hugging Face folder or GGUF file"),
+    "import": Command("lmforge.export.cli:cmd_import", "`import hf PATH OUT`: a Llama/Qwen folder -> checkpoint"),
+    "model": Command("lmforge.stages:cmd_model", "`model info PRESET`: parameters, FLOPs, training memory",
+                     ("model",)),
+    "run": Command("lmforge.stages:cmd_run", "run the stages a recipe lists, in order, resumable",
+                   ("run_dir", "seed", "device", "stages", "tokenizer", "data", "model", "train", "eval", "generate",
+                    "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train", "rm", "rm.train",
+                    "grpo", "grpo.lora", "grpo.train")),
+    "plot": Command("lmforge.plot:cmd_plot", "PNG + HTML of runs' curves: loss, bits/byte, lr, tokens/s, grad norm"),
+    "monitor": Command("lmforge.monitor:cmd_monitor", "live view of a run: metrics, ETA, checkpoints, sample, alive?"),
+    "doctor": Command("lmforge.doctor:cmd_doctor", "check this machine before a long run: GPU, compiler, disk, fit",
+                      (*RUN_KEYS, "model", "train")),
 }
+
+
+# --- help: the config keys a command reads, from the dataclasses themselves -------------------------
+
+def type_name(tp: Any) -> str:
+    """`int`, `list[str]`, or a Literal's choices as `a|b|c` (the empty choice shown as "")."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join('""' if a == "" else str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def show_value(value: Any) -> str:
+    """A default as it would be typed on the command line (YAML): true, "", [a, b], 0.0003."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def config_keys(entries: tuple[str, ...], defaults: Any = None) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Section heading -> [(dotted key, type, default, description)] for the keys `entries` name.
+
+    Defaults are read from `defaults` (a Config; the schema's own when None), so a command that
+    starts from a recipe can show the recipe's values.
+    """
+    defaults = schema.Config() if defaults is None else defaults
+    groups: dict[str, list[tuple[str, str, str, str]]] = {}
+    for entry in entries:
+        *path, name = entry.split(".")
+        owner = defaults
+        for part in path:
+            owner = getattr(owner, part)
+        hints = typing.get_type_hints(type(owner))
+        if name not in hints:
+            raise KeyError(f"{entry} is not a config key")
+        tp, value = hints[name], getattr(owner, name)
+        if tp is schema.StageTrain:
+            groups.setdefault(entry, []).append(
+                (f"{entry}.<key>", "", "", f"any train.<key> for this stage only (e.g. {entry}.lr=1e-4); "
+                                           "unset ones follow the train section"))
+        elif dataclasses.is_dataclass(tp):  # a whole section: its own keys (nested sections are listed apart)
+            inner, docs, rows = typing.get_type_hints(tp), schema.field_docs(tp), groups.setdefault(entry, [])
+            for f in dataclasses.fields(tp):
+                if not dataclasses.is_dataclass(inner[f.name]):
+                    rows.append((f"{entry}.{f.name}", type_name(inner[f.name]), show_value(getattr(value, f.name)),
+                                 docs.get(f.name, "")))
+        else:
+            groups.setdefault(".".join(path) or "top-level", []).append(
+                (entry, type_name(tp), show_value(value), schema.field_docs(type(owner)).get(name, "")))
+    return groups
+
+
+def keys_help(entries: tuple[str, ...], width: int = 0, defaults: Any = None, origin: str = "") -> str:
+    """The epilog of a command's --help: `key: type = default  description`, grouped by section.
+
+    width > 0 wraps descriptions to that many columns (a terminal); 0 keeps one line per key, so
+    `lmforge pretrain --help | grep lr` finds a key with its description. `origin` names where
+    `defaults` came from.
+    """
+    if not entries:
+        return ""
+    out = ["config keys (key=value after the command, or in a recipe.yaml"
+           + (f"; defaults as {origin} sets them):" if origin else "):")]
+    for heading, rows in config_keys(entries, defaults).items():
+        out.append(f"\n{heading}:")
+        heads = [f"  {key}: {tp} = {default}" if tp else f"  {key}" for key, tp, default, _ in rows]
+        # The description column fits the section's ordinary keys; a longer one (a list default)
+        # pushes only its own description along, or onto the next line.
+        col = max((len(h) for h in heads if len(h) <= 48), default=48) + 2
+        for head, (*_, doc) in zip(heads, rows):
+            if not width:
+                out.append(f"{head.ljust(col - 2)}  {doc}".rstrip())
+                continue
+            lines = textwrap.wrap(doc, max(width - col, 30), break_on_hyphens=False) or [""]
+            if len(head) + 2 > col:
+                out.append(head)
+            else:
+                out.append(head.ljust(col) + lines.pop(0))
+            out.extend(" " * col + line for line in lines)
+    return "\n".join(out)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argparse parser whose --help ends with the config keys its command reads.
+
+    The list is built only when help is asked for, so starting a command costs nothing extra.
+    `recipe`: the YAML the command starts from, whose values the list shows as the defaults.
+    """
+
+    def __init__(self, name: str, description: str, recipe: str | Path | None = None, **kwargs: Any):
+        super().__init__(prog=f"lmforge {name}", description=description, **kwargs)
+        self.keys = COMMANDS[name].keys if name in COMMANDS else ()
+        self.recipe = recipe
+
+    def format_help(self) -> str:
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+        defaults = schema.load_config(self.recipe) if self.recipe else None
+        keys = keys_help(self.keys, width, defaults, Path(self.recipe).name if self.recipe else "")
+        return super().format_help() + (f"\n{keys}\n" if keys else "")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +191,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_config(prog: str, argv: list[str], description: str):
     """The Config of a command that takes only `[recipe.yaml] key=value ...` (most stages)."""
-    p = argparse.ArgumentParser(prog=f"lmforge {prog}", description=description)
+    p = CommandParser(prog, description)
     add_config_args(p)
     return config_from_args(p.parse_args(argv).items)
 
@@ -72,8 +220,7 @@ def config_from_args(items: list[str]):
 
 
 def _run(name: str, argv: list[str]) -> int:
-    target, _ = COMMANDS[name]
-    module, func = target.split(":")
+    module, func = COMMANDS[name].target.split(":")
     return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
 
@@ -81,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         width = max(len(n) for n in COMMANDS)
-        lines = [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
+        lines = [f"  {n.ljust(width)}  {c.summary}" for n, c in COMMANDS.items()]
         print("usage: lmforge <command> [recipe.yaml] [key=value ...]\n\ncommands:\n" + "\n".join(lines)
-              + "\n\n`lmforge <command> --help` shows a command's options.")
+              + "\n\n`lmforge <command> --help` shows a command's options and the config keys it reads.")
         sys.exit(0 if argv else 2)
     if argv[0] in ("-V", "--version"):
         from lmforge import __version__

@@ -8,12 +8,12 @@ byte and a sample, and leaves a run directory that `pretrain`, `eval` and `gener
 
 from __future__ import annotations
 
-import argparse
 import math
 import sysconfig
 import time
 from pathlib import Path
 
+from lmforge.cli import CommandParser
 from lmforge.config import load_config
 from lmforge.console import console
 from lmforge.errors import LmforgeError
@@ -45,7 +45,7 @@ def unigram_loss(split_dir: Path) -> float:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmforge quickstart", description=__doc__.split("\n\n")[0])
+    p = CommandParser("quickstart", __doc__.split("\n\n")[0], recipe=RECIPE)
     p.add_argument("--data", action="append", default=None,
                    help="your own text: file, folder or glob (repeatable); default: Python's stdlib sources")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget for the whole run")
@@ -90,4 +90,11 @@ def cmd_quickstart(argv: list[str]) -> int:
                   f"train.max_steps={2 * result.step}\n"
                   f"evaluate:   lmforge eval run_dir={cfg.run_dir}\n"
                   f"generate:   lmforge generate {result.checkpoint} --prompt 'def '")
+    try:
+        from lmforge.plot import write_plots  # matplotlib: imported only now that training is done
+
+        png, page = write_plots([run])
+        console.print(f"curves:     {png} (and {page.name} beside it; redraw with `lmforge plot {cfg.run_dir}`)")
+    except Exception as e:  # noqa: BLE001 -- a picture must never fail a run that trained
+        console.print(f"[yellow]curves not drawn[/] ({type(e).__name__}: {e}); try `lmforge plot {cfg.run_dir}`")
     return 0

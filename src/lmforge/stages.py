@@ -7,11 +7,10 @@ after a crash resumes it.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.cli import parse_config
+from lmforge.cli import CommandParser, parse_config
 from lmforge.config import Config, save_config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
@@ -134,7 +133,7 @@ def cmd_model(argv: list[str]) -> int:
     from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS, training_memory
     from lmforge.model.transformer import Transformer
 
-    p = argparse.ArgumentParser(prog="lmforge model", description="Model arithmetic for a preset.")
+    p = CommandParser("model", "Model arithmetic for a preset.")
     p.add_argument("action", choices=["info"])
     p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--vocab", type=int, default=DEFAULT_INFO_VOCAB)

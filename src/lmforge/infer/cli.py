@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def _out(text: str) -> None:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="lmforge generate", description="Sample text from a checkpoint.")
+    ap = CommandParser("generate", "Sample text from a checkpoint.")
     ap.add_argument("items", nargs="*", metavar="CKPT_OR_RUN_DIR | recipe.yaml | key=value")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--file", help="a text file with one prompt per line")
@@ -143,7 +144,7 @@ HELP = "/reset clears the history, /exit quits"
 
 
 def cmd_chat(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="lmforge chat", description=f"Chat with a checkpoint ({HELP}).")
+    ap = CommandParser("chat", f"Chat with a checkpoint ({HELP}).")
     ap.add_argument("items", nargs="*", metavar="CKPT_OR_RUN_DIR | recipe.yaml | key=value")
     ap.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(ap, max_new_tokens=512)

@@ -20,7 +20,6 @@ API key compared in constant time, OpenAI-shaped JSON errors for every 4xx, and 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import ipaddress
@@ -34,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
+from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import complete_ids, context_length
 from lmforge.infer.openai_api import (
@@ -326,7 +326,7 @@ def api_key_from(flag: str | None, env: dict[str, str]) -> str | None:
 def cmd_serve(argv: list[str]) -> int:
     from lmforge.infer.cli import add_model_args, split_items
 
-    ap = argparse.ArgumentParser(prog="lmforge serve", description="OpenAI-compatible HTTP server + web chat.")
+    ap = CommandParser("serve", "OpenAI-compatible HTTP server + web chat.")
     ap.add_argument("items", nargs="*", metavar="CKPT_OR_RUN_DIR | recipe.yaml | key=value")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
