@@ -81,7 +81,7 @@ class RunLock:
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": round(time.time(), 3),
                     "command": _command()}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+            os.pwrite(fd, (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8"), 0)
             os.fsync(fd)
             self.fd = fd
             return self
@@ -96,8 +96,8 @@ class RunLock:
         command = " ".join(holder.get("command") or [])
         return (f"{self.folder} is in use by another run: pid {holder.get('pid')} on host {holder.get('host')}, "
                 f"started {started}" + (f" (`{command}`)" if command else "")
-                + f". Wait for it to finish or stop that process; two writers would interleave checkpoints "
-                f"and metrics (lock: {self.path})")
+                + f". Wait for it to finish or stop that process: two processes writing one run would "
+                f"interleave its checkpoints, metrics or data (lock: {self.path})")
 
     def release(self) -> None:
         if self.fd is None:
