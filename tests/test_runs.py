@@ -87,8 +87,7 @@ def test_a_fresh_start_moves_the_old_run_aside_and_a_restart_resumes_it(base_run
     r = lmforge("pretrain", f"run_dir={run}", "train.resume=none", "seed=7", env={"LMFORGE_FAULT": "step:3"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     (aside,) = (run / "previous").iterdir()
-    assert f"moved checkpoints/step_000002, checkpoints/step_000004, checkpoints/step_000006, metrics.jsonl " \
-           f"of the earlier run to {aside}" in r.stderr
+    assert f"moved checkpoints/step_000002..step_000006 (3), metrics.jsonl of the earlier run to {aside}" in r.stderr
     assert [p.name for p in list_checkpoints(aside / "checkpoints")] == ["step_000002", "step_000004", "step_000006"]
     assert losses(aside / "metrics.jsonl") == old
     assert json.loads((aside / "moved.json").read_text())["reason"].startswith("train.resume=none")
@@ -129,6 +128,31 @@ def test_a_fresh_start_that_fails_before_its_first_step_puts_the_old_run_back(ba
     assert cli("pretrain", f"run_dir={run}", "train.resume=none", "train.wandb=true") == 2
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_000002"]
     assert (run / "metrics.jsonl").read_text() == before and not (run / "previous").exists()
+
+
+def test_a_stage_fresh_start_sets_its_checkpoints_and_their_eval_results_aside(tmp_path):
+    base = tiny_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"{i} + 2?"},
+                                                              {"role": "assistant", "content": str(i + 2)}]}
+                                                for i in range(12)])
+    run = tmp_path / "run"
+    args = ["sft", f"run_dir={run}", f"sft.data=[{data}]", f"sft.init_from={base}", "train.progress=false",
+            "train.seq_len=48", "train.micro_batch=2", "train.max_steps=2", "train.save_every=2", "train.eval_every=0",
+            "train.sample_every=0", "train.log_every=1"]
+    assert cli(*args) == 0
+    (run / "eval").mkdir()
+    ours = run / "eval" / "sft-step_000002-arith.json"
+    ours.write_text(json.dumps({"accuracy": 0.5, "checkpoint": str(run / "sft" / "checkpoints" / "step_000002")}))
+    theirs = run / "eval" / "pretrain-step_000002-arith.json"
+    theirs.write_text(json.dumps({"accuracy": 0.1, "checkpoint": str(run / "checkpoints" / "step_000002")}))
+    assert cli(*args, "sft.train.resume=none", "seed=3") == 0
+    (aside,) = (run / "previous").iterdir()  # one place per run, the run's layout kept
+    assert (aside / "sft" / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    assert (aside / "sft" / "metrics.jsonl").is_file()
+    assert (aside / "eval" / ours.name).is_file() and not ours.exists()  # `lmforge run` would skip eval-sft
+    assert theirs.is_file()  # the pretraining checkpoint's result is not this stage's
+    assert [p.name for p in list_checkpoints(run / "sft" / "checkpoints")] == ["step_000002"]
+    assert not (run / "sft" / "previous").exists()
 
 
 def test_an_interrupted_move_aside_is_finished_by_the_next_run(tmp_path):

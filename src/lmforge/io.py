@@ -88,7 +88,8 @@ def read_json(path: str | Path, hint: str = "") -> object:
         raise LmforgeError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -127,7 +128,7 @@ def clear_leftovers(parent: Path, names: str) -> None:
     for kind in ("tmp", "old"):
         for p in parent.glob(f".{names}.{kind}-*"):
             name, _, pid = p.name[1:].rpartition(f".{kind}-")
-            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
                 continue
             final = parent / name
             if kind == "old" and not final.exists():

@@ -8,7 +8,8 @@ a plain restart can trust.
 - `remembered`: the config written to RUN/lmforge.yaml, without the one-shot switches (a fresh start,
   a resume or init path already used), so `lmforge pretrain run_dir=RUN` after a crash continues.
 - `Aside`: a fresh start (or a resume from an earlier checkpoint) moves what it would mix with to
-  `<out_dir>/previous/<time>/` and puts it back if the new run fails before its first step.
+  `RUN/previous/<time>/` (the run's layout kept: `checkpoints/`, `sft/checkpoints/`, `eval/...`) and
+  puts it back if the new run fails before its first step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from lmforge.config import Config, save_config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_json, fsync_dir
+from lmforge.io import atomic_write_json, fsync_dir, pid_alive
 
 LOCK_FILE = "lmforge.lock"
 PREVIOUS = "previous"
@@ -193,25 +194,25 @@ def _stamp(parent: Path) -> str:
 
 
 class Aside:
-    """Moves files of an earlier run out of `out_dir` into `out_dir/previous/<time>/`, keeping their
-    relative paths, with a `moved.json` saying what and why.
+    """Moves files of an earlier run out of the run folder `root` into `root/previous/<time>/`, keeping
+    their paths relative to root, with a `moved.json` saying what and why.
 
     The move is staged in a hidden `previous/.<time>.tmp-PID` folder whose manifest is written first, so
     a move interrupted by a kill is finished by the next run in the folder (`finish_interrupted`).
     `undo()` puts everything back (the new run failed before it trained a step).
     """
 
-    def __init__(self, out_dir: str | Path, move: list[Path], copy_: list[Path] = (), reason: str = ""):
-        self.out_dir = Path(out_dir)
-        self.move = [Path(p).relative_to(self.out_dir) for p in move]
-        self.copy = [Path(p).relative_to(self.out_dir) for p in copy_]
+    def __init__(self, root: str | Path, move: list[Path], copy_: list[Path] = (), reason: str = ""):
+        self.root = Path(root)
+        self.move = [_relative(p, self.root) for p in move]
+        self.copy = [_relative(p, self.root) for p in copy_]
         self.reason = reason
         self.dest: Path | None = None
 
     def run(self) -> Path | None:
         if not self.move and not self.copy:
             return None
-        previous = self.out_dir / PREVIOUS
+        previous = self.root / PREVIOUS
         previous.mkdir(parents=True, exist_ok=True)
         final = previous / _stamp(previous)
         staging = previous / f".{final.name}.tmp-{os.getpid()}"
@@ -219,12 +220,11 @@ class Aside:
         manifest = {"reason": self.reason, "time": round(time.time(), 3), "command": _command(),
                     "final": final.name, "moved": [str(p) for p in self.move], "copied": [str(p) for p in self.copy]}
         atomic_write_json(staging / MANIFEST, manifest)  # before anything moves: a kill from here on is finished later
-        _transfer(self.out_dir, staging, manifest)
+        _transfer(self.root, staging, manifest)
         os.replace(staging, final)
         fsync_dir(previous)
         self.dest = final
-        what = ", ".join(str(p) for p in self.move + [c for c in self.copy if c not in self.move])
-        log(f"[yellow]{self.reason}[/]: moved {what} of the earlier run to {final}")
+        log(f"[yellow]{self.reason}[/]: moved {_summary(self.move + self.copy)} of the earlier run to {final}")
         return final
 
     def undo(self) -> None:
@@ -232,7 +232,7 @@ class Aside:
         if self.dest is None:
             return
         for rel in self.move + self.copy:
-            src, dst = self.dest / rel, self.out_dir / rel
+            src, dst = self.dest / rel, self.root / rel
             if not src.exists():
                 continue
             if dst.is_dir():
@@ -243,39 +243,77 @@ class Aside:
             os.replace(src, dst)
         shutil.rmtree(self.dest, ignore_errors=True)
         try:
-            (self.out_dir / PREVIOUS).rmdir()  # only if nothing else was ever moved aside
+            (self.root / PREVIOUS).rmdir()  # only if nothing else was ever moved aside
         except OSError:
             pass
-        log(f"[yellow]the new run failed before its first step[/]: put the earlier run's files back in {self.out_dir}")
+        log(f"[yellow]the new run failed before its first step[/]: put the earlier run's files back from "
+            f"{self.dest}")
         self.dest = None
 
 
-def _transfer(out_dir: Path, staging: Path, manifest: dict) -> None:
-    """Copy, then move, what `manifest` lists that is still in out_dir (a second pass finishes a first)."""
+def _relative(path: str | Path, root: Path) -> Path:
+    return Path(path).resolve().relative_to(root.resolve())
+
+
+def _summary(paths: list[Path]) -> str:
+    """`checkpoints/step_000002..step_000006 (3), metrics.jsonl, eval/x.json`: what moved, in one line."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        key = str(p.parent) if p.name.startswith("step_") else str(p)
+        groups.setdefault(key, []).append(p.name)
+    parts = []
+    for key, names in groups.items():
+        if len(names) == 1 and not names[0].startswith("step_"):
+            parts.append(key)
+        else:
+            names = sorted(set(names))
+            parts.append(f"{key}/{names[0]}" + (f"..{names[-1]} ({len(names)})" if len(names) > 1 else ""))
+    return ", ".join(parts)
+
+
+def eval_results_of(root: str | Path, checkpoints: list[Path]) -> list[Path]:
+    """The `RUN/eval/*.json` results of these checkpoints (each says which one in its "checkpoint" field)."""
+    wanted = {Path(c).resolve() for c in checkpoints}
+    out = []
+    for f in sorted((Path(root) / "eval").glob("*.json")) if wanted else []:
+        try:
+            ckpt = json.loads(f.read_text(encoding="utf-8")).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(ckpt, str) and Path(ckpt).resolve() in wanted:
+            out.append(f)
+    return out
+
+
+def _transfer(root: Path, staging: Path, manifest: dict) -> None:
+    """Copy, then move, what `manifest` lists that is still in root (a second pass finishes a first)."""
     for rel in manifest["copied"]:
-        src = out_dir / rel
+        src = root / rel
         if src.is_file():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, staging / rel)
     for rel in manifest["moved"]:
-        src = out_dir / rel
+        src = root / rel
         if src.exists() and not (staging / rel).exists():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, staging / rel)
 
 
-def finish_interrupted(out_dir: str | Path) -> None:
-    """Finish moves aside that a killed process left half done (call it holding the folder's lock)."""
-    previous = Path(out_dir) / PREVIOUS
+def finish_interrupted(root: str | Path) -> None:
+    """Finish moves aside that killed processes left half done in `root/previous/`."""
+    previous = Path(root) / PREVIOUS
     if not previous.is_dir():
         return
     for staging in sorted(previous.glob(".*.tmp-*")):
+        pid = staging.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue  # another stage of this run moving its own files right now
         try:
             manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             shutil.rmtree(staging, ignore_errors=True)  # killed before its manifest existed: nothing moved yet
             continue
-        _transfer(Path(out_dir), staging, manifest)
+        _transfer(Path(root), staging, manifest)
         final = previous / manifest.get("final", staging.name.lstrip(".").split(".tmp-")[0])
         if final.exists():
             final = previous / _stamp(previous)
@@ -292,6 +330,9 @@ class RunFolder:
 
     def __init__(self, out_dir: str | Path, cfg: Config, config_path: str | Path | None, enabled: bool = True):
         self.out_dir, self.enabled = Path(out_dir), enabled
+        # what is set aside goes to RUN/previous, also for a stage's folder RUN/<stage>
+        inside = self.out_dir.resolve().is_relative_to(cfg.run_path.resolve())
+        self.root = cfg.run_path if inside else self.out_dir
         self.run_lock = RunLock(self.out_dir, enabled)
         self.config = RunConfig(cfg, config_path if enabled else None)
         self.aside: Aside | None = None
@@ -305,12 +346,12 @@ class RunFolder:
             self.run_lock.acquire()
         except LmforgeError as e:
             return str(e)
-        finish_interrupted(self.out_dir)
+        finish_interrupted(self.root)
         return ""
 
     def set_aside(self, move: list[Path], copy_: list[Path], reason: str) -> None:
         if self.enabled:
-            self.aside = Aside(self.out_dir, [p for p in move if p.exists()], [p for p in copy_ if p.exists()],
+            self.aside = Aside(self.root, [p for p in move if p.exists()], [p for p in copy_ if p.exists()],
                                reason)
             self.aside.run()
 

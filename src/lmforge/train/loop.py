@@ -27,7 +27,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import Config, to_dict
 from lmforge.console import console, log
 from lmforge.errors import LmforgeError
-from lmforge.rundir import RunFolder, remembered
+from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
 from lmforge.train.metrics import MetricsSink
 from lmforge.train.mfu import MatmulCeiling
@@ -169,7 +169,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
                           broadcast_buffers=False)
 
-    folder.set_aside(*_earlier_run(out_dir, ckpt_dir, tc.resume, resume_from))
+    folder.set_aside(*_earlier_run(folder.root, out_dir, ckpt_dir, tc.resume, resume_from))
     sink = MetricsSink(out_dir, d.is_main, state["step"], tc.tensorboard, tc.wandb, tc.swanlab,
                        run_name=out_dir.name, config=to_dict(cfg))
     config_yaml = _config_yaml(remembered(cfg, has_checkpoint=True))  # what restarting from a checkpoint means
@@ -324,21 +324,24 @@ def _throughput(state: dict, window: dict, dt: float, flops_tok: float, ceiling:
     return row
 
 
-def _earlier_run(out_dir: Path, ckpt_dir: Path, resume: str, resume_from: Path | None) -> tuple[list, list, str]:
+def _earlier_run(root: Path, out_dir: Path, ckpt_dir: Path, resume: str,
+                 resume_from: Path | None) -> tuple[list, list, str]:
     """What of an earlier run this one would mix with: (paths to move aside, paths to copy aside, why).
 
-    A fresh start (train.resume=none) or a resume from another run's checkpoint: every checkpoint,
-    metrics.jsonl and the TensorBoard events. A resume from an earlier checkpoint of this run: the later
-    checkpoints (and a copy of metrics.jsonl, whose later rows the sink drops). Plain auto-resume: nothing.
+    A fresh start (train.resume=none) or a resume from another run's checkpoint: every checkpoint and
+    its RUN/eval results, metrics.jsonl and the TensorBoard events. A resume from an earlier checkpoint
+    of this run: the later checkpoints and their results (and a copy of metrics.jsonl, whose later rows
+    the sink drops). Plain auto-resume: nothing.
     """
     later = ckpt.superseded(ckpt_dir, resume_from)
+    results = eval_results_of(root, later)
     own = resume_from is not None and resume_from.resolve().parent == ckpt_dir.resolve()
     if resume_from is None and resume not in ("none", ""):
         return [], [], ""  # auto with nothing to resume from: this run's own first start
     if own:
-        return later, [out_dir / "metrics.jsonl"] if later else [], f"resuming from {resume_from.name}"
+        return later + results, [out_dir / "metrics.jsonl"] if later else [], f"resuming from {resume_from.name}"
     why = "train.resume=none (a fresh start)" if resume_from is None else f"train.resume={resume_from}"
-    return [*later, out_dir / "metrics.jsonl", out_dir / "tensorboard"], [], why
+    return [*later, *results, out_dir / "metrics.jsonl", out_dir / "tensorboard"], [], why
 
 
 def _evaluate(objective: Objective, model: nn.Module) -> dict:
