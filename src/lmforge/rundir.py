@@ -221,7 +221,7 @@ class Aside:
                     "final": final.name, "moved": [str(p) for p in self.move], "copied": [str(p) for p in self.copy]}
         atomic_write_json(staging / MANIFEST, manifest)  # before anything moves: a kill from here on is finished later
         _transfer(self.root, staging, manifest)
-        os.replace(staging, final)
+        final = _rename_free(staging, final)
         fsync_dir(previous)
         self.dest = final
         log(f"[yellow]{self.reason}[/]: moved {_summary(self.move + self.copy)} of the earlier run to {final}")
@@ -249,6 +249,21 @@ class Aside:
         log(f"[yellow]the new run failed before its first step[/]: put the earlier run's files back from "
             f"{self.dest}")
         self.dest = None
+
+
+def _rename_free(src: Path, dst: Path) -> Path:
+    """Rename src to dst, or to a fresh time-stamped name beside it if dst is taken (another stage of
+    the run set its files aside in the same second)."""
+    for _ in range(100):
+        if not dst.exists():
+            try:
+                os.replace(src, dst)
+                return dst
+            except OSError:
+                if not dst.exists():
+                    raise
+        dst = dst.parent / _stamp(dst.parent)
+    raise LmforgeError(f"{src}: no free name for it in {dst.parent}")
 
 
 def _relative(path: str | Path, root: Path) -> Path:
@@ -314,10 +329,7 @@ def finish_interrupted(root: str | Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)  # killed before its manifest existed: nothing moved yet
             continue
         _transfer(Path(root), staging, manifest)
-        final = previous / manifest.get("final", staging.name.lstrip(".").split(".tmp-")[0])
-        if final.exists():
-            final = previous / _stamp(previous)
-        os.replace(staging, final)
+        final = _rename_free(staging, previous / manifest.get("final", _stamp(previous)))
         log(f"finished moving an interrupted run's files aside to {final}")
 
 
