@@ -200,7 +200,8 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     last_path = None
     budget_s = tc.max_minutes * 60
     log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
-        f"{global_tokens} tokens/step ({accum} accumulation), precision {amp or torch.float32}, device {device}"
+        f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
+        f"device {device}"
         + (f"; {ceiling.describe()}" if ceiling else ""))
 
     progress = _Progress(enabled=d.is_main and tc.progress)
