@@ -10,6 +10,7 @@ a plain restart can trust.
 - `Aside`: a fresh start (or a resume from an earlier checkpoint) moves what it would mix with to
   `RUN/previous/<time>/` (the run's layout kept: `checkpoints/`, `sft/checkpoints/`, `eval/...`) and
   puts it back if the new run fails before its first step.
+- `RunFolder`: the three together, as the training loop uses them (rank 0 only).
 """
 
 from __future__ import annotations
