@@ -37,7 +37,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
-from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json
+from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json, remove_tree
 from lmforge.model.transformer import Transformer
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.tokenizer import Tokenizer
@@ -356,12 +356,70 @@ def latest_checkpoint(root: str | Path, resumable: bool = False) -> Path | None:
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints; also clear leftovers of interrupted saves."""
+    """Keep the newest `keep_last` checkpoints; also clear leftovers of interrupted saves and prunes.
+
+    Each old checkpoint is renamed to a hidden name before it is deleted, so a kill mid-delete
+    never leaves a half-deleted `step_N` that looks like a checkpoint (or is never pruned).
+    """
     root = Path(root)
     if keep_last > 0:
         for p in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p, before_delete=lambda hidden, name=p.name: _delete_weights_then_fault(hidden, name))
     clear_leftovers(root, "step_*")
+
+
+def _delete_weights_then_fault(hidden: Path, name: str) -> None:
+    """Under LMFORGE_FAULT=mid-prune[:step_N], die with the folder half deleted (its weights gone)."""
+    if os.environ.get("LMFORGE_FAULT") in ("mid-prune", f"mid-prune:{name}"):
+        for weights in hidden.glob("*.safetensors"):
+            weights.unlink()
+        _fault_point("mid-prune", name)
+
+
+def resume_target(resume: str, ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint `train.resume` names: auto -> this run's latest resumable one (or None), none -> None,
+    else a path that must be a resumable checkpoint; anything else is an error saying what the path is."""
+    ckpt_dir = Path(ckpt_dir)
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir, resumable=True)
+    if resume in ("none", ""):
+        return None
+    path = Path(resume)
+    key = f"train.resume={resume}"
+    if not path.exists():
+        near = [p.name for p in list_checkpoints(path.parent, resumable=True)] if path.parent.is_dir() else []
+        hint = f"; checkpoints in {path.parent}: {', '.join(near[-5:])}" if near else ""
+        raise LmforgeError(f"{key}: {path} does not exist{hint}")
+    if not path.is_dir():
+        raise LmforgeError(f"{key}: {path} is a file, not a checkpoint folder")
+    if (path / "trainer_state.json").is_file() and (path / "optimizer.pt").is_file():
+        return path
+    if (path / "config.json").is_file():
+        raise LmforgeError(f"{key}: {path} is a weights-only checkpoint (no trainer_state.json / optimizer.pt), "
+                           f"which a run cannot resume from; start a new run from its weights with "
+                           f"train.init_from={path}")
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root, resumable=True)
+        if found is not None:
+            raise LmforgeError(f"{key}: {path} is a run or checkpoints folder, not a checkpoint; its latest "
+                               f"resumable checkpoint is {found} (train.resume={found}, or run_dir={path} "
+                               "with train.resume=auto)")
+    raise LmforgeError(f"{key}: {path} is not a checkpoint folder (no config.json, trainer_state.json or "
+                       "step_N folders in it)")
+
+
+def superseded(ckpt_dir: str | Path, resume_from: Path | None) -> list[Path]:
+    """This run's checkpoints that a run starting from `resume_from` (None: from scratch) would mix with.
+
+    From scratch, or from another run's checkpoint: all of them. From one of its own: the later ones,
+    which belong to the continuation being abandoned (auto-resume would otherwise pick them next time).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    found = [p for p in ckpt_dir.iterdir() if STEP_RE.match(p.name) and p.is_dir()] if ckpt_dir.is_dir() else []
+    if resume_from is not None and resume_from.resolve().parent == ckpt_dir.resolve():
+        step = int(STEP_RE.match(resume_from.name).group(1)) if STEP_RE.match(resume_from.name) else -1
+        found = [p for p in found if int(STEP_RE.match(p.name).group(1)) > step]
+    return sorted(found)
 
 
 def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:

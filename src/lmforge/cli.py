@@ -209,14 +209,21 @@ def config_from_args(items: list[str]):
             recipe = item
         else:
             raise LmforgeError(f"unexpected argument '{item}': give one recipe.yaml and key=value overrides")
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    remembered = False
     if recipe is None:
         # A run directory remembers its resolved config, so `lmforge pretrain run_dir=X` (or eval,
         # generate...) continues run X with the settings it was started with.
         run_dir = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "run_dir"), None)
         saved = Path(run_dir) / "lmforge.yaml" if run_dir else None
         if saved is not None and saved.is_file():
-            recipe = str(saved)
-    return load_config(recipe, overrides)
+            recipe, remembered = str(saved), True
+    cfg = load_config(recipe, overrides)
+    if remembered and cfg.train.resume == "none" and "train.resume" not in keys:
+        # Older versions saved a fresh start into the run's config, so every restart started afresh
+        # again; a fresh start is asked for on the command line, never inherited.
+        cfg.train.resume = "auto"
+    return cfg
 
 
 def _run(name: str, argv: list[str]) -> int:

@@ -88,7 +88,8 @@ def read_json(path: str | Path, hint: str = "") -> object:
         raise LmforgeError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,17 +99,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clear_leftovers(parent: Path, names: str) -> None:
-    """Clear what killed AtomicDir writers of folders matching `names` (a glob) in `parent` left behind.
+def remove_tree(path: Path, before_delete: Callable[[Path], None] | None = None) -> None:
+    """Delete a folder so that a kill at any moment leaves either all of it or nothing under its name.
 
-    A writer killed mid-build leaves `.NAME.tmp-PID`; one killed between its two renames leaves
-    `.NAME.old-PID` and no NAME, and that old copy is the last complete version, so it goes back.
-    Folders of writers that are still running are left alone.
+    It is renamed to `.NAME.del-PID` first (a name no reader picks up), then deleted; a kill during
+    the deletion leaves only that hidden folder, which `clear_leftovers` removes later.
+    `before_delete(hidden_path)` runs between the two (fault injection in the crash tests).
     """
+    hidden = path.parent / f".{path.name}.del-{os.getpid()}"
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    fsync_dir(path.parent)
+    if before_delete is not None:
+        before_delete(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def clear_leftovers(parent: Path, names: str) -> None:
+    """Clear what killed writers of folders matching `names` (a glob) in `parent` left behind.
+
+    An AtomicDir writer killed mid-build leaves `.NAME.tmp-PID`; one killed between its two renames
+    leaves `.NAME.old-PID` and no NAME, and that old copy is the last complete version, so it goes
+    back. Folders of writers that are still running are left alone. A `remove_tree` killed while
+    deleting leaves `.NAME.del-PID`: garbage whoever made it, removed always.
+    """
+    for p in parent.glob(f".{names}.del-*"):
+        shutil.rmtree(p, ignore_errors=True)
     for kind in ("tmp", "old"):
         for p in parent.glob(f".{names}.{kind}-*"):
             name, _, pid = p.name[1:].rpartition(f".{kind}-")
-            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
                 continue
             final = parent / name
             if kind == "old" and not final.exists():

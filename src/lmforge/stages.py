@@ -7,6 +7,7 @@ after a crash resumes it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,23 +15,38 @@ from lmforge.cli import CommandParser, parse_config
 from lmforge.config import Config, save_config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
+from lmforge.rundir import RunLock, remembered
 
 # --- tokenizer and data ---------------------------------------------------------------------------
+
+def remember_config(cfg: Config) -> None:
+    """RUN/lmforge.yaml, which later stages with run_dir=... read: written once a stage has succeeded (or,
+    for pretraining, trained its first step), without one-shot switches such as train.resume=none."""
+    has_checkpoint = any((p / "trainer_state.json").is_file() for p in (cfg.run_path / "checkpoints").glob("step_*"))
+    save_config(remembered(cfg, has_checkpoint), cfg.run_path / "lmforge.yaml")
+
 
 def run_tokenizer(cfg: Config) -> dict:
     from lmforge.tokenizer import train_tokenizer
 
-    report = train_tokenizer(cfg)
-    save_config(cfg, cfg.run_path / "lmforge.yaml")  # later stages with run_dir=... reuse these settings
+    with RunLock(cfg.run_path, enabled=is_rank0()):  # no pretrain (or second tokenizer) writes RUN meanwhile
+        report = train_tokenizer(cfg)
+        remember_config(cfg)
     return report
 
 
 def run_prepare(cfg: Config) -> dict:
     from lmforge.data.prepare import prepare
 
-    summary = prepare(cfg)
-    save_config(cfg, cfg.run_path / "lmforge.yaml")
+    with RunLock(cfg.run_path, enabled=is_rank0()):
+        summary = prepare(cfg)
+        remember_config(cfg)
     return summary
+
+
+def is_rank0() -> bool:
+    """Under torchrun only rank 0 takes a run's lock."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_tokenizer(argv: list[str]) -> int:
@@ -110,10 +126,9 @@ def run_pretrain(cfg: Config):
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
     objective = LMObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed,
                             cfg.train.loss_chunk, cfg.train.eval_batches)
-    save_config(cfg, cfg.run_path / "lmforge.yaml")
     prompt = cfg.train.sample_prompt or tok.decode(list(objective.train.get(0)[:8]))
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
-                   sample_fn=sampler(tok, prompt, cfg.seed))
+                   sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
     return result

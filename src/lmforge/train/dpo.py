@@ -32,7 +32,7 @@ from lmforge.config import Config, DPOConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, token_logprobs
-from lmforge.train.objectives import Objective
+from lmforge.train.objectives import Objective, right_padded_tokens
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -169,6 +169,9 @@ class DPOObjective(Objective):
 
     def count(self, batch) -> float:
         return float(batch["index"].numel())
+
+    def tokens(self, batch) -> float:
+        return right_padded_tokens(batch["input_ids"], self.pad_id)  # chosen and rejected rows alike
 
     def _logps(self, model: nn.Module, batch: dict) -> Tensor:
         """(2, B) log-probabilities of [chosen; rejected] replies (per-token means for IPO)."""

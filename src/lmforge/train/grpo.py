@@ -33,7 +33,7 @@ from lmforge.config import Config, GRPOConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, token_logprobs
-from lmforge.train.objectives import Objective
+from lmforge.train.objectives import Objective, right_padded_tokens
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -115,6 +115,7 @@ class GRPOObjective(Objective):
         self.rollouts = 0  # rollout batches drawn so far: with the seed, it fixes the sampler's stream
         self.pending_batches: list[dict] = []  # rollouts still to be trained on (iterations > 1)
         self.uses_left = 0
+        self.generated = 0  # tokens sampled since the loop last asked (generated_tokens)
         self.ref_model: nn.Module | None = None
 
     def setup(self, model, device, rank, world, accum):
@@ -163,6 +164,7 @@ class GRPOObjective(Objective):
         finally:
             inner.train(was)
         self.rollouts += 1
+        self.generated += sum(len(s.tokens) for s in samples)
         texts = [self.tok.decode([t for t in s.tokens if t not in stop_ids]) for s in samples]
         truncated = [s.finish_reason == "length" for s in samples]
         lengths = [len(s.tokens) for s in samples]
@@ -212,6 +214,14 @@ class GRPOObjective(Objective):
     # --- loss ---------------------------------------------------------------------------------
     def count(self, batch) -> float:
         return count_units(batch["targets"] != IGNORE, self.gc.loss_type, self.gc.max_new_tokens)
+
+    def tokens(self, batch) -> float:
+        """Prompt and completion tokens of the training pass (padding left out)."""
+        return right_padded_tokens(batch["input_ids"], self.tok.eot_id)
+
+    def generated_tokens(self) -> float:
+        n, self.generated = self.generated, 0
+        return float(n)
 
     def loss(self, model, batch):
         from lmforge.checkpoint import unwrap

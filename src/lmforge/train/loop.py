@@ -27,8 +27,10 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import Config, to_dict
 from lmforge.console import console, log
 from lmforge.errors import LmforgeError
+from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
 from lmforge.train.metrics import MetricsSink
+from lmforge.train.mfu import MatmulCeiling
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
 
@@ -38,8 +40,9 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     metrics: dict = field(default_factory=dict)
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # real (non-padding) tokens of the training passes per second
     mfu: float = 0.0
+    generated_tokens_per_s: float = 0.0  # tokens sampled per second (GRPO's rollouts)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -50,33 +53,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """Measured dense matmul rate of this device (FLOP/s): the ceiling MFU is reported against.
-
-    On a CPU each product is timed alone and the fastest counts: a ceiling should not read low
-    because another process (or a compiler's worker pool) took a core for a moment.
-    """
-    n = 2048 if device.type == "cuda" else 1024
-    dt = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            a @ b
-        torch.cuda.synchronize()
-        return 2 * n**3 * 50 / (time.perf_counter() - t0)
-    best = float("inf")
-    for _ in range(8):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def rng_state() -> dict:
@@ -106,16 +82,33 @@ def _fault(step: int) -> None:
 
 
 def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Path,
-          tokenizer_dir: str | Path | None = None, sample_fn=None) -> TrainResult:
+          tokenizer_dir: str | Path | None = None, sample_fn=None,
+          config_path: str | Path | None = None) -> TrainResult:
     """Train `model` on `objective`, writing checkpoints and metrics under `out_dir`.
 
     sample_fn(model) -> str, if given, is called at sample_every steps and at the end, and its
-    text is printed and logged.
+    text is printed and logged. config_path (RUN/lmforge.yaml, for pretraining) receives the run's
+    config once the first step has trained, so a command that fails before changes nothing there.
+    `out_dir` is locked while the run lasts (rank 0 holds the lock; every rank stops if it cannot).
     """
-    tc = cfg.train
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
     d = dist.setup(cfg.device)
+    folder = RunFolder(out_dir, cfg, config_path, enabled=d.is_main)
+    error = dist.all_gather_object(folder.lock())[0]
+    if error:
+        raise LmforgeError(error)
+    try:
+        return _train(cfg, d, folder, model, objective, Path(out_dir), tokenizer_dir, sample_fn)
+    except BaseException:
+        folder.failed()  # a run that trained no step puts back what it moved aside
+        raise
+    finally:
+        folder.release()
+
+
+def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objective: Objective, out_dir: Path,
+           tokenizer_dir: str | Path | None, sample_fn) -> TrainResult:
+    tc = cfg.train
+    ckpt_dir = out_dir / "checkpoints"
     device = d.device
     amp = autocast_dtype(tc.precision, device)
     if tc.precision == "fp16" and device.type != "cuda":
@@ -132,14 +125,11 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
 
     optimizer = build_optimizer(model, tc)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    state = {"step": 0, "tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0, "elapsed": 0.0}
+    state = {"step": 0, "tokens": 0, "generated_tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0,
+             "elapsed": 0.0}
 
     # --- resume -------------------------------------------------------------------------------
-    resume_from = None
-    if tc.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
-    elif tc.resume not in ("none", ""):
-        resume_from = Path(tc.resume)
+    resume_from = ckpt.resume_target(tc.resume, ckpt_dir)
     if resume_from is not None:
         saved, opt_state, rng = ckpt.load_training_state(resume_from)
         if to_dict(ckpt.read_model_config(resume_from)) != to_dict(model.cfg):
@@ -156,7 +146,7 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         objective.load_state_dict(saved["objective"])
-        state.update({k: saved[k] for k in ("step", "tokens", "total_steps", "elapsed")})
+        state.update({k: saved[k] for k in state if k in saved})
         if tc.max_minutes <= 0:  # an explicit step count (e.g. to train a finished run longer) wins
             state["total_steps"] = tc.max_steps
         ranks = rng.get("ranks", [])
@@ -167,8 +157,7 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
     inner = ckpt.unwrap(model)
     flops_tok = inner.flops_per_token(tc.seq_len)
     # Measured before compiling, while nothing else of ours runs (inductor starts worker processes).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        peak = peak_flops(device, amp) if d.is_main else 0.0  # its randn must not move the restored RNG
+    ceiling = MatmulCeiling(device, amp) if d.is_main else None
 
     train_model: nn.Module = model
     if tc.compile:
@@ -180,9 +169,10 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
                           broadcast_buffers=False)
 
+    folder.set_aside(*_earlier_run(folder.root, out_dir, ckpt_dir, tc.resume, resume_from))
     sink = MetricsSink(out_dir, d.is_main, state["step"], tc.tensorboard, tc.wandb, tc.swanlab,
                        run_name=out_dir.name, config=to_dict(cfg))
-    config_yaml = _config_yaml(cfg)
+    config_yaml = _config_yaml(remembered(cfg, has_checkpoint=True))  # what restarting from a checkpoint means
 
     def save(step: int) -> Path | None:
         rngs = dist.all_gather_object(rng_state())
@@ -195,6 +185,7 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
                                         config_yaml=config_yaml, optimizer_state=optimizer.state_dict(),
                                         trainer_state=trainer_state, rng_state={"ranks": rngs})
             ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
+            folder.saved()
         dist.barrier()
         return path
 
@@ -202,13 +193,16 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
     step = first_step = state["step"]
     t_start = time.perf_counter()
     elapsed0 = state["elapsed"]
-    window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+    window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
+    tokens0 = state["tokens"], state["generated_tokens"]
     acc = {}
     last_eval: dict = {}
     last_path = None
     budget_s = tc.max_minutes * 60
     log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
-        f"{global_tokens} tokens/step ({accum} accumulation), precision {amp or torch.float32}, device {device}")
+        f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
+        f"device {device}"
+        + (f"; {ceiling.describe()}" if ceiling else ""))
 
     progress = _Progress(enabled=d.is_main and tc.progress)
     try:
@@ -218,8 +212,12 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
                 break
             set_lr(optimizer, lr_factor(step, total or max(step + 1, tc.max_steps), tc))
             batches = objective.next_batches(train_model)
-            n_units = torch.tensor(float(sum(objective.count(b) for b in batches)), device=device)
-            dist.all_reduce_sum(n_units)
+            # units (the loss's divisor), real tokens of the forward passes, tokens generated: one all-reduce
+            counts = torch.tensor([sum(objective.count(b) for b in batches), sum(objective.tokens(b) for b in batches),
+                                   objective.generated_tokens()], dtype=torch.float64, device=device)
+            dist.all_reduce_sum(counts)
+            n_units = counts[0].float()
+            n_tokens, n_generated = round(counts[1].item()), round(counts[2].item())
             step_metrics: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(batches):
                 sync = not d.enabled or i == len(batches) - 1
@@ -237,9 +235,12 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
-            state["tokens"] += global_tokens
-            window["tokens"] += global_tokens
-            window["steps"] += 1
+            state["tokens"] += n_tokens
+            state["generated_tokens"] += n_generated
+            window["tokens"] += n_tokens
+            window["generated"] += n_generated
+            if step - first_step == 1:
+                folder.started(has_checkpoint=ckpt.latest_checkpoint(ckpt_dir, resumable=True) is not None)
             for k, v in step_metrics.items():
                 acc[k] = acc.get(k, 0.0) + v
             acc["_units"] = acc.get("_units", 0.0) + n_units
@@ -264,16 +265,15 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
             if step % tc.log_every == 0 or step == total:
                 row = _reduce_metrics(acc, d.world)
                 acc = {}
-                dt = time.perf_counter() - window["t"]
-                tps = window["tokens"] / max(dt, 1e-9)
-                row.update({"lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"],
-                            "tokens_per_s": tps, "mfu": flops_tok * tps / peak if peak else 0.0,
-                            "memory_gb": memory_gb(device)})
-                window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
-                sink.log(step, row)
+                dt = max(time.perf_counter() - window["t"], 1e-9)
                 elapsed = elapsed0 + time.perf_counter() - t_start
-                eta = (total - step) * (elapsed - elapsed0) / max(step - first_step, 1)
-                progress.update(step, total, row, eta)
+                row.update({"lr": optimizer.param_groups[0]["lr"],
+                            **_throughput(state, window, dt, flops_tok, ceiling, device),
+                            "total_steps": total,
+                            "eta_s": round((total - step) * (elapsed - elapsed0) / max(step - first_step, 1), 1)})
+                window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
+                sink.log(step, row)
+                progress.update(step, total, row, row["eta_s"])
             if tc.eval_every and (step % tc.eval_every == 0 or step == total):
                 last_eval = _evaluate(objective, train_model)
                 if last_eval:
@@ -299,10 +299,50 @@ def train(cfg: Config, model: nn.Module, objective: Objective, out_dir: str | Pa
         console.print(f"[cyan]sample at step {step}:[/]\n{text}")
     if last_path is None:
         last_path = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
-    elapsed = time.perf_counter() - t_start
-    trained = step - first_step
-    tps = trained * global_tokens / elapsed if elapsed > 0 and trained else 0.0
-    return TrainResult(step, last_path, last_eval, tps, flops_tok * tps / peak if peak else 0.0)
+    elapsed = max(time.perf_counter() - t_start, 1e-9)
+    tps, gps = (state["tokens"] - tokens0[0]) / elapsed, (state["generated_tokens"] - tokens0[1]) / elapsed
+    mfu = ceiling.mfu(_model_flops(flops_tok, tps, gps)) if ceiling else 0.0
+    return TrainResult(step, last_path, last_eval, tps, mfu, gps)
+
+
+def _model_flops(flops_tok: float, tokens_per_s: float, generated_per_s: float) -> float:
+    """Model FLOP/s: training tokens at flops_per_token (forward + backward), generated tokens at a
+    third of it (a forward pass only)."""
+    return flops_tok * (tokens_per_s + generated_per_s / 3)
+
+
+def _throughput(state: dict, window: dict, dt: float, flops_tok: float, ceiling: MatmulCeiling | None,
+                device: torch.device) -> dict:
+    """The metrics row's token counts, rates, MFU and memory, from the tokens the objective really processed."""
+    tps, gps = window["tokens"] / dt, window["generated"] / dt
+    row = {"tokens": state["tokens"], "tokens_per_s": tps}
+    if state["generated_tokens"]:
+        row.update({"generated_tokens": state["generated_tokens"], "generated_tokens_per_s": gps})
+    row["mfu"] = ceiling.mfu(_model_flops(flops_tok, tps, gps)) if ceiling else 0.0
+    if ceiling:
+        row["mfu_peak_flops"] = ceiling.flops
+    row["memory_gb"] = memory_gb(device)
+    return row
+
+
+def _earlier_run(root: Path, out_dir: Path, ckpt_dir: Path, resume: str,
+                 resume_from: Path | None) -> tuple[list, list, str]:
+    """What of an earlier run this one would mix with: (paths to move aside, paths to copy aside, why).
+
+    A fresh start (train.resume=none) or a resume from another run's checkpoint: every checkpoint and
+    its RUN/eval results, metrics.jsonl and the TensorBoard events. A resume from an earlier checkpoint
+    of this run: the later checkpoints and their results (and a copy of metrics.jsonl, whose later rows
+    the sink drops). Plain auto-resume: nothing.
+    """
+    later = ckpt.superseded(ckpt_dir, resume_from)
+    results = eval_results_of(root, later)
+    own = resume_from is not None and resume_from.resolve().parent == ckpt_dir.resolve()
+    if resume_from is None and resume not in ("none", ""):
+        return [], [], ""  # auto with nothing to resume from: this run's own first start
+    if own:
+        return later + results, [out_dir / "metrics.jsonl"] if later else [], f"resuming from {resume_from.name}"
+    why = "train.resume=none (a fresh start)" if resume_from is None else f"train.resume={resume_from}"
+    return [*later, *results, out_dir / "metrics.jsonl", out_dir / "tensorboard"], [], why
 
 
 def _evaluate(objective: Objective, model: nn.Module) -> dict:
@@ -334,7 +374,8 @@ def _config_yaml(cfg: Config) -> str:
 
 
 class _Progress:
-    """One live line: step, loss, lr, tokens/s, MFU, memory, ETA; evaluations print above it."""
+    """One live line: step, loss, lr, tokens/s (GRPO: generated and trained), MFU, memory, ETA; evaluations
+    print above it."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -350,7 +391,10 @@ class _Progress:
     def update(self, step: int, total: int, row: dict, eta_s: float) -> None:
         if not self.enabled:
             return
-        info = (f"loss {row.get('loss', float('nan')):.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s  "
+        rate = f"{row['tokens_per_s']:,.0f} tok/s"
+        if "generated_tokens_per_s" in row:  # GRPO: sampling and training are two different rates
+            rate = f"gen {row['generated_tokens_per_s']:,.0f} tok/s  train {rate}"
+        info = (f"loss {row.get('loss', float('nan')):.4f}  lr {row['lr']:.2e}  {rate}  "
                 f"MFU {100 * row['mfu']:.1f}%  mem {row['memory_gb']:.2f}GB  ETA {_hms(eta_s)}")
         if self.bar is not None:
             self.bar.update(self.task, completed=step, total=total, info=info)

@@ -1,8 +1,9 @@
 """Where metrics go: metrics.jsonl always, TensorBoard / Weights & Biases / SwanLab when asked.
 
 Only rank 0 writes. metrics.jsonl is appended line by line and flushed, so a crash loses at most
-the line being written; after a resume, entries past the resumed step are dropped first so the
-file reads as one clean run.
+the line being written; after a resume, entries past the resumed step are dropped first (in
+TensorBoard too) so the file reads as one clean run. Rows of log steps carry `total_steps` and
+`eta_s`, so a reader of the file alone (`lmforge monitor`) can say how far the run is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class MetricsSink:
             except ImportError:
                 raise LmforgeError("train.tensorboard=true needs the tensorboard package: "
                                    "pip install 'lmforge[tensorboard]'") from None
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step drops events past the resumed step, as _truncate_after does for metrics.jsonl
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         if wandb:
             try:
                 import wandb as wb

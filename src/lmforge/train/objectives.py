@@ -37,6 +37,16 @@ class Objective:
         """How many units the batch's loss sums over."""
         raise NotImplementedError
 
+    def tokens(self, batch) -> float:
+        """Tokens the batch's forward pass really processes, padding left out: tokens/s and MFU count
+        these. The default counts every position of the input ids."""
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        return float(ids.numel())
+
+    def generated_tokens(self) -> float:
+        """Tokens sampled since the last call (GRPO's rollouts); 0 for objectives that do not generate."""
+        return 0.0
+
     def loss(self, model: nn.Module, batch) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss summed over units, metrics summed over the same units)."""
         raise NotImplementedError
@@ -91,6 +101,9 @@ class LMObjective(Objective):
     def count(self, batch) -> float:
         return float(batch[1].numel())
 
+    def tokens(self, batch) -> float:
+        return float(batch[0].numel())  # windows of the token stream: no padding
+
     def loss(self, model, batch):
         x, y = batch
         h = model(x, return_hidden=True)
@@ -119,6 +132,21 @@ class LMObjective(Objective):
         if bpt:
             out["val_bpb"] = loss / math.log(2) / bpt
         return out
+
+
+def right_padded_tokens(ids: Tensor, pad_id: int) -> float:
+    """Real tokens of right-padded rows: each row up to its last non-pad token.
+
+    The pad id is <|endoftext|>, which a row may contain, but a rendered row's inputs end with
+    <|im_end|> or a reply token, never with it; the one miss is a row cut at its full width exactly
+    after a literal "<|endoftext|>" in the text, counted a token short.
+    """
+    if ids.numel() == 0:
+        return 0.0
+    real = (ids != pad_id).int()
+    trailing = real.flip(-1).argmax(-1)  # pads after the last real token (0 if the last one is real)
+    trailing = torch.where(real.any(-1), trailing, torch.full_like(trailing, ids.shape[-1]))
+    return float((ids.shape[-1] - trailing).sum())
 
 
 def bytes_per_token(manifest: dict) -> float:

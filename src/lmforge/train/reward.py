@@ -44,6 +44,10 @@ class RewardModel(Transformer):
             rm.lm_head.weight.requires_grad_(False)
         return rm.to(next(policy.parameters()).device)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """The LM head never runs here (the score head reads one position per row): MFU leaves it out."""
+        return super().flops_per_token(seq_len) - 6 * self.lm_head.weight.numel()
+
     def rewards(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B,) scores of right-padded sequences, read at each one's last real token."""
         h = self(input_ids, return_hidden=True)
@@ -154,6 +158,9 @@ class RewardObjective(Objective):
 
     def count(self, batch) -> float:
         return float(batch["margin"].numel())
+
+    def tokens(self, batch) -> float:
+        return float(batch["lengths"].sum())  # chosen and rejected rows alike
 
     def scores(self, model, batch) -> tuple[Tensor, Tensor]:
         from lmforge.checkpoint import unwrap

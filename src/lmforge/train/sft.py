@@ -23,7 +23,7 @@ from lmforge.config import Config, LoRAConfig, stage_train
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, cross_entropy_sum
-from lmforge.train.objectives import Objective
+from lmforge.train.objectives import Objective, right_padded_tokens
 
 POST_STAGES = ("sft", "dpo", "rm", "grpo")
 
@@ -170,6 +170,11 @@ class SFTObjective(Objective):
 
     def count(self, batch) -> float:
         return float((batch["targets"] != IGNORE).sum())
+
+    def tokens(self, batch) -> float:
+        if "doc_ids" in batch:  # packed: padding is the positions of no document
+            return float((batch["doc_ids"] >= 0).sum())
+        return right_padded_tokens(batch["input_ids"], self.pad_id)
 
     def _loss(self, model, batch):
         from lmforge.checkpoint import unwrap
