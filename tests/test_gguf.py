@@ -239,3 +239,43 @@ def test_cli_and_errors(tmp_path, exported, capsys):
     no_tok = save_checkpoint(tmp_path / "notok", make_model(300))
     with pytest.raises(LmforgeError, match="tokenizer.json"):
         export_gguf(no_tok, tmp_path / "x.gguf")
+
+
+def adopted_checkpoint(root, from_file, **tokenizer_keys):
+    """A checkpoint whose tokenizer lmforge adopted from another format (tests/tokenizer_fixtures.py)."""
+    from infer_helpers import make_model
+
+    from lmforge.config import Config
+    from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+    cfg = Config(run_dir=str(root / "run"))
+    cfg.tokenizer.from_file = str(from_file)
+    for k, v in tokenizer_keys.items():
+        setattr(cfg.tokenizer, k, v)
+    train_tokenizer(cfg)
+    tok_dir = root / "run" / "tokenizer"
+    tok = Tokenizer.load(tok_dir)
+    return save_checkpoint(root / "ckpt", make_model(tok.vocab_size), tokenizer_dir=tok_dir), tok
+
+
+def test_adopted_llama3_tokenizer_keeps_its_split_rule_and_specials(tmp_path):
+    """llama.cpp re-implements split rules by name: Llama-3's regex is "llama-bpe", and its BOS is added."""
+    from tokenizer_fixtures import llama3_folder
+
+    ckpt, tok = adopted_checkpoint(tmp_path, llama3_folder(tmp_path / "l3"))
+    r = gguf.GGUFReader(export_gguf(ckpt, tmp_path / "m.gguf"))
+    assert field(r, "tokenizer.ggml.pre") == "llama-bpe"
+    tokens = field(r, "tokenizer.ggml.tokens")
+    assert tokens[field(r, "tokenizer.ggml.bos_token_id")] == "<|begin_of_text|>" == tok.bos_token
+    assert tokens[field(r, "tokenizer.ggml.eos_token_id")] == "<|end_of_text|>" == tok.eos_token
+    assert field(r, "tokenizer.ggml.add_bos_token") is True
+    assert "tokenizer.ggml.eot_token_id" not in r.fields  # no <|im_end|> without tokenizer.add_chat_tokens
+
+
+def test_tokenizers_llama_cpp_cannot_be_told_are_refused(tmp_path):
+    from tokenizer_fixtures import LLAMA2_SPM, sentencepiece_model
+
+    ckpt, _ = adopted_checkpoint(tmp_path, sentencepiece_model(tmp_path / "sp.model", **LLAMA2_SPM))
+    with pytest.raises(LmforgeError, match="not a byte-level BPE tokenizer.*convert_hf_to_gguf"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

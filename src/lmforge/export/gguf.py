@@ -16,11 +16,15 @@ as it reads a converted Llama / Qwen2 / Qwen3:
   k_proj. The `qwen2` / `qwen3` graphs use the rotate-half ("NEOX") RoPE, so nothing is permuted.
 - Metadata: context/embedding/feed-forward lengths, block count, head counts, key/value length,
   RoPE base and dimension count, RMS-norm epsilon, vocab size, file type.
-- Tokenizer: model "gpt2" (byte-level BPE) with pre-tokenizer "qwen2" (our split regex is
-  Qwen2's), every token string with its type (special added tokens CONTROL, other added tokens
-  USER_DEFINED, the rest NORMAL), the merges, BOS/EOS/padding = <|endoftext|> (no BOS is added),
-  EOT = <|im_end|>, and the chat template. The model's vocabulary is padded past the tokenizer's;
-  the padding rows get "[PAD<id>]" tokens of type UNUSED, as the converter writes them.
+- Tokenizer: model "gpt2" (byte-level BPE) with the pre-tokenizer llama.cpp knows by name for the
+  tokenizer's split rule ("qwen2" for lmforge's own tokenizers, whose split regex is Qwen2's;
+  "llama-bpe" for Llama-3's; "gpt-2" for GPT-2's), every token string with its type (special added
+  tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), the merges, EOS = the token that
+  ends every document, BOS = the tokenizer's BOS (added when its post-processor adds it; else the EOS,
+  not added), padding, EOT = <|im_end|> when the tokenizer has it, and the chat template. The model's
+  vocabulary is padded past the tokenizer's; the padding rows get "[PAD<id>]" tokens of type UNUSED,
+  as the converter writes them. llama.cpp re-implements each split rule by name, so a tokenizer whose
+  rule it cannot be told (an adopted sentencepiece or tiktoken one) is refused, not written wrong.
 - Types: 1-D tensors (norm weights, biases) are always F32. f16: every matrix F16. q8_0: every
   matrix Q8_0. q4_0: block matrices Q4_0, while the token embedding and the output matrix stay
   Q8_0 (they are the most sensitive; llama.cpp's quantizer also keeps the output at higher
@@ -43,6 +47,7 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
 from lmforge.model.transformer import ffn_dim
 from lmforge.model.transformer import head_dim as model_head_dim
+from lmforge.tokenizer import QWEN2_PATTERN, Tokenizer
 from lmforge.train.lora import load_any
 
 TYPES = ("f16", "q8_0", "q4_0")
@@ -109,8 +114,33 @@ def _qtype(name: str, arr: np.ndarray, kind: str):
     return Q.Q8_0
 
 
+# llama.cpp's names for the split rules it implements, by the regex of a tokenizer.json's Split step.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama-bpe"}
+
+
+def pre_tokenizer_name(data: dict, file: Path) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or an error saying why none fits."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+    splits = [p.get("pattern", {}).get("Regex") for p in steps if p.get("type") == "Split"]
+    hint = ("; export it with `lmforge export hf` and convert that folder with llama.cpp's convert_hf_to_gguf.py, "
+            "which recognises tokenizers by their output")
+    if not byte_level or data.get("model", {}).get("byte_fallback"):
+        raise LmforgeError(f"{file}: not a byte-level BPE tokenizer (a converted sentencepiece one?); lmforge's GGUF "
+                           "writer handles byte-level BPE only" + hint)
+    if not splits and byte_level[0].get("use_regex", True):
+        return "gpt-2"  # ByteLevel's own regex is GPT-2's
+    if len(splits) == 1 and splits[0] in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[splits[0]]
+    raise LmforgeError(f"{file}: its split regex is not one lmforge can name for llama.cpp (known: lmforge's own "
+                       "= Qwen2's, Llama-3's, GPT-2's)" + hint)
+
+
 def tokenizer_metadata(folder: Path, n_vocab: int) -> dict:
-    """tokens, token types, merges and special ids, the way llama.cpp's converter derives them."""
+    """tokens, token types, merges, special ids and pre-tokenizer, the way llama.cpp's converter derives them."""
     import gguf
 
     file = folder / "tokenizer.json"
@@ -120,6 +150,8 @@ def tokenizer_metadata(folder: Path, n_vocab: int) -> dict:
     model = data.get("model", {})
     if model.get("type") != "BPE":
         raise LmforgeError(f"{file}: model.type='{model.get('type')}'; GGUF export handles byte-level BPE only")
+    pre = pre_tokenizer_name(data, file)
+    tok = Tokenizer.load(folder)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     for content, t in added.items():
@@ -139,13 +171,9 @@ def tokenizer_metadata(folder: Path, n_vocab: int) -> dict:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    template = None
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (folder / "tokenizer_config.json").is_file():
-        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-    return {"tokens": tokens, "types": types, "merges": merges, "template": template,
-            "eot": vocab.get("<|endoftext|>"), "im_end": vocab.get("<|im_end|>")}
+    return {"tokens": tokens, "types": types, "merges": merges, "template": tok.chat_template, "pre": pre,
+            "eos": tok.eot_id, "bos": tok.bos_id if tok.bos_id is not None else tok.eot_id, "add_bos": tok.add_bos,
+            "pad": tok.tok.token_to_id(tok.pad_token), "im_end": tok.im_end_id}
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
@@ -185,17 +213,16 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
+        w.add_tokenizer_pre(tok["pre"])
         w.add_token_list(tok["tokens"])
         w.add_token_types(tok["types"])
         w.add_token_merges(tok["merges"])
-        if tok["eot"] is not None:
-            w.add_bos_token_id(tok["eot"])
-            w.add_eos_token_id(tok["eot"])
-            w.add_pad_token_id(tok["eot"])
+        w.add_bos_token_id(tok["bos"])
+        w.add_eos_token_id(tok["eos"])
+        w.add_pad_token_id(tok["pad"] if tok["pad"] is not None else tok["eos"])
         if tok["im_end"] is not None:
             w.add_eot_token_id(tok["im_end"])
-        w.add_add_bos_token(False)
+        w.add_add_bos_token(tok["add_bos"])
         if tok["template"]:
             w.add_chat_template(tok["template"])
         names = tensor_names(cfg)
