@@ -10,7 +10,6 @@ version) the age of the last metrics row is all there is, and the view says so.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -31,8 +30,9 @@ from rich.text import Text
 
 from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
+from lmforge.io import pid_alive
+from lmforge.rundir import LOCK_FILE, lock_held, read_lock_file
 
-LOCK = "lmforge.lock"
 STAGE_DIRS = ("sft", "dpo", "rm", "grpo")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WRITING_DIR = re.compile(r"^\.(step_\d+)\.tmp-(\d+)$")  # lmforge.io.AtomicDir's temporary name
@@ -115,54 +115,16 @@ class Liveness:
         return self.state in ("running", "probably running")
 
 
-def lock_held(path: Path) -> bool | None:
-    """True if some process holds the flock on `path`, False if none does, None if it cannot be told.
-
-    A shared, non-blocking probe: it never waits and is released at once, so the only process it
-    can disturb is a trainer starting in that same microsecond (its own non-blocking lock would
-    fail); `liveness` skips the probe when the lock's pid is known to be dead on this host.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # e.g. a network filesystem without locks
-        return None
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def liveness(folder: Path, last_row_age: float | None, typical_interval: float | None) -> Liveness:
-    path = folder / LOCK
+    path = folder / LOCK_FILE
     if not path.is_file():
         if last_row_age is None:
             return Liveness("unknown", "no lock file and no metrics yet")
         fresh = last_row_age < max(120.0, 5 * (typical_interval or 0))
         return Liveness("probably running" if fresh else "probably stopped",
-                        f"no {LOCK} to check (a run from an lmforge without run locks); judged by the last "
+                        f"no {LOCK_FILE} to check (a run from an lmforge without run locks); judged by the last "
                         f"metrics row, {ago(last_row_age)}")
-    try:
-        lock = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        lock = {}
-    lock = lock if isinstance(lock, dict) else {}
+    lock = read_lock_file(folder)
     pid, host = lock.get("pid"), str(lock.get("host", ""))
     who = f"pid {pid} on {host}" if host else f"pid {pid}"
     here = host in ("", socket.gethostname())
@@ -267,12 +229,12 @@ def pick_folder(path: Path) -> tuple[Path, list[Path]]:
     if not path.is_dir():
         raise LmforgeError(f"{path}: no such run folder")
     candidates = [p for p in (path, *(path / s for s in STAGE_DIRS))
-                  if (p / "metrics.jsonl").is_file() or (p / LOCK).is_file() or (p / "checkpoints").is_dir()]
+                  if (p / "metrics.jsonl").is_file() or (p / LOCK_FILE).is_file() or (p / "checkpoints").is_dir()]
     if not candidates:
         return path, []
 
     def activity(p: Path) -> float:
-        return max((f.stat().st_mtime for f in (p / "metrics.jsonl", p / LOCK) if f.is_file()), default=0.0)
+        return max((f.stat().st_mtime for f in (p / "metrics.jsonl", p / LOCK_FILE) if f.is_file()), default=0.0)
 
     chosen = max(candidates, key=activity)
     return chosen, [p for p in candidates if p != chosen]

@@ -130,26 +130,39 @@ def read_lock_file(folder: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def lock_holder(folder: str | Path) -> dict | None:
-    """Who is writing `folder` now: the lock file's JSON while a live process holds the lock, else None.
+def lock_held(path: str | Path) -> bool | None:
+    """True if some process holds the flock on `path`, False if none does, None if it cannot be told.
 
-    Works from another process (or another machine on a filesystem with working flock, NFS included):
-    a killed holder's lock is gone even if its file stayed.
+    A shared, non-blocking probe: it never waits and is released at once, so the only process it
+    can disturb is a trainer starting in that same microsecond (its own non-blocking lock would fail).
     """
-    path = Path(folder) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return read_lock_file(folder) or {"pid": None, "host": None, "started": None, "command": []}
+    except BlockingIOError:
+        return True
+    except OSError:  # e.g. a network filesystem without locks
+        return None
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        return False
     finally:
         os.close(fd)
+
+
+def lock_holder(folder: str | Path) -> dict | None:
+    """Who is writing `folder` now: the lock file's JSON while a live process holds the lock, else None.
+
+    Works from another process (or another machine on a filesystem with working flock, NFS included):
+    a killed holder's lock is gone even if its file stayed. A lock that cannot be probed counts as held.
+    """
+    path = Path(folder) / LOCK_FILE
+    if not path.is_file() or lock_held(path) is False:
+        return None
+    return read_lock_file(folder) or {"pid": None, "host": None, "started": None, "command": []}
 
 
 # --- the remembered config ----------------------------------------------------------------------------
