@@ -18,15 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.checkpoint import latest_checkpoint, resolve_checkpoint
+from lmforge.checkpoint import latest_checkpoint, resolve_checkpoint, stage_checkpoints
 from lmforge.config import Config, LoRAConfig, stage_train
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.train.losses import IGNORE, cross_entropy_sum
 from lmforge.train.objectives import Objective, right_padded_tokens
-
-POST_STAGES = ("sft", "dpo", "rm", "grpo")
-
 
 # --- shared stage plumbing ---------------------------------------------------------------------
 
@@ -40,10 +37,6 @@ def stage_config(cfg: Config, name: str) -> Config:
 def expand(cfg: Config, paths: list[str]) -> list[str]:
     """Data paths with `{run_dir}` replaced, so a recipe can name files a stage wrote into its run."""
     return [p.replace("{run_dir}", cfg.run_dir) for p in paths]
-
-
-def checkpoints_of(cfg: Config, stage: str) -> Path:
-    return cfg.run_path / "checkpoints" if stage == "pretrain" else cfg.run_path / stage / "checkpoints"
 
 
 def resolve_init(cfg: Config, name: str, value: str) -> Path:
@@ -108,7 +101,7 @@ def finish(name: str, result):
 
 def stage_done(cfg: Config, name: str) -> bool:
     """True when the stage's latest checkpoint reached its planned step count (recipes skip it then)."""
-    found = latest_checkpoint(checkpoints_of(cfg, name), resumable=True)
+    found = latest_checkpoint(stage_checkpoints(cfg.run_dir, name), resumable=True)
     if found is None:
         return False
     try:
