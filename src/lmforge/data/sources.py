@@ -5,26 +5,46 @@ documents in the same order. Order is deterministic: sources as listed, folders 
 Problems are errors that name the file (and line and field), because a silently skipped file is a
 hole in the corpus nobody notices. The one exception is binary files met while walking a folder:
 folders often hold a stray image or archive, so those are skipped and counted.
+
+What a document is (`data.max_doc_bytes`, 32 KiB by default; 0 turns the limit off):
+
+- A text or code file up to that size is one document: a folder of source files or of short texts
+  gives one document per file.
+- A longer file is cut into documents of at most that size, grouping consecutive lines: at the last
+  paragraph break (a blank line) that leaves the document at least half full, else between lines,
+  and a single line longer than the limit (minified code, Chinese prose without line breaks) after
+  its last space or punctuation mark. A 5 MB book with one sentence per line becomes about 160
+  documents, so train and validation both exist and an end-of-text token comes every ~8k tokens,
+  not after every sentence; a huge code file is cut between functions, at its blank lines.
+- A record (JSONL line, JSON item, CSV row, Parquet row) is one document, cut the same way when it
+  is longer than the limit.
+The pieces joined are exactly the file's text; nothing is dropped or added.
+
+How bytes become text (UTF-8, a detected CJK legacy encoding, or UTF-8 with stray bytes replaced
+and a warning) is one rule per file, in `lmforge.data.encoding`; `SourceStats.decoding` records it.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import gzip
 import hashlib
 import io
 import json
+import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+from rich.markup import escape
 
+from lmforge.config import DataConfig
 from lmforge.console import log
+from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
 
 TEXT_EXTS = {
@@ -37,7 +57,7 @@ TEXT_EXTS = {
 }
 RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", ".parquet"}
 COMPRESSED_EXTS = {".gz", ".zst", ".zstd"}
-_SNIFF = 1 << 16  # bytes looked at to tell text from binary and to guess an encoding
+MIN_DOC_BYTES = 1024  # smallest data.max_doc_bytes: below it, documents would be shorter than a context
 
 
 @dataclass
@@ -54,6 +74,7 @@ class SourceStats:
     files: int = 0
     skipped_files: int = 0
     documents: int = 0
+    decoding: list[dict] = field(default_factory=list)  # Decoding.as_dict() of files not clean UTF-8
 
 
 def text_key(text: str | bytes) -> bytes:
@@ -216,95 +237,42 @@ def _read_all(path: Path) -> bytes:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
 
 
-class BinaryFileError(LmforgeError):
-    """The file is not text (NUL bytes): an error when named, skipped when found by a walk."""
-
-
-def _looks_gb(text: str) -> bool:
-    """True if nearly every non-ASCII character is in GB2312, as in real Simplified Chinese text.
-
-    Big5 or Latin-1 bytes often decode as *valid* GBK too, but land on rare characters outside the
-    GB2312 set; this is what tells them apart, where charset-normalizer alone misreads short texts.
-    """
-    wide = [c for c in text if ord(c) > 127][:20000]
-    if not wide:
-        return False
-    ok = 0
-    for c in wide:
-        try:
-            c.encode("gb2312")
-            ok += 1
-        except UnicodeEncodeError:
-            pass
-    return ok >= 0.9 * len(wide)
-
-
-def detect_encoding(path: Path, sample: bytes, complete: bool) -> str:
-    """Pick the encoding of a file from its first bytes: BOM, UTF-8, GB18030, then charset-normalizer.
-
-    `complete` says whether `sample` is the whole file (else its last character may be cut).
-    Raises BinaryFileError for NUL bytes and LmforgeError when no encoding fits confidently.
-    """
-    for bom, enc in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
-                     (codecs.BOM_UTF16_BE, "utf-16")):
-        if sample.startswith(bom):
-            return enc
-    if b"\x00" in sample[:_SNIFF]:
-        raise BinaryFileError(f"{path}: binary file (contains NUL bytes), not text")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:  # GB18030 covers GBK and GB2312, the usual non-UTF-8 Chinese encodings
-        text = codecs.getincrementaldecoder("gb18030")().decode(sample, final=complete)
-        if _looks_gb(text):
-            return "gb18030"
-    except UnicodeDecodeError:
-        pass
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(sample).best()
-    if best is None:
-        raise LmforgeError(f"{path}: not UTF-8 and no other text encoding fits confidently; "
-                           "convert it to UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)")
-    return best.encoding
-
-
-def _decode_file(path: Path, data: bytes) -> str:
-    enc = detect_encoding(path, data[:_SNIFF * 16], complete=len(data) <= _SNIFF * 16)
-    try:
-        text = data.decode(enc)
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise LmforgeError(f"{path}:{line}: not valid {enc} (guessed from the start of the file); "
-                           "convert the file to UTF-8") from None
-    if "\x00" in text:  # NULs past the sniffed start
+def _decode_whole(path: Path, data: bytes, decodings: list[Decoding]) -> str:
+    """A whole file's bytes as text (formats parsed whole, like .json), by the encoding rule."""
+    dec = choose_encoding(path, data[:SAMPLE_BYTES], complete=len(data) <= SAMPLE_BYTES)
+    decodings.append(dec)
+    text = dec.decode(data, 0)
+    if "\x00" in text:  # NULs past the sampled start
         raise BinaryFileError(f"{path}: binary file (contains NUL characters), not text")
-    if enc not in ("utf-8", "utf-8-sig"):
-        log(f"[dim]{path}: decoded as {enc}[/dim]")
     return text
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a line-oriented file, streamed; encoding guessed from its start."""
-    with _open(path) as raw, io.BufferedReader(raw, buffer_size=_SNIFF) as f:
+def _split_lines(text: str) -> Iterator[str]:
+    """`text` in lines that keep their "\n", as reading a file gives them (no split at \r or U+2028)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a file, streamed; the encoding is chosen from its first MiB."""
+    with _open(path) as raw, io.BufferedReader(raw, buffer_size=SAMPLE_BYTES) as f:
         try:
-            head = f.peek(_SNIFF)[:_SNIFF]
-            enc = detect_encoding(path, head, complete=False)
-            if enc.startswith("utf-16"):  # lines are not split on b"\n"; rare, so read whole
-                try:
-                    text = f.read().decode(enc)
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{path}: not valid {enc}; convert the file to UTF-8") from None
-                yield from enumerate(text.splitlines(keepends=True), 1)
+            dec = choose_encoding(path, f.peek(SAMPLE_BYTES)[:SAMPLE_BYTES], complete=False)
+            decodings.append(dec)
+            if dec.encoding in ("utf-16", "utf-32"):  # lines are not split on b"\n"; rare, so read whole
+                yield from enumerate(_split_lines(dec.decode(f.read(), 0)), 1)
                 return
+            offset = 0
             for n, line in enumerate(f, 1):
-                try:
-                    yield n, line.decode(enc)
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{path}:{n}: not valid {enc} (guessed from the start of the "
-                                       "file); convert the file to UTF-8") from None
+                text = dec.decode(line, offset)
+                offset += len(line)
+                if "\x00" in text:  # past the sampled start, where a NUL means a binary file
+                    raise LmforgeError(f"{path}:{n}: NUL character in a text file; is it binary?")
+                yield n, text
         except _READ_ERRORS as e:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
 
@@ -325,8 +293,8 @@ def _field(path: Path, where: str, obj: object, field: str) -> str | None:
     return value
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
-    for n, line in _lines(path):
+def _read_jsonl(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
+    for n, line in _lines(path, decodings):
         if not line.strip():
             continue
         try:
@@ -338,8 +306,8 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
             yield Document(text, str(path), n)
 
 
-def _read_json(path: Path, field: str) -> Iterator[Document]:
-    text = _decode_file(path, _read_all(path))
+def _read_json(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
+    text = _decode_whole(path, _read_all(path), decodings)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -352,9 +320,9 @@ def _read_json(path: Path, field: str) -> Iterator[Document]:
             yield Document(value, str(path), i)
 
 
-def _read_csv(path: Path, field: str) -> Iterator[Document]:
+def _read_csv(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are longer than csv's 128 KB default
-    rows = (line for _, line in _lines(path))
+    rows = (line for _, line in _lines(path, decodings))
     reader = csv.reader(rows)
     try:
         header = next(reader, None)
@@ -399,34 +367,142 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
                 yield Document(value, str(path), row)
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents of one file, by extension; anything not a record format is one text document."""
+# --- documents of a bounded size ------------------------------------------------------------------
+
+_BREAK = re.compile(r"[\s。！？；，、.!?;,]")  # where a single line longer than a document may be cut
+
+
+def _size(text: str) -> int:
+    """UTF-8 bytes of `text` (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut(buf: list[tuple[int, str, int]], limit: int) -> int:
+    """How many leading lines of `buf` make the next document.
+
+    Through the last paragraph break (a blank line, then text) that keeps the document between half
+    of `limit` and `limit`; else as many whole lines as fit; 0 when not even the first line fits.
+    """
+    total, lines, para = 0, 0, 0
+    for k in range(1, len(buf)):
+        total += buf[k - 1][2]
+        if total > limit:
+            break
+        lines = k
+        if total >= limit // 2 and not buf[k - 1][1].strip() and buf[k][1].strip():
+            para = k
+    return para or lines
+
+
+def _cut_line(text: str, limit: int) -> tuple[str, str]:
+    """Split a line longer than `limit` bytes after its last space or punctuation mark in the second
+    half of the first `limit` bytes (text without spaces, such as Chinese, has its own marks), else
+    at the character boundary nearest to `limit`."""
+    raw = text.encode("utf-8", "surrogatepass")
+    end = limit
+    while end > 0 and (raw[end] & 0xC0) == 0x80:  # not inside a multi-byte character
+        end -= 1
+    head = raw[:end].decode("utf-8", "surrogatepass")
+    cut = len(head)
+    for m in _BREAK.finditer(head, len(head) // 2):
+        cut = m.end()
+    return text[:cut], text[cut:]
+
+
+def split_document(lines: Iterable[tuple[int, str]], limit: int) -> Iterator[tuple[int, str]]:
+    """(first line number, text) of documents of at most `limit` UTF-8 bytes made from `lines`.
+
+    Consecutive lines are grouped, cut at paragraph breaks where possible, else between lines, else
+    (one line longer than `limit`) inside the line. Nothing is dropped or added: the pieces joined
+    are the input. `limit` 0 gives one document of everything.
+    """
+    buf: list[tuple[int, str, int]] = []  # (line number, text, bytes)
+    size = 0
+    for n, text in lines:
+        s = _size(text) if limit else 0
+        buf.append((n, text, s))
+        size += s
+        while limit and size > limit:
+            k = _cut(buf, limit)
+            if k:
+                piece, buf = buf[:k], buf[k:]
+                yield piece[0][0], "".join(t for _, t, _ in piece)
+            else:
+                n0, head, tail = buf[0][0], *_cut_line(buf[0][1], limit)
+                yield n0, head
+                buf[0] = (n0, tail, _size(tail))
+            size = sum(b[2] for b in buf)
+    if buf:
+        yield buf[0][0], "".join(t for _, t, _ in buf)
+
+
+def _bounded(doc: Document, limit: int) -> Iterator[Document]:
+    """A record longer than `limit` bytes, as several documents (each keeps the record's line)."""
+    if not limit or len(doc.text) <= limit // 4 or _size(doc.text) <= limit:
+        yield doc
+        return
+    lines = ((doc.line, line) for line in _split_lines(doc.text))
+    for _, text in split_document(lines, limit):
+        yield Document(text, doc.source, doc.line)
+
+
+def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataConfig.max_doc_bytes,
+              decodings: list[Decoding] | None = None) -> Iterator[Document]:
+    """Documents of one file, by extension, none longer than `max_doc_bytes` (0: no limit).
+
+    A text or code file is one document, or several when it is longer (see the module docstring);
+    a record format gives a document per record, split the same way when a record is longer.
+    `decodings` receives how the file's bytes were decoded.
+    """
+    decodings = decodings if decodings is not None else []
     ext, _ = _kind(path)
-    if ext in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path, text_field)
-    elif ext == ".json":
-        yield from _read_json(path, text_field)
-    elif ext == ".csv":
-        yield from _read_csv(path, text_field)
-    elif ext == ".parquet":
-        yield from _read_parquet(path, text_field)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    if ext in readers or ext == ".parquet":
+        records = readers[ext](path, text_field, decodings) if ext in readers else _read_parquet(path, text_field)
+        for doc in records:
+            yield from _bounded(doc, max_doc_bytes)
     else:
-        yield Document(_decode_file(path, _read_all(path)), str(path), 1)
+        for n, text in split_document(_lines(path, decodings), max_doc_bytes):
+            yield Document(text, str(path), n)
 
 
-def iter_documents(sources: list[str], text_field: str = "text",
-                   stats: SourceStats | None = None) -> Iterator[Document]:
-    """Every non-empty document of `sources`, in a deterministic order.
+_warned: set[tuple[str, int]] = set()  # (file, bad bytes) already reported by this process
+
+
+def _report(decodings: list[Decoding], stats: SourceStats) -> None:
+    """Warn about replaced bytes (once per file and process: the tokenizer and prepare both read it)."""
+    for dec in decodings:
+        if dec.clean:
+            continue
+        stats.decoding.append(dec.as_dict())
+        key = (dec.file, dec.replaced_bytes)
+        if key in _warned:
+            continue
+        _warned.add(key)
+        if dec.replaced_bytes:
+            log(f"[yellow]WARNING[/yellow] {escape(warning(dec))}")
+        else:
+            log(escape(f"{dec.file}: decoded as {dec.encoding}"))
+
+
+def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None,
+                   max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+    """Every non-empty document of `sources`, in a deterministic order, none over `max_doc_bytes`.
 
     Binary files named explicitly are errors; those found by walking a folder or a glob are
-    skipped, counted in `stats.skipped_files` and reported once at the end.
+    skipped, counted in `stats.skipped_files` and reported once at the end. How each file was
+    decoded is in `stats.decoding` (files that were not clean UTF-8).
     """
     stats = stats if stats is not None else SourceStats()
+    if max_doc_bytes and max_doc_bytes < MIN_DOC_BYTES:
+        raise LmforgeError(f"data.max_doc_bytes must be 0 (no limit) or at least {MIN_DOC_BYTES}, "
+                           f"got {max_doc_bytes}")
     files = resolve_sources(sources)
     skipped: list[str] = []
     for path, strict in files:
+        decodings: list[Decoding] = []
         try:
-            for doc in read_file(path, text_field):
+            for doc in read_file(path, text_field, max_doc_bytes, decodings):
                 if doc.text.strip():
                     stats.documents += 1
                     yield doc
@@ -437,6 +513,7 @@ def iter_documents(sources: list[str], text_field: str = "text",
             stats.skipped_files += 1
             continue
         stats.files += 1
+        _report(decodings, stats)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log(f"[yellow]skipped {len(skipped)} binary file(s): {shown}[/yellow]")
