@@ -123,6 +123,17 @@ def test_legacy_encodings_are_decoded_not_replaced(tmp_path, capsys):
     korean = {"euc_kr", "cp949"}  # cp949 is EUC-KR's superset
     assert [(d["file"], d["encoding"] in korean if d["file"] == str(euckr) else d["encoding"], d["replaced_bytes"])
             for d in stats.decoding] == [(str(gbk), "gbk", 0), (str(euckr), True, 0), (str(jl), "gbk", 0)]
-    assert "WARNING" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and f"{gbk}: decoded as gbk" in err
+
+    # a folder of many such files: five named, the rest counted (each is in the manifest)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"{i}.txt").write_bytes(chinese(2000, seed=i).encode("gbk"))
+    stats = SourceStats()
+    assert len(list(iter_documents([str(folder)], stats=stats))) == 8 and len(stats.decoding) == 8
+    err = capsys.readouterr().err
+    assert err.count(": decoded as gbk") == 5 and "... and 3 more file(s) were decoded as gbk" in err
 
 

@@ -117,10 +117,11 @@ def test_quickstart_with_too_little_text_stops_before_training(tmp_path):
     with pytest.raises(LmforgeError) as e:
         quickstart(tiny, tmp_path / "qs")
     msg = " ".join(str(e.value).split())
-    assert msg.startswith("too little text for quickstart: 30 bytes in 1 document(s)")
-    assert "which needs at least 2" in msg and "Nothing was trained" in msg
-    assert re.search(r"It needs about [\d,]+ (bytes|KB) of text \([\d,]+ tokens at this corpus's "
-                     r"[\d.]+ bytes per token\)", msg)
+    assert msg.startswith("too little text for quickstart: 30 bytes in 1 document(s), ")
+    assert "a validation split needs a document of its own" in msg and msg.endswith("Nothing was trained.")
+    # one file: it must be long enough to be cut into two documents of up to data.max_doc_bytes
+    assert re.search(r"take [\d,]+ tokens: give about 66 KB of text, in at least 2 documents \(a file is cut "
+                     r"into documents of at most data.max_doc_bytes=32,768 bytes\)", msg), msg
     assert not (tmp_path / "qs" / "checkpoints").exists() and not (tmp_path / "qs" / "metrics.jsonl").exists()
 
     # enough documents, but the validation split is shorter than one sequence

@@ -99,8 +99,7 @@ def check_enough_text(cfg: Config) -> None:
     accum = max(1, tc.batch_tokens // (tc.micro_batch * tc.seq_len)) if tc.batch_tokens else 1
     step_tokens = tc.micro_batch * accum * tc.seq_len + 1
     if val is None:
-        problem = (f"{docs} document(s) cannot be split into train and validation, which needs at least 2 "
-                   f"(a text file becomes one document per data.max_doc_bytes={cfg.data.max_doc_bytes:,} bytes)")
+        problem = "a validation split needs a document of its own"
     elif val["tokens"] < tc.seq_len + 1:
         problem = (f"the validation split holds {val['tokens']:,} tokens, fewer than one sequence of "
                    f"train.seq_len + 1 = {tc.seq_len + 1:,}")
@@ -109,13 +108,21 @@ def check_enough_text(cfg: Config) -> None:
                    f"{step_tokens:,} (train.micro_batch x train.seq_len + 1)")
     else:
         return
-    bpt = nbytes / max(tokens, 1)
     need = step_tokens + tc.seq_len + 1  # one training step and one validation sequence
-    raise LmforgeError(  # 20 % more: the hash split does not cut the tokens exactly where needed
-        f"too little text for quickstart: {_amount(nbytes)} in {docs} document(s), {tokens:,} tokens; "
-        f"{problem}. It needs about {_amount(need * bpt * 1.2)} of text ({need:,} tokens at this "
-        f"corpus's {bpt:.1f} bytes per token) in at least 2 documents. Add text, or lower train.seq_len "
-        "or train.micro_batch. Nothing was trained.")
+    # Bytes per token grow with the text (more merges), so a tiny corpus's own ratio underestimates;
+    # 4 is about what a 4k-token vocabulary reaches on English. 20 % more: the split is not exact.
+    need_bytes = need * max(nbytes / max(tokens, 1), 4.0) * 1.2
+    where = ""
+    if docs < 2 and cfg.data.max_doc_bytes:  # one file must be long enough to be cut in two
+        need_bytes = max(need_bytes, 2 * cfg.data.max_doc_bytes)
+        where = (f", in at least 2 documents (a file is cut into documents of at most data.max_doc_bytes="
+                 f"{cfg.data.max_doc_bytes:,} bytes)")
+    elif docs < 2:
+        where = ", in at least 2 files (data.max_doc_bytes=0 keeps each file one document)"
+    raise LmforgeError(
+        f"too little text for quickstart: {_amount(nbytes)} in {docs} document(s), {tokens:,} tokens; {problem}. "
+        f"One training step and one validation sequence take {need:,} tokens: give about "
+        f"{_amount(need_bytes)} of text{where}, or lower train.seq_len or train.micro_batch. Nothing was trained.")
 
 
 def _prepare(cfg: Config) -> None:

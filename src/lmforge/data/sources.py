@@ -34,6 +34,7 @@ import io
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,10 +468,11 @@ def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataCon
 
 
 _warned: set[tuple[str, int]] = set()  # (file, bad bytes) already reported by this process
+_SHOWN = 5  # decoding notes of each kind printed one by one per read of the sources; the rest are counted
 
 
-def _report(decodings: list[Decoding], stats: SourceStats) -> None:
-    """Warn about replaced bytes (once per file and process: the tokenizer and prepare both read it)."""
+def _report(decodings: list[Decoding], stats: SourceStats, notes: Counter) -> None:
+    """Record how files were decoded; say so once per file and process (tokenizer and prepare both read it)."""
     for dec in decodings:
         if dec.clean:
             continue
@@ -479,10 +481,22 @@ def _report(decodings: list[Decoding], stats: SourceStats) -> None:
         if key in _warned:
             continue
         _warned.add(key)
+        kind = "replaced" if dec.replaced_bytes else dec.encoding
+        notes[kind] += 1
+        if notes[kind] > _SHOWN:
+            continue
         if dec.replaced_bytes:
             log(f"[yellow]WARNING[/yellow] {escape(warning(dec))}")
         else:
             log(escape(f"{dec.file}: decoded as {dec.encoding}"))
+
+
+def _report_rest(notes: Counter) -> None:
+    for kind, n in notes.items():
+        if n > _SHOWN:
+            what = "had bytes replaced" if kind == "replaced" else f"were decoded as {kind}"
+            warn = "[yellow]WARNING[/yellow] " if kind == "replaced" else ""
+            log(f"{warn}... and {n - _SHOWN} more file(s) {what} (the data manifest's 'decoding' lists each)")
 
 
 def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None,
@@ -499,6 +513,7 @@ def iter_documents(sources: list[str], text_field: str = "text", stats: SourceSt
                            f"got {max_doc_bytes}")
     files = resolve_sources(sources)
     skipped: list[str] = []
+    notes: Counter = Counter()
     for path, strict in files:
         decodings: list[Decoding] = []
         try:
@@ -513,7 +528,8 @@ def iter_documents(sources: list[str], text_field: str = "text", stats: SourceSt
             stats.skipped_files += 1
             continue
         stats.files += 1
-        _report(decodings, stats)
+        _report(decodings, stats, notes)
+    _report_rest(notes)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log(f"[yellow]skipped {len(skipped)} binary file(s): {shown}[/yellow]")
