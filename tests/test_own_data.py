@@ -12,23 +12,24 @@ import random
 import pytest
 from corpora import CODE, LIMIT, WORDS, cfg_for, chinese, code_folder, english
 
+from lmforge.data.documents import split_text
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_manifest
-from lmforge.data.sources import SourceStats, iter_documents, split_document
+from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import train_tokenizer
 
 # --- what a document is ---------------------------------------------------------------------------
 
-def lines_of(text: str) -> list[tuple[int, str]]:
-    return list(enumerate(text.splitlines(keepends=True), 1))
+def pieces_of(text: str, limit: int) -> list[tuple[int, str]]:
+    return list(split_text([text], limit))
 
 
-def test_split_document_groups_lines_and_prefers_paragraphs():
+def test_split_text_groups_lines_and_prefers_paragraphs():
     rng = random.Random(1)
     paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 300))) + "\n" for _ in range(300)]
     text = "\n".join(paras)  # paragraphs of one long line, blank lines between
-    pieces = list(split_document(lines_of(text), 4096))
+    pieces = pieces_of(text, 4096)
     assert "".join(t for _, t in pieces) == text
     assert all(len(t.encode()) <= 4096 for _, t in pieces)
     assert all(t.endswith("\n\n") for _, t in pieces[:-1])  # every cut is at a paragraph break
@@ -38,17 +39,37 @@ def test_split_document_groups_lines_and_prefers_paragraphs():
     assert text.splitlines(keepends=True)[starts[1] - 1] == pieces[1][1].splitlines(keepends=True)[0]
 
     book = english(100_000)  # no blank lines: cut between lines, documents nearly full
-    pieces = [t for _, t in split_document(lines_of(book), 4096)]
+    pieces = [t for _, t in pieces_of(book, 4096)]
     assert "".join(pieces) == book and all(t.endswith("\n") for t in pieces)
     assert all(3800 < len(t) <= 4096 for t in pieces[:-1])
 
     # Chinese without a single line break: cut after a punctuation mark, never inside a character
     verse = chinese(50_000, newline="")
-    pieces = [t for _, t in split_document(lines_of(verse), 4096)]
+    pieces = [t for _, t in pieces_of(verse, 4096)]
     assert "".join(pieces) == verse and len(pieces) >= 12
     assert all(len(t.encode()) <= 4096 and t[-1] in "，。" for t in pieces[:-1])
 
-    assert [t for _, t in split_document(lines_of(book), 0)] == [book]  # 0: no limit
+    assert pieces_of(book, 0) == [(1, book)]  # 0: no limit
+
+
+def test_split_text_does_not_depend_on_how_the_text_arrives():
+    """Streamed in chunks that end at line ends, a text is cut exactly as when it is whole."""
+    rng = random.Random(2)
+    parts = []
+    for _ in range(400):  # blank-line runs, whitespace-only lines, long and short lines, Chinese, code
+        parts.append(rng.choice([
+            "\n", "   \n", "\n\n\n", english(rng.randint(10, 600), rng.random()) ,
+            chinese(rng.randint(10, 3000), rng.randint(0, 99), newline=rng.choice(["", "\n"])),
+            "    return x  # indented\n", "x" * rng.randint(1, 5000) + "\n"]))
+    text = "".join(parts)
+    whole = pieces_of(text, 2048)
+    lines = text.splitlines(keepends=True)
+    for _ in range(5):
+        cuts = sorted(rng.sample(range(1, len(lines)), 40))
+        chunks = ["".join(lines[a:b]) for a, b in zip([0, *cuts], [*cuts, len(lines)])]
+        assert list(split_text(chunks, 2048)) == whole
+    assert "".join(t for _, t in whole) == text and all(len(t.encode()) <= 2048 for _, t in whole)
+    assert all(n == 1 + text.count("\n", 0, sum(len(t) for _, t in whole[:i])) for i, (n, _) in enumerate(whole))
 
 
 def test_a_folder_of_code_and_one_huge_code_file(tmp_path):

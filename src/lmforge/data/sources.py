@@ -10,12 +10,12 @@ What a document is (`data.max_doc_bytes`, 32 KiB by default; 0 turns the limit o
 
 - A text or code file up to that size is one document: a folder of source files or of short texts
   gives one document per file.
-- A longer file is cut into documents of at most that size, grouping consecutive lines: at the last
-  paragraph break (a blank line) that leaves the document at least half full, else between lines,
-  and a single line longer than the limit (minified code, Chinese prose without line breaks) after
-  its last space or punctuation mark. A 5 MB book with one sentence per line becomes about 160
-  documents, so train and validation both exist and an end-of-text token comes every ~8k tokens,
-  not after every sentence; a huge code file is cut between functions, at its blank lines.
+- A longer file is cut into documents of at most that size by `lmforge.data.documents`: at the
+  last paragraph break (a blank line) that leaves the document at least half full, else between
+  lines, and inside a single line longer than the limit (minified code, Chinese prose without line
+  breaks) after its last space or punctuation mark. A 5 MB book with one sentence per line becomes
+  about 160 documents, so train and validation both exist and an end-of-text token comes every
+  ~8k tokens, not after every sentence; a huge code file is cut between functions, at blank lines.
 - A record (JSONL line, JSON item, CSV row, Parquet row) is one document, cut the same way when it
   is longer than the limit.
 The pieces joined are exactly the file's text; nothing is dropped or added.
@@ -32,10 +32,9 @@ import gzip
 import hashlib
 import io
 import json
-import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -45,6 +44,7 @@ from rich.markup import escape
 
 from lmforge.config import DataConfig
 from lmforge.console import log
+from lmforge.data.documents import split_text, utf8_size
 from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
 
@@ -258,24 +258,35 @@ def _split_lines(text: str) -> Iterator[str]:
         start = end
 
 
-def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a file, streamed; the encoding is chosen from its first MiB."""
+def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[str]:
+    """A file's text, streamed line by line or in chunks of about 1 MiB that end at a line end.
+
+    The encoding is chosen from the first MiB (`lmforge.data.encoding`); its record goes to `decodings`.
+    """
     with _open(path) as raw, io.BufferedReader(raw, buffer_size=SAMPLE_BYTES) as f:
         try:
             dec = choose_encoding(path, f.peek(SAMPLE_BYTES)[:SAMPLE_BYTES], complete=False)
             decodings.append(dec)
             if dec.encoding in ("utf-16", "utf-32"):  # lines are not split on b"\n"; rare, so read whole
-                yield from enumerate(_split_lines(dec.decode(f.read(), 0)), 1)
+                text = dec.decode(f.read(), 0)
+                yield from _split_lines(text) if by_line else [text]
                 return
-            offset = 0
-            for n, line in enumerate(f, 1):
-                text = dec.decode(line, offset)
-                offset += len(line)
+            offset, line = 0, 1
+            while data := f.readline() if by_line else f.read(SAMPLE_BYTES) + f.readline():
+                text = dec.decode(data, offset)  # b"\n" never occurs inside a character here
+                offset += len(data)
                 if "\x00" in text:  # past the sampled start, where a NUL means a binary file
-                    raise LmforgeError(f"{path}:{n}: NUL character in a text file; is it binary?")
-                yield n, text
+                    at = line + text.count("\n", 0, text.index("\x00"))
+                    raise LmforgeError(f"{path}:{at}: NUL character in a text file; is it binary?")
+                line += text.count("\n")
+                yield text
         except _READ_ERRORS as e:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
+
+
+def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a line-oriented file (JSONL, CSV)."""
+    return enumerate(_decoded(path, decodings, by_line=True), 1)
 
 
 def _field(path: Path, where: str, obj: object, field: str) -> str | None:
@@ -368,82 +379,12 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
                 yield Document(value, str(path), row)
 
 
-# --- documents of a bounded size ------------------------------------------------------------------
-
-_BREAK = re.compile(r"[\s。！？；，、.!?;,]")  # where a single line longer than a document may be cut
-
-
-def _size(text: str) -> int:
-    """UTF-8 bytes of `text` (without encoding it when it is ASCII)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def _cut(buf: list[tuple[int, str, int]], limit: int) -> int:
-    """How many leading lines of `buf` make the next document.
-
-    Through the last paragraph break (a blank line, then text) that keeps the document between half
-    of `limit` and `limit`; else as many whole lines as fit; 0 when not even the first line fits.
-    """
-    total, lines, para = 0, 0, 0
-    for k in range(1, len(buf)):
-        total += buf[k - 1][2]
-        if total > limit:
-            break
-        lines = k
-        if total >= limit // 2 and not buf[k - 1][1].strip() and buf[k][1].strip():
-            para = k
-    return para or lines
-
-
-def _cut_line(text: str, limit: int) -> tuple[str, str]:
-    """Split a line longer than `limit` bytes after its last space or punctuation mark in the second
-    half of the first `limit` bytes (text without spaces, such as Chinese, has its own marks), else
-    at the character boundary nearest to `limit`."""
-    raw = text.encode("utf-8", "surrogatepass")
-    end = limit
-    while end > 0 and (raw[end] & 0xC0) == 0x80:  # not inside a multi-byte character
-        end -= 1
-    head = raw[:end].decode("utf-8", "surrogatepass")
-    cut = len(head)
-    for m in _BREAK.finditer(head, len(head) // 2):
-        cut = m.end()
-    return text[:cut], text[cut:]
-
-
-def split_document(lines: Iterable[tuple[int, str]], limit: int) -> Iterator[tuple[int, str]]:
-    """(first line number, text) of documents of at most `limit` UTF-8 bytes made from `lines`.
-
-    Consecutive lines are grouped, cut at paragraph breaks where possible, else between lines, else
-    (one line longer than `limit`) inside the line. Nothing is dropped or added: the pieces joined
-    are the input. `limit` 0 gives one document of everything.
-    """
-    buf: list[tuple[int, str, int]] = []  # (line number, text, bytes)
-    size = 0
-    for n, text in lines:
-        s = _size(text) if limit else 0
-        buf.append((n, text, s))
-        size += s
-        while limit and size > limit:
-            k = _cut(buf, limit)
-            if k:
-                piece, buf = buf[:k], buf[k:]
-                yield piece[0][0], "".join(t for _, t, _ in piece)
-            else:
-                n0, head, tail = buf[0][0], *_cut_line(buf[0][1], limit)
-                yield n0, head
-                buf[0] = (n0, tail, _size(tail))
-            size = sum(b[2] for b in buf)
-    if buf:
-        yield buf[0][0], "".join(t for _, t, _ in buf)
-
-
 def _bounded(doc: Document, limit: int) -> Iterator[Document]:
-    """A record longer than `limit` bytes, as several documents (each keeps the record's line)."""
-    if not limit or len(doc.text) <= limit // 4 or _size(doc.text) <= limit:
+    """A record as it is, or as several documents when it is longer than `limit` (each keeps its line)."""
+    if not limit or len(doc.text) <= limit // 4 or utf8_size(doc.text) <= limit:
         yield doc
         return
-    lines = ((doc.line, line) for line in _split_lines(doc.text))
-    for _, text in split_document(lines, limit):
+    for _, text in split_text([doc.text], limit):
         yield Document(text, doc.source, doc.line)
 
 
@@ -463,7 +404,7 @@ def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataCon
         for doc in records:
             yield from _bounded(doc, max_doc_bytes)
     else:
-        for n, text in split_document(_lines(path, decodings), max_doc_bytes):
+        for n, text in split_text(_decoded(path, decodings, by_line=False), max_doc_bytes):
             yield Document(text, str(path), n)
 
 
