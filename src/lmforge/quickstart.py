@@ -197,7 +197,8 @@ def cmd_quickstart(argv: list[str]) -> int:
     console.print(f"steps {result.step}, {result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
                   f"of this machine's measured matmul rate, {elapsed / 60:.1f} min in all")
     if "val_loss" in m:
-        console.print(f"validation loss {m['val_loss']:.3f} (perplexity {math.exp(m['val_loss']):.1f}) vs "
+        ppl = math.exp(min(m["val_loss"], 50.0))  # a diverged run must not end in an OverflowError
+        console.print(f"validation loss {m['val_loss']:.3f} (perplexity {ppl:.1f}) vs "
                       f"unigram baseline {base:.3f}; bits per byte {m.get('val_bpb', float('nan')):.3f}")
     run_arg = shlex.quote(f"run_dir={cfg.run_dir}")
     console.print(escape(f"checkpoint: {result.checkpoint}\n"
