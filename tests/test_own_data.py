@@ -147,6 +147,19 @@ def test_legacy_encodings_are_decoded_not_replaced(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "WARNING" not in err and f"{gbk}: decoded as gbk" in err
 
+    # single-byte code pages: a non-Latin alphabet is told reliably, Latin-script ones are not guessed
+    ru = "Это проверка. Мы проверяем определение кодировки для русского текста, строка за строкой.\n" * 30
+    cyr = tmp_path / "russian.txt"
+    cyr.write_bytes(ru.encode("cp1251"))
+    stats = SourceStats()
+    assert "".join(d.text for d in iter_documents([str(cyr)], stats=stats)) == ru
+    assert stats.decoding == [{"file": str(cyr), "encoding": "cp1251", "replaced_bytes": 0}]
+    de = tmp_path / "german.txt"
+    de.write_bytes(("Die Straße führt über die Brücke nach Köln, wo wir schöne Häuser sahen.\n" * 30).encode("latin-1"))
+    with pytest.raises(LmforgeError, match=r"german\.txt: not UTF-8 \(210 of the first 2,160 bytes are invalid, "
+                                           r"the first at byte 8\) .* convert it to UTF-8 \(e\.g\. with `iconv -f "):
+        list(iter_documents([str(de)]))
+
     # a folder of many such files: five named, the rest counted (each is in the manifest)
     folder = tmp_path / "many"
     folder.mkdir()

@@ -5,20 +5,25 @@ The rule, decided from the file's first MiB (the whole file when it is smaller):
 1. a byte-order mark names the encoding (UTF-8, UTF-16, UTF-32);
 2. NUL bytes mean a binary file, not text;
 3. valid UTF-8 is UTF-8;
-4. real text in a multi-byte legacy encoding is decoded as that encoding: the sample decodes
-   without a single error in it, holds at least `LEGACY_MIN_CHARS` non-ASCII characters, and nearly
-   all of those are Chinese, Japanese or Korean script — GBK / GB18030 when they are common
-   Simplified Chinese (GB2312), else the encoding charset-normalizer names (Big5, Shift-JIS,
-   EUC-JP, EUC-KR);
+4. real text in a legacy encoding is decoded as that encoding: the sample decodes without a
+   single error in it and holds at least `LEGACY_MIN_CHARS` non-ASCII characters, which are
+   - nearly all Chinese, Japanese or Korean script: the encoding is the one charset-normalizer names
+     among GBK/GB18030, Big5, Shift-JIS, EUC-JP and EUC-KR (it tells EUC-KR and EUC-JP from GB2312,
+     whose byte ranges they share); where it names none, as on a short text, GBK when nearly all
+     the characters are common Simplified Chinese (GB2312);
+   - or mostly letters of an alphabet that is not Latin (Cyrillic, Greek, Hebrew, Arabic, Thai),
+     at least `ALPHABET_SHARE` of all letters: the single-byte code page charset-normalizer names
+     (cp1251, KOI8-R, ISO-8859-7, cp1255, TIS-620, ...);
 5. anything else is UTF-8 with each invalid byte sequence replaced by U+FFFD and a warning that
    names the file, the offset of the first bad byte and the number of bad bytes — unless bad bytes
    are more than `STRAY_LIMIT` of the sample (and more than `STRAY_MIN_BYTES`): that is text in
    an encoding we cannot tell, and an error asks for a conversion to UTF-8.
 
-Single-byte code pages (cp1252, Latin-1, cp1251, ...) are never guessed: any byte string decodes in
-every one of them, and detectors pick among them unreliably (cp1252 curly quotes come back as
-cp852), so a wrong guess would put silent mojibake into the corpus. A file in one of them gives
-the warning (a few accented letters) or the error (whole words), both naming the file.
+Code pages of Latin-script languages (cp1252, Latin-1, cp1250, ...) are never guessed: any byte
+string decodes in every one of them and they differ only in a few accented letters, which
+detectors get wrong (cp1252 curly quotes come back as cp852, Latin-1 as cp1250), so a guess would
+put silent mojibake into the corpus. Such a file gives the warning (a few accented letters) or the
+error (many), both naming the file; the error suggests the detector's guess for `iconv`.
 
 Bytes past the sample that do not decode are replaced and counted the same way, so a bad line deep
 in a JSONL file is a counted warning, not an error that stops the run.
@@ -37,6 +42,7 @@ SAMPLE_BYTES = 1 << 20  # bytes of a file's start that decide its encoding
 LEGACY_MIN_CHARS = 8  # fewer non-ASCII characters than this is never "real text" in a legacy encoding
 STRAY_LIMIT = 0.01  # bad bytes above this fraction of the sample are not strays but another encoding
 STRAY_MIN_BYTES = 16  # ... unless there are at most this many (a short file with a few stray bytes)
+ALPHABET_SHARE = 0.05  # a non-Latin code page needs at least this share of the letters to be non-ASCII
 GB_ENCODINGS = {"gb2312", "gbk", "gb18030", "hz"}
 CJK_ENCODINGS = {"big5", "big5hkscs", "cp950", "shift_jis", "cp932", "shift_jis_2004", "shift_jisx0213",
                  "euc_jp", "euc_jis_2004", "euc_jisx0213", "euc_kr", "cp949", "johab"}
@@ -113,6 +119,23 @@ def _is_cjk(c: str) -> bool:
             or 0xFF00 <= o <= 0xFFEF)
 
 
+def _alphabet(c: str) -> bool:
+    """Greek, Cyrillic, Hebrew, Arabic or Thai: scripts a single-byte code page is told by reliably."""
+    o = ord(c)
+    return 0x370 <= o <= 0x52F or 0x590 <= o <= 0x6FF or 0xE00 <= o <= 0xE7F
+
+
+def _alphabet_text(sample: bytes, encoding: str, complete: bool) -> bool:
+    """`sample` decodes in `encoding` to text written mostly in one of those alphabets (not stray bytes)."""
+    text = _strict(sample, encoding, complete)
+    if text is None:
+        return False
+    wide = _wide(text)
+    letters = sum(c.isalpha() for c in text[:200_000])
+    return (len(wide) >= LEGACY_MIN_CHARS and sum(map(_alphabet, wide)) >= 0.7 * len(wide)
+            and sum(map(_alphabet, text[:200_000])) >= ALPHABET_SHARE * letters)
+
+
 def _looks_gb(wide: list[str]) -> bool:
     """Nearly every non-ASCII character is in GB2312, as in real Simplified Chinese text.
 
@@ -143,11 +166,7 @@ def _gb_name(sample: bytes, complete: bool) -> str:
 
 
 def legacy_encoding(sample: bytes, complete: bool) -> str | None:
-    """The multi-byte legacy encoding `sample` is confidently written in (rule 4), or None.
-
-    charset-normalizer tells the EUC family apart (EUC-KR and EUC-JP bytes are valid GB2312 too);
-    where it names no CJK encoding, as on a short text, nearly-all-GB2312 text is taken as GBK.
-    """
+    """The legacy encoding `sample` is confidently written in (rule 4), or None."""
     from charset_normalizer import from_bytes
 
     best = from_bytes(sample[:SAMPLE_BYTES]).best()
@@ -157,6 +176,8 @@ def legacy_encoding(sample: bytes, complete: bool) -> str | None:
         return name if _cjk_text(sample, name, complete) else None
     if name in CJK_ENCODINGS and best.chaos <= 0.2:
         return name if _cjk_text(sample, name, complete) else None
+    if name and not name.startswith("utf") and best.chaos <= 0.2 and _alphabet_text(sample, name, complete):
+        return name
     gb = _strict(sample, "gb18030", complete)
     if gb is not None:
         wide = _wide(gb)
@@ -185,10 +206,14 @@ def choose_encoding(path: Path, sample: bytes, complete: bool) -> Decoding:
     probe = Decoding(str(path))
     probe.decode(sample, 0, final=complete)
     if probe.replaced_bytes > max(STRAY_MIN_BYTES, STRAY_LIMIT * len(sample)):
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(sample).best()
+        guess = f"`iconv -f {best.encoding} -t utf-8`, {best.encoding} being a guess" if best else "`iconv`"
         raise LmforgeError(
             f"{path}: not UTF-8 ({probe.replaced_bytes:,} of the first {len(sample):,} bytes are invalid, "
-            f"the first at byte {probe.first_bad_byte:,}) and no multi-byte legacy encoding fits "
-            "confidently; convert it to UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)")
+            f"the first at byte {probe.first_bad_byte:,}) and no legacy encoding fits "
+            f"confidently; convert it to UTF-8 (e.g. with {guess})")
     return dec
 
 
