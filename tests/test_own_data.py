@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
-from corpora import CODE, LIMIT, WORDS, cfg_for, chinese, code_folder, english
+from corpora import CODE, LIMIT, WORDS, cfg_for, chinese, code_folder, english, split_texts
 
 from lmforge.data.documents import split_text
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_manifest
 from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import train_tokenizer
+from lmforge.stages import data_prompt
+from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 # --- what a document is ---------------------------------------------------------------------------
 
@@ -85,6 +87,15 @@ def test_a_folder_of_code_and_one_huge_code_file(tmp_path):
     train_tokenizer(cfg)
     summary = prepare(cfg)
     assert summary["train"]["documents"] >= 4 and summary["val"]["documents"] >= 1
+
+    # the sample prompt: the first words of the first validation document, else of the first training one
+    run, tok = tmp_path / "py", Tokenizer.load(tmp_path / "py" / "tokenizer")
+    for split in ("val", "train"):
+        first_line = next(line.strip() for line in split_texts(run, split)[0].splitlines() if line.strip())
+        prompt = data_prompt(tok, run / "data")
+        assert prompt and first_line.startswith(prompt) and len(prompt.encode()) <= 32
+        if split == "val":
+            shutil.rmtree(run / "data" / "val")
 
 
 def test_max_doc_bytes_is_checked(tmp_path):
