@@ -213,7 +213,7 @@ def test_bad_input(tok_run, tmp_path, monkeypatch, case):
     elif case == "undecodable":
         f = tmp_path / "noise.txt"
         f.write_bytes(bytes(range(128, 256)) * 4)
-        match = r"noise\.txt: not UTF-8 and no other text encoding fits"
+        match = r"noise\.txt: not UTF-8 \(512 of the first 512 bytes are invalid, the first at byte 0\)"
     else:
         import zstandard
 

@@ -53,6 +53,7 @@ class DataConfig:
     workers: int = 0  # tokenizer processes; 0: all cores
     dedup: bool = True  # drop exact duplicate documents
     shard_tokens: int = 100_000_000  # tokens per shard file
+    max_doc_bytes: int = 32768  # longer files/records become documents of at most this, cut at paragraphs; 0: off
 
 
 @dataclass

@@ -111,6 +111,29 @@ def sampler(tok, prompt: str, seed: int, max_new_tokens: int = 96) -> Callable:
     return sample
 
 
+def data_prompt(tok, data_dir: Path, max_bytes: int = 32) -> str:
+    """The first few words of the first validation document (else of the first training one).
+
+    A prompt in the corpus's own language and style, so the sample shows what the model learnt:
+    the document's first non-blank line, cut to at most `max_bytes` at a character boundary and,
+    where words are separated by spaces, at the end of a word.
+    """
+    import numpy as np
+
+    from lmforge.data.shards import open_shards
+
+    split = data_dir / ("val" if (data_dir / "val" / "manifest.json").is_file() else "train")
+    shards, manifest = open_shards(split)
+    ids = np.asarray(shards[0][:256]).tolist()
+    eot = int(manifest["eot_id"])
+    text = tok.decode(ids[:ids.index(eot)] if eot in ids else ids, skip_special_tokens=True)
+    line = next((s.strip() for s in text.splitlines() if s.strip().strip("\ufffd")), "")
+    head = line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")  # drops a cut character
+    if len(head) < len(line) and not line[len(head)].isspace() and " " in head.strip():
+        head = head[:head.rstrip().rfind(" ")]  # do not end inside a word
+    return head.rstrip() or line or "\n"
+
+
 def run_pretrain(cfg: Config):
     from lmforge.data.shards import check_tokenizer, read_manifest
     from lmforge.tokenizer import Tokenizer
@@ -126,7 +149,7 @@ def run_pretrain(cfg: Config):
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
     objective = LMObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed,
                             cfg.train.loss_chunk, cfg.train.eval_batches)
-    prompt = cfg.train.sample_prompt or tok.decode(list(objective.train.get(0)[:8]))
+    prompt = cfg.train.sample_prompt or data_prompt(tok, data_dir)
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))

@@ -1,10 +1,15 @@
 """`lmforge prepare`: documents -> token ids in parallel -> RUN/data/{train,val}/ shards + manifest.
 
-The main process reads documents, drops exact duplicates and assigns each to train or val by a hash
-of its text (stable across reruns, machines and worker counts). Batches of documents go to a pool
-of worker processes that tokenize them; results come back in submission order and are streamed
-into shard files, so the output is byte-identical for any number of workers and the corpus is
-never held in memory. Each split folder is built under a temporary name and renamed into place.
+Documents are what `iter_documents` gives: a long text file is cut into documents of at most
+`data.max_doc_bytes`, so a corpus of one file still has a validation split. The main process reads
+them, drops exact duplicates and assigns each to train or val by a hash of its text (stable across
+reruns, machines and worker counts). Batches of documents go to a pool of worker processes that
+tokenize them; results come back in submission order and are streamed into shard files, so the
+output is byte-identical for any number of workers and the corpus is never held in memory. Each
+split folder is built under a temporary name and renamed into place.
+
+The manifest records, besides counts and the tokenizer's hash, `decoding`: every source file that
+was not clean UTF-8, with the encoding used and the bytes replaced, so a user can audit it.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class _Pass:
         d = self.cfg.data
         seen: set[bytes] = set()
         pending = {s: ([], 0) for s in SPLITS}
-        for doc in iter_documents(d.sources, d.text_field, self.sources):
+        for doc in iter_documents(d.sources, d.text_field, self.sources, d.max_doc_bytes):
             raw = doc.text.encode("utf-8")
             key = text_key(raw)
             if d.dedup:
@@ -211,7 +216,8 @@ def prepare(cfg: Config) -> dict:
             res = _run_pass(p, tok, tmps, workers, total_mb)
         writers, seconds = res["writers"], res["seconds"]
         summary: dict = {"workers": workers, "seconds": round(seconds, 3),
-                         "duplicates_dropped": p.duplicates, "skipped_files": p.sources.skipped_files}
+                         "duplicates_dropped": p.duplicates, "skipped_files": p.sources.skipped_files,
+                         "decoding": p.sources.decoding}
         for s in SPLITS:
             w = writers[s]
             manifest = {
@@ -220,7 +226,8 @@ def prepare(cfg: Config) -> dict:
                 "eot_id": tok.eot_id, "max_token_id": w.max_id, "sources": list(d.sources),
                 "text_field": d.text_field, "duplicates_dropped": p.duplicates,
                 "skipped_files": p.sources.skipped_files, "files": p.sources.files, "split": s,
-                "val_fraction": d.val_fraction, "tokenizer": str(run / "tokenizer"),
+                "val_fraction": d.val_fraction, "max_doc_bytes": d.max_doc_bytes,
+                "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer"),
             }
             atomic_write_json(tmps[s] / MANIFEST, manifest)
             summary[s] = {"tokens": w.tokens, "documents": p.docs[s], "bytes": p.bytes[s],

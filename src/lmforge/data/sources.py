@@ -5,11 +5,27 @@ documents in the same order. Order is deterministic: sources as listed, folders 
 Problems are errors that name the file (and line and field), because a silently skipped file is a
 hole in the corpus nobody notices. The one exception is binary files met while walking a folder:
 folders often hold a stray image or archive, so those are skipped and counted.
+
+What a document is (`data.max_doc_bytes`, 32 KiB by default; 0 turns the limit off):
+
+- A text or code file up to that size is one document: a folder of source files or of short texts
+  gives one document per file.
+- A longer file is cut into documents of at most that size by `lmforge.data.documents`: at the
+  last paragraph break (a blank line) that leaves the document at least half full, else between
+  lines, and inside a single line longer than the limit (minified code, Chinese prose without line
+  breaks) after its last space or punctuation mark. A 5 MB book with one sentence per line becomes
+  about 160 documents, so train and validation both exist and an end-of-text token comes every
+  ~8k tokens, not after every sentence; a huge code file is cut between functions, at blank lines.
+- A record (JSONL line, JSON item, CSV row, Parquet row) is one document, cut the same way when it
+  is longer than the limit.
+The pieces joined are exactly the file's text; nothing is dropped or added.
+
+How bytes become text (UTF-8, a detected CJK legacy encoding, or UTF-8 with stray bytes replaced
+and a warning) is one rule per file, in `lmforge.data.encoding`; `SourceStats.decoding` records it.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import gzip
@@ -17,14 +33,19 @@ import hashlib
 import io
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+from rich.markup import escape
 
+from lmforge.config import DataConfig
 from lmforge.console import log
+from lmforge.data.documents import split_text, utf8_size
+from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
 
 TEXT_EXTS = {
@@ -37,7 +58,7 @@ TEXT_EXTS = {
 }
 RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", ".parquet"}
 COMPRESSED_EXTS = {".gz", ".zst", ".zstd"}
-_SNIFF = 1 << 16  # bytes looked at to tell text from binary and to guess an encoding
+MIN_DOC_BYTES = 1024  # smallest data.max_doc_bytes: below it, documents would be shorter than a context
 
 
 @dataclass
@@ -54,6 +75,7 @@ class SourceStats:
     files: int = 0
     skipped_files: int = 0
     documents: int = 0
+    decoding: list[dict] = field(default_factory=list)  # Decoding.as_dict() of files not clean UTF-8
 
 
 def text_key(text: str | bytes) -> bytes:
@@ -216,97 +238,55 @@ def _read_all(path: Path) -> bytes:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
 
 
-class BinaryFileError(LmforgeError):
-    """The file is not text (NUL bytes): an error when named, skipped when found by a walk."""
-
-
-def _looks_gb(text: str) -> bool:
-    """True if nearly every non-ASCII character is in GB2312, as in real Simplified Chinese text.
-
-    Big5 or Latin-1 bytes often decode as *valid* GBK too, but land on rare characters outside the
-    GB2312 set; this is what tells them apart, where charset-normalizer alone misreads short texts.
-    """
-    wide = [c for c in text if ord(c) > 127][:20000]
-    if not wide:
-        return False
-    ok = 0
-    for c in wide:
-        try:
-            c.encode("gb2312")
-            ok += 1
-        except UnicodeEncodeError:
-            pass
-    return ok >= 0.9 * len(wide)
-
-
-def detect_encoding(path: Path, sample: bytes, complete: bool) -> str:
-    """Pick the encoding of a file from its first bytes: BOM, UTF-8, GB18030, then charset-normalizer.
-
-    `complete` says whether `sample` is the whole file (else its last character may be cut).
-    Raises BinaryFileError for NUL bytes and LmforgeError when no encoding fits confidently.
-    """
-    for bom, enc in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
-                     (codecs.BOM_UTF16_BE, "utf-16")):
-        if sample.startswith(bom):
-            return enc
-    if b"\x00" in sample[:_SNIFF]:
-        raise BinaryFileError(f"{path}: binary file (contains NUL bytes), not text")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:  # GB18030 covers GBK and GB2312, the usual non-UTF-8 Chinese encodings
-        text = codecs.getincrementaldecoder("gb18030")().decode(sample, final=complete)
-        if _looks_gb(text):
-            return "gb18030"
-    except UnicodeDecodeError:
-        pass
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(sample).best()
-    if best is None:
-        raise LmforgeError(f"{path}: not UTF-8 and no other text encoding fits confidently; "
-                           "convert it to UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)")
-    return best.encoding
-
-
-def _decode_file(path: Path, data: bytes) -> str:
-    enc = detect_encoding(path, data[:_SNIFF * 16], complete=len(data) <= _SNIFF * 16)
-    try:
-        text = data.decode(enc)
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise LmforgeError(f"{path}:{line}: not valid {enc} (guessed from the start of the file); "
-                           "convert the file to UTF-8") from None
-    if "\x00" in text:  # NULs past the sniffed start
+def _decode_whole(path: Path, data: bytes, decodings: list[Decoding]) -> str:
+    """A whole file's bytes as text (formats parsed whole, like .json), by the encoding rule."""
+    dec = choose_encoding(path, data[:SAMPLE_BYTES], complete=len(data) <= SAMPLE_BYTES)
+    decodings.append(dec)
+    text = dec.decode(data, 0)
+    if "\x00" in text:  # NULs past the sampled start
         raise BinaryFileError(f"{path}: binary file (contains NUL characters), not text")
-    if enc not in ("utf-8", "utf-8-sig"):
-        log(f"[dim]{path}: decoded as {enc}[/dim]")
     return text
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a line-oriented file, streamed; encoding guessed from its start."""
-    with _open(path) as raw, io.BufferedReader(raw, buffer_size=_SNIFF) as f:
+def _split_lines(text: str) -> Iterator[str]:
+    """`text` in lines that keep their "\n", as reading a file gives them (no split at \r or U+2028)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[str]:
+    """A file's text, streamed line by line or in chunks of about 1 MiB that end at a line end.
+
+    The encoding is chosen from the first MiB (`lmforge.data.encoding`); its record goes to `decodings`.
+    """
+    with _open(path) as raw, io.BufferedReader(raw, buffer_size=SAMPLE_BYTES) as f:
         try:
-            head = f.peek(_SNIFF)[:_SNIFF]
-            enc = detect_encoding(path, head, complete=False)
-            if enc.startswith("utf-16"):  # lines are not split on b"\n"; rare, so read whole
-                try:
-                    text = f.read().decode(enc)
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{path}: not valid {enc}; convert the file to UTF-8") from None
-                yield from enumerate(text.splitlines(keepends=True), 1)
+            dec = choose_encoding(path, f.peek(SAMPLE_BYTES)[:SAMPLE_BYTES], complete=False)
+            decodings.append(dec)
+            if dec.encoding in ("utf-16", "utf-32"):  # lines are not split on b"\n"; rare, so read whole
+                text = dec.decode(f.read(), 0)
+                yield from _split_lines(text) if by_line else [text]
                 return
-            for n, line in enumerate(f, 1):
-                try:
-                    yield n, line.decode(enc)
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{path}:{n}: not valid {enc} (guessed from the start of the "
-                                       "file); convert the file to UTF-8") from None
+            offset, line = 0, 1
+            while data := f.readline() if by_line else f.read(SAMPLE_BYTES) + f.readline():
+                text = dec.decode(data, offset)  # b"\n" never occurs inside a character here
+                offset += len(data)
+                if "\x00" in text:  # past the sampled start, where a NUL means a binary file
+                    at = line + text.count("\n", 0, text.index("\x00"))
+                    raise LmforgeError(f"{path}:{at}: NUL character in a text file; is it binary?")
+                line += text.count("\n")
+                yield text
         except _READ_ERRORS as e:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
+
+
+def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a line-oriented file (JSONL, CSV)."""
+    return enumerate(_decoded(path, decodings, by_line=True), 1)
 
 
 def _field(path: Path, where: str, obj: object, field: str) -> str | None:
@@ -325,8 +305,8 @@ def _field(path: Path, where: str, obj: object, field: str) -> str | None:
     return value
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
-    for n, line in _lines(path):
+def _read_jsonl(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
+    for n, line in _lines(path, decodings):
         if not line.strip():
             continue
         try:
@@ -338,8 +318,8 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
             yield Document(text, str(path), n)
 
 
-def _read_json(path: Path, field: str) -> Iterator[Document]:
-    text = _decode_file(path, _read_all(path))
+def _read_json(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
+    text = _decode_whole(path, _read_all(path), decodings)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -352,9 +332,9 @@ def _read_json(path: Path, field: str) -> Iterator[Document]:
             yield Document(value, str(path), i)
 
 
-def _read_csv(path: Path, field: str) -> Iterator[Document]:
+def _read_csv(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Document]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are longer than csv's 128 KB default
-    rows = (line for _, line in _lines(path))
+    rows = (line for _, line in _lines(path, decodings))
     reader = csv.reader(rows)
     try:
         header = next(reader, None)
@@ -399,34 +379,86 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
                 yield Document(value, str(path), row)
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents of one file, by extension; anything not a record format is one text document."""
+def _bounded(doc: Document, limit: int) -> Iterator[Document]:
+    """A record as it is, or as several documents when it is longer than `limit` (each keeps its line)."""
+    if not limit or len(doc.text) <= limit // 4 or utf8_size(doc.text) <= limit:
+        yield doc
+        return
+    for _, text in split_text([doc.text], limit):
+        yield Document(text, doc.source, doc.line)
+
+
+def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataConfig.max_doc_bytes,
+              decodings: list[Decoding] | None = None) -> Iterator[Document]:
+    """Documents of one file, by extension, none longer than `max_doc_bytes` (0: no limit).
+
+    A text or code file is one document, or several when it is longer (see the module docstring);
+    a record format gives a document per record, split the same way when a record is longer.
+    `decodings` receives how the file's bytes were decoded.
+    """
+    decodings = decodings if decodings is not None else []
     ext, _ = _kind(path)
-    if ext in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path, text_field)
-    elif ext == ".json":
-        yield from _read_json(path, text_field)
-    elif ext == ".csv":
-        yield from _read_csv(path, text_field)
-    elif ext == ".parquet":
-        yield from _read_parquet(path, text_field)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    if ext in readers or ext == ".parquet":
+        records = readers[ext](path, text_field, decodings) if ext in readers else _read_parquet(path, text_field)
+        for doc in records:
+            yield from _bounded(doc, max_doc_bytes)
     else:
-        yield Document(_decode_file(path, _read_all(path)), str(path), 1)
+        for n, text in split_text(_decoded(path, decodings, by_line=False), max_doc_bytes):
+            yield Document(text, str(path), n)
 
 
-def iter_documents(sources: list[str], text_field: str = "text",
-                   stats: SourceStats | None = None) -> Iterator[Document]:
-    """Every non-empty document of `sources`, in a deterministic order.
+_warned: set[tuple[str, int]] = set()  # (file, bad bytes) already reported by this process
+_SHOWN = 5  # decoding notes of each kind printed one by one per read of the sources; the rest are counted
+
+
+def _report(decodings: list[Decoding], stats: SourceStats, notes: Counter) -> None:
+    """Record how files were decoded; say so once per file and process (tokenizer and prepare both read it)."""
+    for dec in decodings:
+        if dec.clean:
+            continue
+        stats.decoding.append(dec.as_dict())
+        key = (dec.file, dec.replaced_bytes)
+        if key in _warned:
+            continue
+        _warned.add(key)
+        kind = "replaced" if dec.replaced_bytes else dec.encoding
+        notes[kind] += 1
+        if notes[kind] > _SHOWN:
+            continue
+        if dec.replaced_bytes:
+            log(f"[yellow]WARNING[/yellow] {escape(warning(dec))}")
+        else:
+            log(escape(f"{dec.file}: decoded as {dec.encoding}"))
+
+
+def _report_rest(notes: Counter) -> None:
+    for kind, n in notes.items():
+        if n > _SHOWN:
+            what = "had bytes replaced" if kind == "replaced" else f"were decoded as {kind}"
+            warn = "[yellow]WARNING[/yellow] " if kind == "replaced" else ""
+            log(f"{warn}... and {n - _SHOWN} more file(s) {what} (the data manifest's 'decoding' lists each)")
+
+
+def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None,
+                   max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+    """Every non-empty document of `sources`, in a deterministic order, none over `max_doc_bytes`.
 
     Binary files named explicitly are errors; those found by walking a folder or a glob are
-    skipped, counted in `stats.skipped_files` and reported once at the end.
+    skipped, counted in `stats.skipped_files` and reported once at the end. How each file was
+    decoded is in `stats.decoding` (files that were not clean UTF-8).
     """
     stats = stats if stats is not None else SourceStats()
+    if max_doc_bytes and max_doc_bytes < MIN_DOC_BYTES:
+        raise LmforgeError(f"data.max_doc_bytes must be 0 (no limit) or at least {MIN_DOC_BYTES}, "
+                           f"got {max_doc_bytes}")
     files = resolve_sources(sources)
     skipped: list[str] = []
+    notes: Counter = Counter()
     for path, strict in files:
+        decodings: list[Decoding] = []
         try:
-            for doc in read_file(path, text_field):
+            for doc in read_file(path, text_field, max_doc_bytes, decodings):
                 if doc.text.strip():
                     stats.documents += 1
                     yield doc
@@ -437,6 +469,8 @@ def iter_documents(sources: list[str], text_field: str = "text",
             stats.skipped_files += 1
             continue
         stats.files += 1
+        _report(decodings, stats, notes)
+    _report_rest(notes)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log(f"[yellow]skipped {len(skipped)} binary file(s): {shown}[/yellow]")

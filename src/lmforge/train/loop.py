@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -296,7 +297,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
         text = sample_fn(inner)
         last_eval = {**last_eval, "sample": text}
-        console.print(f"[cyan]sample at step {step}:[/]\n{text}")
+        console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
     if last_path is None:
         last_path = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
     elapsed = max(time.perf_counter() - t_start, 1e-9)
@@ -405,7 +406,7 @@ class _Progress:
         if not self.enabled:
             return
         parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v!r}" for k, v in metrics.items()]
-        console.print(f"[cyan]step {step}[/]  " + "  ".join(parts))
+        console.print(f"[cyan]step {step}[/]  " + escape("  ".join(parts)))
 
     def close(self) -> None:
         if self.bar is not None:
