@@ -147,23 +147,3 @@ def test_empty_and_nan_metrics(tmp_path):
     assert m.nonfinite == {"loss": 210} and m.last("loss") == pytest.approx(2.0 + 10 * math.exp(-5))
     png, page = plot.write_plots([run])
     assert "loss is NaN/inf from step 210" in page.read_text(encoding="utf-8")
-
-
-def test_quickstart_ends_with_the_plot(tmp_path, monkeypatch, capsys):
-    """The quickstart's last lines draw the curves of the run it trained and print where they are."""
-    from lmforge import quickstart, stages
-    from lmforge.train.loop import TrainResult
-
-    run = tmp_path / "qs"
-
-    def fake_pretrain(cfg):
-        write_metrics(Path(cfg.run_dir), cut=False)
-        return TrainResult(200, run / "checkpoints" / "step_000200", {"val_loss": 2.6, "val_bpb": 1.1}, 8000.0, 0.4)
-
-    monkeypatch.setattr(stages, "run_tokenizer", lambda cfg: None)
-    monkeypatch.setattr(stages, "run_prepare", lambda cfg: None)
-    monkeypatch.setattr(stages, "run_pretrain", fake_pretrain)
-    monkeypatch.setattr(quickstart, "unigram_loss", lambda path: 5.0)
-    assert quickstart.cmd_quickstart(["--run-dir", str(run), "--minutes", "2"]) == 0
-    assert png_size(run / "plots" / "curves.png")[0] > 1000
-    assert str(run / "plots" / "curves.png") in capsys.readouterr().err

@@ -78,6 +78,10 @@ def test_quickstart_on_one_english_file(tmp_path, capsys, monkeypatch):
     assert shlex.split(line)[-2:] == ["--prompt", prompt]
     saved = (tmp_path / "qs" / "lmforge.yaml").read_text()
     assert str(book) in saved  # absolute: the run directory finds its text from anywhere
+    # the quickstart ends by drawing the run's curves and saying where they are
+    png = run / "plots" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "plots" / "curves.html").is_file()
+    assert f"curves:     {png}" in err
 
     # the same run directory with other data: refused, since it would mix two runs
     other = tmp_path / "other.txt"
