@@ -153,3 +153,19 @@ def test_quickstart_end_to_end(tmp_path):
     r = lmforge("pretrain", f"run_dir={tmp_path / 'qs'}", "train.max_minutes=0",
                 f"train.max_steps={int(ckpt.name.split('_')[1]) + 2}", "train.progress=false")
     assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
+
+
+def test_a_short_time_budget_still_validates_during_training():
+    """A budget that fits fewer steps than eval_every would show one validation loss, at the end;
+    it gets about four during training instead, and the step count accounts for their cost."""
+    from lmforge.config import TrainConfig
+    from lmforge.train.loop import _fit_budget
+
+    tc = TrainConfig(eval_every=100, eval_batches=16)
+    total, every, per_step = _fit_budget(tc, train_step_s=0.5, accum=1, step=11, left_s=40.0)
+    assert every < 100 and 3 <= total // every <= 5
+    assert per_step > 0.5 and total == 11 + int(40.0 / per_step)
+    # a budget long enough for the configured interval keeps it
+    total, every, _ = _fit_budget(tc, train_step_s=0.5, accum=1, step=11, left_s=600.0)
+    assert every == 100 and total > 1000
+    assert _fit_budget(TrainConfig(eval_every=0), 0.5, 1, 11, 40.0)[1] == 0  # no validation stays none

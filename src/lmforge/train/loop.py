@@ -127,7 +127,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     optimizer = build_optimizer(model, tc)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     state = {"step": 0, "tokens": 0, "generated_tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0,
-             "elapsed": 0.0}
+             "elapsed": 0.0, "eval_every": tc.eval_every}
 
     # --- resume -------------------------------------------------------------------------------
     resume_from = ckpt.resume_target(tc.resume, ckpt_dir)
@@ -149,7 +149,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         objective.load_state_dict(saved["objective"])
         state.update({k: saved[k] for k in state if k in saved})
         if tc.max_minutes <= 0:  # an explicit step count (e.g. to train a finished run longer) wins
-            state["total_steps"] = tc.max_steps
+            state["total_steps"], state["eval_every"] = tc.max_steps, tc.eval_every
         ranks = rng.get("ranks", [])
         if len(ranks) == d.world:
             set_rng_state(ranks[d.rank])
@@ -255,12 +255,12 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             if step - first_step == 1:
                 t_warm = time.perf_counter()
             if not state["total_steps"] and step - first_step >= 11:
-                per_step = (time.perf_counter() - t_warm) / (step - first_step - 1)
-                if tc.eval_every:
-                    per_step *= 1 + tc.eval_batches / (3 * accum * tc.eval_every)
-                spent = time.perf_counter() - t_start
-                state["total_steps"] = max(step + 1, step + int((budget_s - spent) / per_step))
-                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step)")
+                state["total_steps"], state["eval_every"], per_step = _fit_budget(
+                    tc, (time.perf_counter() - t_warm) / (step - first_step - 1), accum, step,
+                    budget_s - (time.perf_counter() - t_start))
+                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step)"
+                    + (f"; validation every {state['eval_every']} steps" if state["eval_every"] != tc.eval_every
+                       else ""))
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
@@ -275,7 +275,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                 window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
                 sink.log(step, row)
                 progress.update(step, total, row, row["eta_s"])
-            if tc.eval_every and (step % tc.eval_every == 0 or step == total):
+            if state["eval_every"] and (step % state["eval_every"] == 0 or step == total):
                 last_eval = _evaluate(objective, train_model)
                 if last_eval:
                     sink.log(step, last_eval)
@@ -292,7 +292,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         progress.close()
         sink.close()
 
-    if not last_eval and tc.eval_every:
+    if not last_eval and state["eval_every"]:
         last_eval = _evaluate(objective, train_model)
     if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
         text = sample_fn(inner)
@@ -344,6 +344,24 @@ def _earlier_run(root: Path, out_dir: Path, ckpt_dir: Path, resume: str,
         return later + results, [out_dir / "metrics.jsonl"] if later else [], f"resuming from {resume_from.name}"
     why = "train.resume=none (a fresh start)" if resume_from is None else f"train.resume={resume_from}"
     return [*later, *results, out_dir / "metrics.jsonl", out_dir / "tensorboard"], [], why
+
+
+def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float) -> tuple[int, int, float]:
+    """(total steps, eval interval, seconds per step) that fill `left_s` seconds of a time budget.
+
+    Periodic evaluation runs forward passes only, about a third of a training step's work per batch,
+    and is counted in. A budget too short for the configured interval still gets about four
+    validation points during training (a user watching a 1-minute run wants a curve, not one point).
+    """
+    def fit(eval_every: int) -> tuple[int, float]:
+        per_step = train_step_s * ((1 + tc.eval_batches / (3 * accum * eval_every)) if eval_every else 1)
+        return max(step + 1, step + int(left_s / per_step)), per_step
+
+    total, per_step = fit(tc.eval_every)
+    eval_every = min(tc.eval_every, max(1, total // 4)) if tc.eval_every else 0
+    if eval_every != tc.eval_every:
+        total, per_step = fit(eval_every)
+    return total, eval_every, per_step
 
 
 def _evaluate(objective: Objective, model: nn.Module) -> dict:
