@@ -200,6 +200,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     last_eval: dict = {}
     last_path = None
     budget_s = tc.max_minutes * 60
+    train_s, refit = 0.0, False  # seconds in training steps since the warm-up step; a budget re-fit is due
     log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
         f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
         f"device {device}"
@@ -211,6 +212,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             total = state["total_steps"]
             if total and step >= total:
                 break
+            t_step = time.perf_counter()
             set_lr(optimizer, lr_factor(step, total or max(step + 1, tc.max_steps), tc))
             batches = objective.next_batches(train_model)
             # units (the loss's divisor), real tokens of the forward passes, tokens generated: one all-reduce
@@ -234,6 +236,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            train_s += time.perf_counter() - t_step
             step += 1
             state["step"] = step
             state["tokens"] += n_tokens
@@ -250,17 +253,21 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
             # A time budget fixes the step count once the step time is known (saved, so resume agrees).
             # The first step is left out (allocator and kernel warm-up) and ten are timed: over five,
-            # one slow step on a shared machine left a quarter of the budget unused. Periodic
-            # evaluation runs forward passes only, about a third of a training step's work per batch.
+            # one slow step on a shared machine left a quarter of the budget unused. The first steps
+            # after warm-up still run slower than the rest (a 5-minute quickstart ended a fifth early),
+            # so the count is fitted once more, from every step so far, a quarter into the budget.
             if step - first_step == 1:
-                t_warm = time.perf_counter()
-            if not state["total_steps"] and step - first_step >= 11:
+                train_s = 0.0
+            if budget_s and (not state["total_steps"] and step - first_step >= 11
+                             or refit and time.perf_counter() - t_start >= budget_s / 4):
                 state["total_steps"], state["eval_every"], per_step = _fit_budget(
-                    tc, (time.perf_counter() - t_warm) / (step - first_step - 1), accum, step,
-                    budget_s - (time.perf_counter() - t_start))
-                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step)"
-                    + (f"; validation every {state['eval_every']} steps" if state["eval_every"] != tc.eval_every
-                       else ""))
+                    tc, train_s / (step - first_step - 1), accum, step, budget_s - (time.perf_counter() - t_start),
+                    state["eval_every"] if refit else None)
+                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step"
+                    + (", re-measured)" if refit else ")")
+                    + (f"; validation every {state['eval_every']} steps"
+                       if state["eval_every"] != tc.eval_every and not refit else ""))
+                refit = not refit
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
@@ -346,17 +353,22 @@ def _earlier_run(root: Path, out_dir: Path, ckpt_dir: Path, resume: str,
     return [*later, *results, out_dir / "metrics.jsonl", out_dir / "tensorboard"], [], why
 
 
-def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float) -> tuple[int, int, float]:
+def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float,
+                eval_every: int | None = None) -> tuple[int, int, float]:
     """(total steps, eval interval, seconds per step) that fill `left_s` seconds of a time budget.
 
     Periodic evaluation runs forward passes only, about a third of a training step's work per batch,
     and is counted in. A budget too short for the configured interval still gets about four
-    validation points during training (a user watching a 1-minute run wants a curve, not one point).
+    validation points during training (a user watching a 1-minute run wants a curve, not one point),
+    unless `eval_every` fixes the interval (a re-fit keeps the one the first fit chose).
     """
     def fit(eval_every: int) -> tuple[int, float]:
         per_step = train_step_s * ((1 + tc.eval_batches / (3 * accum * eval_every)) if eval_every else 1)
         return max(step + 1, step + int(left_s / per_step)), per_step
 
+    if eval_every is not None:
+        total, per_step = fit(eval_every)
+        return total, eval_every, per_step
     total, per_step = fit(tc.eval_every)
     eval_every = min(tc.eval_every, max(1, total // 4)) if tc.eval_every else 0
     if eval_every != tc.eval_every:
