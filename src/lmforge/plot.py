@@ -31,8 +31,10 @@ from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.monitor import hms
 
 STAGE_DIRS = ("sft", "dpo", "rm", "grpo")
-# Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss; val_pairs a count.
-NOT_SERIES = {"step", "time", "tokens", "total_steps", "eta_s", "val_ppl", "ppl", "val_pairs"}
+# Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss; val_pairs a count;
+# mfu_peak_flops the ceiling the MFU panel is already a fraction of.
+NOT_SERIES = {"step", "time", "tokens", "generated_tokens", "total_steps", "eta_s", "val_ppl", "ppl", "val_pairs",
+              "mfu_peak_flops"}
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,9 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     last_eval: dict = {}
     last_path = None
     budget_s = tc.max_minutes * 60
-    train_s, refit = 0.0, False  # seconds in training steps since the warm-up step; a budget re-fit is due
+    train_s = 0.0  # seconds spent in training steps since the warm-up step
+    fit_times: list[float] = []  # seconds into a time budget at which its step count is fitted again
+    last_fit = (0.0, 0)  # train_s and step at the last fit
     log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
         f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
         f"device {device}"
@@ -253,21 +255,22 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
             # A time budget fixes the step count once the step time is known (saved, so resume agrees).
             # The first step is left out (allocator and kernel warm-up) and ten are timed: over five,
-            # one slow step on a shared machine left a quarter of the budget unused. The first steps
-            # after warm-up still run slower than the rest (a 5-minute quickstart ended a fifth early),
-            # so the count is fitted once more, from every step so far, a quarter into the budget.
+            # one slow step on a shared machine left a quarter of the budget unused. Steps keep getting
+            # faster for a while after that (a 5-minute quickstart ended 40-60 s early), so the count
+            # is fitted again a quarter and half-way into the budget, from the steps since the last fit.
             if step - first_step == 1:
-                train_s = 0.0
-            if budget_s and (not state["total_steps"] and step - first_step >= 11
-                             or refit and time.perf_counter() - t_start >= budget_s / 4):
+                train_s, last_fit = 0.0, (0.0, step)
+            first_fit = budget_s and not state["total_steps"] and step - first_step >= 11
+            if first_fit or (fit_times and time.perf_counter() - t_start >= fit_times[0]):
                 state["total_steps"], state["eval_every"], per_step = _fit_budget(
-                    tc, train_s / (step - first_step - 1), accum, step, budget_s - (time.perf_counter() - t_start),
-                    state["eval_every"] if refit else None)
+                    tc, (train_s - last_fit[0]) / (step - last_fit[1]), accum, step,
+                    budget_s - (time.perf_counter() - t_start), None if first_fit else state["eval_every"])
                 log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step"
-                    + (", re-measured)" if refit else ")")
+                    + (")" if first_fit else ", re-measured)")
                     + (f"; validation every {state['eval_every']} steps"
-                       if state["eval_every"] != tc.eval_every and not refit else ""))
-                refit = not refit
+                       if first_fit and state["eval_every"] != tc.eval_every else ""))
+                fit_times = [budget_s / 4, budget_s / 2] if first_fit else fit_times[1:]
+                last_fit = (train_s, step)
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
