@@ -169,3 +169,20 @@ def test_a_short_time_budget_still_validates_during_training():
     total, every, _ = _fit_budget(tc, train_step_s=0.5, accum=1, step=11, left_s=600.0)
     assert every == 100 and total > 1000
     assert _fit_budget(TrainConfig(eval_every=0), 0.5, 1, 11, 40.0)[1] == 0  # no validation stays none
+
+
+def test_a_time_budget_is_a_limit(base_run, tmp_path, monkeypatch):
+    """When the machine slows down after the step count was fitted, the run stops at the budget
+    (with its final evaluation and checkpoint), not at the fitted count."""
+    from lmforge.config import load_config
+    from lmforge.stages import run_pretrain
+    from lmforge.train import loop
+
+    run = copy_run(base_run, tmp_path / "r")
+    monkeypatch.setattr(loop, "_fit_budget", lambda tc, *a, **k: (10**6, 0, 1e-3))  # a fit far too optimistic
+    cfg = load_config(overrides=[f"run_dir={run}", *TINY, "train.max_minutes=0.03", "train.max_steps=1000",
+                                 "train.save_every=0"])
+    result = run_pretrain(cfg)
+    assert 11 < result.step < 10**6
+    assert result.checkpoint is not None and result.checkpoint.name == f"step_{result.step:06d}"
+    assert json.loads((result.checkpoint / "trainer_state.json").read_text())["elapsed"] < 0.03 * 60 + 5

@@ -271,6 +271,9 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                        if first_fit and state["eval_every"] != tc.eval_every else ""))
                 fit_times = [budget_s / 4, budget_s / 2] if first_fit else fit_times[1:]
                 last_fit = (train_s, step)
+            elif budget_s and state["total_steps"] > step and elapsed0 + time.perf_counter() - t_start >= budget_s:
+                state["total_steps"] = step  # the machine slowed down after the last fit: the budget is a limit
+                log(f"time budget {tc.max_minutes:g} min spent at step {step}; finishing here")
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
