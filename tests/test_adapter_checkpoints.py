@@ -20,6 +20,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from infer_helpers import one_thread  # noqa: F401 (fixture)
 from test_chat import tiny_checkpoint, write_jsonl
 from test_gguf import tensors
 from test_sft import EXAMPLES
@@ -72,12 +73,7 @@ def trained(tmp_path_factory):
     return root, {k: (root / k, r.checkpoint) for k, r in out.items()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids=IDS):

@@ -12,8 +12,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 from corpora import LIMIT, chinese, code_folder, english, split_texts
+from infer_helpers import one_thread  # noqa: F401 (fixture)
 
 from lmforge.data.shards import read_manifest
 from lmforge.data.sources import iter_documents
@@ -29,13 +29,7 @@ TINY_QS = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.max_se
            "data.workers=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread: on a shared machine, more threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quickstart(data: Path, run: Path, *extra: str) -> None:
