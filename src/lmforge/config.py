@@ -86,6 +86,21 @@ class ModelConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Sizes multiply to the number of processes. dp_replicate alone is DDP; with dp_shard > 1, HSDP.
+    dp_replicate: int = 1  # data-parallel replicas that each hold a whole copy (DDP)
+    dp_shard: int = -1  # FSDP2 shards (ZeRO-3); -1: the processes the other sizes leave over
+    tp: int = 1  # tensor parallel (+ sequence parallel on the norms)
+    pp: int = 1  # pipeline stages
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "zbv", "dualpipev", "gpipe"] = "1f1b"  # pipeline schedule
+    pp_microbatches: int = 0  # micro-batches per pipeline step; 0: train.micro_batch split into single sequences
+    cp: int = 1  # context parallel: each sequence split across this many processes
+    fsdp_cpu_offload: bool = False  # keep FSDP's parameters, gradients and optimizer state in CPU memory
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory, one more gather)
+    mixed_precision: bool = True  # on CUDA under bf16: FSDP gathers bf16 parameters, reduces gradients in fp32
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 1024  # tokens per training sequence
     micro_batch: int = 8  # sequences per process per forward
@@ -254,6 +269,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -480,6 +496,8 @@ RULES: dict[type, dict[str, tuple]] = {
                   "eps": _POS, "muon_lr": _POS, "muon_momentum": _FRACTION, "grad_clip": _NONNEG,
                   "loss_chunk": _NONNEG, "eval_every": _NONNEG, "eval_batches": _AT_LEAST_1,
                   "sample_every": _NONNEG, "save_every": _NONNEG, "keep_last": _NONNEG, "log_every": _AT_LEAST_1},
+    ParallelConfig: {"dp_replicate": _AT_LEAST_1, "dp_shard": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
+                     "tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "pp_microbatches": _NONNEG, "cp": _AT_LEAST_1},
     EvalConfig: {"max_batches": _NONNEG, "batch_size": _POS, "seq_len": _NONNEG},
     GenerateConfig: {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _PROB,
                      "repetition_penalty": _POS},
@@ -548,7 +566,7 @@ def stage_train(cfg: Config, name: str) -> TrainConfig:
 
 def validate(cfg: Config) -> None:
     """Ranges and cross-field checks that types alone cannot express (RULES, shapes, batch sizes)."""
-    for section in ("tokenizer", "data", "eval", "generate", "demo", *POST_STAGES):
+    for section in ("tokenizer", "data", "parallel", "eval", "generate", "demo", *POST_STAGES):
         _check_ranges(getattr(cfg, section), lambda k, s=section: f"{s}.{k}")
     check_model(cfg.model)
     _check_train(cfg.train, lambda k: f"train.{k}")
