@@ -94,7 +94,7 @@ class Side:
         self.objective = types.SimpleNamespace(loss_chunk=tc.loss_chunk)
         self.loss_fn = LMObjective.loss
         if self.variant == "unfused_loss":  # the plain head + F.cross_entropy path, for the memory figure
-            from lmforge.train.losses import _ce_sum
+            from lmforge.model.loss import _ce_sum
 
             self.loss_fn = lambda obj, m, b: (_ce_sum(self.model, m(b[0], return_hidden=True), b[1]), {})
         self.step_no = 0
@@ -179,7 +179,7 @@ def step_peak_mb(side: Side, x: torch.Tensor, y: torch.Tensor) -> float:
         side.step(x, y)
         torch.cuda.synchronize(side.device)
         return (torch.cuda.max_memory_allocated(side.device) - before) / 2**20
-    from lmforge.train.losses import free_cpu_logits_buffer
+    from lmforge.model.loss import free_cpu_logits_buffer
     from lmforge.train.memory import peak_allocated_bytes
 
     free_cpu_logits_buffer()  # lmforge keeps its loss's logits buffer between steps: count it in the step

@@ -24,8 +24,8 @@ from lmforge.data.chat import (
     shift,
 )
 from lmforge.errors import LmforgeError
+from lmforge.model.loss import IGNORE
 from lmforge.tokenizer import CHAT_TEMPLATE, Tokenizer, new_tokenizer, render_chat
-from lmforge.train.losses import IGNORE
 
 TEXTS = ["What is 37 + 58? The answer is 95.", "计算 37 + 58 等于多少？答案是 95。", "You are a helpful assistant.",
          "机器学习是人工智能的一个分支。今天天气很好。", "user assistant system hello world"] * 20

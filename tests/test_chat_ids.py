@@ -14,8 +14,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.chat import ChatSession
 from lmforge.infer.openai_api import parse_request
 from lmforge.infer.sampling import SamplingParams
+from lmforge.model.loss import IGNORE
 from lmforge.tokenizer import render_chat
-from lmforge.train.losses import IGNORE
 from lmforge.train.sft import encode_sft
 
 PIECES = ["你好", "机器学习是人工智能的一个分支。", "def add(a, b):\n    return a + b\n", "Hello world!", " ", "\n",

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import cpu_kernels as K
+from lmforge.model.loss import linear_cross_entropy
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer, rope_cache, signed_sin
-from lmforge.train.losses import linear_cross_entropy
 
 pytestmark = pytest.mark.skipif(K.library() is None,
                                 reason="kernels unavailable (no C compiler, or LMFORGE_CPU_KERNELS=0)")

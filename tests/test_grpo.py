@@ -109,8 +109,8 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
 def test_policy_gradient_direction(tmp_path):
     """One step on a batch raises the log-probability of the completion with positive advantage."""
     from lmforge.checkpoint import load_model
+    from lmforge.model.loss import IGNORE, token_logprobs
     from lmforge.train.grpo import GRPOObjective
-    from lmforge.train.losses import IGNORE, token_logprobs
 
     model = load_model(tiny_checkpoint(tmp_path)).train()
     cfg = load_config(overrides=["grpo.group_size=2", "grpo.loss_type=dapo"])

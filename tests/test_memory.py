@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.model.loss import _ce_sum, cross_entropy_sum, free_cpu_logits_buffer
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer
-from lmforge.train.losses import _ce_sum, cross_entropy_sum, free_cpu_logits_buffer
 from lmforge.train.memory import peak_allocated_bytes, saved_tensor_bytes
 
 

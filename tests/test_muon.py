@@ -7,9 +7,9 @@ import io
 import torch
 
 from lmforge.config import TrainConfig
+from lmforge.model.loss import cross_entropy_sum
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer
-from lmforge.train.losses import cross_entropy_sum
 from lmforge.train.muon import Muon, orthogonalize
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
 

@@ -16,7 +16,7 @@ from spine import TINY, copy_run, lmforge, prepared_run
 
 from lmforge.config import load_config
 from lmforge.model import cpu_kernels as K
-from lmforge.train.losses import IGNORE, linear_cross_entropy
+from lmforge.model.loss import IGNORE, linear_cross_entropy
 
 
 def _loss_and_grads(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, bf16: bool):

@@ -22,8 +22,8 @@ import torch
 
 from lmforge.data.loader import EpochStream
 from lmforge.errors import LmforgeError
+from lmforge.model.loss import IGNORE
 from lmforge.tokenizer import CHAT_TEMPLATE, IM_END, IM_START
-from lmforge.train.losses import IGNORE
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",

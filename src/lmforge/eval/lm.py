@@ -17,7 +17,6 @@ from lmforge.console import log, progress
 from lmforge.errors import LmforgeError
 from lmforge.infer.loading import load_for_inference
 from lmforge.io import atomic_write_json
-from lmforge.train.losses import cross_entropy_sum
 
 
 def open_checkpoint(cfg):
@@ -53,7 +52,7 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_
         for b in starts:
             rows = [tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(b, min(b + batch_size, n_windows))]
             w = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-            total += cross_entropy_sum(model, model.hidden_states(w[:, :-1]), w[:, 1:]).item()
+            total += model(w[:, :-1], labels=w[:, 1:]).item()
             count += w[:, 1:].numel()
             advance(1)
     loss = total / count

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.model import cpu_kernels as kernels
+from lmforge.model.loss import IGNORE, cross_entropy_sum, token_logprobs
 
 
 def padded_vocab(n: int, multiple: int) -> int:
@@ -313,15 +314,26 @@ class Transformer(nn.Module):
             logits = c * torch.tanh(logits / c)
         return logits
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> Tensor:
-        """Logits (B, T, vocab), or the final hidden states with return_hidden=True.
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None,
+                positions: Tensor | None = None, doc_ids: Tensor | None = None, cache: KVCache | None = None,
+                logprobs: bool = False, loss_chunk: int = 0, return_hidden: bool = False) -> Tensor:
+        """Logits (B, T, vocab) without labels; with labels (B, T), the loss summed over tokens.
 
-        Training objectives ask for hidden states through the (DDP / compiled) wrapper, then apply
-        the head themselves, so the loss can be chunked without materialising all logits.
+        The loss goes through the fused chunked head + cross-entropy (model/loss.py), so training
+        never holds full logits, and it is computed here rather than by the objectives because only
+        inside forward are the head's weights whole: under FSDP they are shards outside it, under
+        tensor parallel a vocabulary slice. labels == -100, or loss_mask False, are left out.
+        logprobs=True returns per-token log p(label) (B, T) instead (0 where left out), for DPO and
+        GRPO. return_hidden=True returns the final hidden states (a reward head reads them).
         """
         h = self.hidden_states(input_ids, positions, doc_ids, cache)
-        return h if return_hidden else self.logits(h)
+        if labels is None:
+            return h if return_hidden else self.logits(h)
+        if loss_mask is not None:
+            labels = labels.masked_fill(~loss_mask.bool(), IGNORE)
+        if logprobs:
+            return token_logprobs(self, h, labels)
+        return cross_entropy_sum(self, h, labels, loss_chunk)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lmforge.config import Config, DPOConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
-from lmforge.train.losses import IGNORE, token_logprobs
+from lmforge.model.loss import IGNORE
 from lmforge.train.objectives import Objective, right_padded_tokens
 
 
@@ -175,11 +175,8 @@ class DPOObjective(Objective):
 
     def _logps(self, model: nn.Module, batch: dict) -> Tensor:
         """(2, B) log-probabilities of [chosen; rejected] replies (per-token means for IPO)."""
-        from lmforge.checkpoint import unwrap
-
-        h = model(batch["input_ids"], return_hidden=True)
         y = batch["targets"]
-        lp = token_logprobs(unwrap(model), h, y).sum(-1)
+        lp = model(batch["input_ids"], labels=y, logprobs=True).sum(-1)
         if self.kind == "ipo":
             lp = lp / (y != IGNORE).sum(-1).clamp_min(1)
         return lp.view(2, -1)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lmforge.config import Config, GRPOConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
-from lmforge.train.losses import IGNORE, token_logprobs
+from lmforge.model.loss import IGNORE
 from lmforge.train.objectives import Objective, right_padded_tokens
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -136,10 +136,7 @@ class GRPOObjective(Objective):
 
     @torch.no_grad()
     def _logps(self, model: nn.Module, batch: dict) -> Tensor:
-        from lmforge.checkpoint import unwrap
-
-        h = model(batch["input_ids"], return_hidden=True)
-        return token_logprobs(unwrap(model), h, batch["targets"])
+        return model(batch["input_ids"], labels=batch["targets"], logprobs=True)
 
     @torch.no_grad()
     def rollout(self, model: nn.Module) -> list[dict]:
@@ -224,13 +221,10 @@ class GRPOObjective(Objective):
         return float(n)
 
     def loss(self, model, batch):
-        from lmforge.checkpoint import unwrap
-
         gc = self.gc
-        h = model(batch["input_ids"], return_hidden=True)
         y = batch["targets"]
         mask = y != IGNORE
-        logp = token_logprobs(unwrap(model), h, y)
+        logp = model(batch["input_ids"], labels=y, logprobs=True)
         old = batch.get("old_logps", logp.detach())
         per_token, clipped, kl = policy_loss(logp, old, batch["advantages"], mask, gc.epsilon_low, gc.epsilon_high,
                                              gc.beta, batch.get("ref_logps"))

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.loader import LMBatches, TokenWindows
-from lmforge.train.losses import cross_entropy_sum
 
 
 class Objective:
@@ -106,8 +105,7 @@ class LMObjective(Objective):
 
     def loss(self, model, batch):
         x, y = batch
-        h = model(x, return_hidden=True)
-        loss = cross_entropy_sum(_inner(model), h, y, self.loss_chunk)
+        loss = model(x, labels=y, loss_chunk=self.loss_chunk)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -121,7 +119,7 @@ class LMObjective(Objective):
         for i in idx:
             x, y = self.val.batch(range(i, min(i + self.micro_batch, n)))
             x, y = x.to(self.device), y.to(self.device)
-            total[0] += cross_entropy_sum(m, m.hidden_states(x), y, self.loss_chunk).double()
+            total[0] += m(x, labels=y, loss_chunk=self.loss_chunk).double()
             total[1] += y.numel()
         from lmforge.train.dist import all_reduce_sum
 

@@ -48,11 +48,20 @@ class RewardModel(Transformer):
         """The LM head never runs here (the score head reads one position per row): MFU leaves it out."""
         return super().flops_per_token(seq_len) - 6 * self.lm_head.weight.numel()
 
-    def rewards(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        """(B,) scores of right-padded sequences, read at each one's last real token."""
-        h = self(input_ids, return_hidden=True)
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None, **kw) -> Tensor:
+        """With lengths: (B,) scores of right-padded sequences, read at each one's last real token.
+
+        The score head runs inside forward, like the LM loss, so that under FSDP its weight is whole.
+        """
+        if lengths is None:
+            return super().forward(input_ids, **kw)
+        h = super().forward(input_ids, return_hidden=True)
         last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
         return self.score(last).squeeze(-1).float()
+
+    def rewards(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """(B,) scores of right-padded sequences, read at each one's last real token."""
+        return self(input_ids, lengths=lengths)
 
     def save_weights(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -163,12 +172,7 @@ class RewardObjective(Objective):
         return float(batch["lengths"].sum())  # chosen and rejected rows alike
 
     def scores(self, model, batch) -> tuple[Tensor, Tensor]:
-        from lmforge.checkpoint import unwrap
-
-        inner = unwrap(model)
-        h = model(batch["input_ids"], return_hidden=True)  # through the DDP wrapper, for its hooks
-        last = h[torch.arange(h.shape[0], device=h.device), batch["lengths"] - 1]
-        r = inner.score(last).squeeze(-1).float()
+        r = model(batch["input_ids"], lengths=batch["lengths"])  # through the DDP / FSDP wrapper, for its hooks
         n = r.shape[0] // 2
         return r[:n], r[n:]
 

@@ -22,7 +22,7 @@ from lmforge.checkpoint import latest_checkpoint, resolve_checkpoint, stage_chec
 from lmforge.config import Config, LoRAConfig, stage_train
 from lmforge.console import log
 from lmforge.errors import LmforgeError
-from lmforge.train.losses import IGNORE, cross_entropy_sum
+from lmforge.model.loss import IGNORE
 from lmforge.train.objectives import Objective, right_padded_tokens
 
 # --- shared stage plumbing ---------------------------------------------------------------------
@@ -170,11 +170,8 @@ class SFTObjective(Objective):
         return right_padded_tokens(batch["input_ids"], self.pad_id)
 
     def _loss(self, model, batch):
-        from lmforge.checkpoint import unwrap
-
-        h = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"),
-                  return_hidden=True)
-        return cross_entropy_sum(unwrap(model), h, batch["targets"], self.loss_chunk)
+        return model(batch["input_ids"], labels=batch["targets"], positions=batch.get("positions"),
+                     doc_ids=batch.get("doc_ids"), loss_chunk=self.loss_chunk)
 
     def loss(self, model, batch):
         loss = self._loss(model, batch)
