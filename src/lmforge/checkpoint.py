@@ -38,7 +38,7 @@ from torch import nn
 from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json, remove_tree
-from lmforge.model.transformer import Transformer
+from lmforge.model.spec import build_model
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.tokenizer import Tokenizer
 
@@ -241,7 +241,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Transformer:
+               dtype: torch.dtype | None = None) -> nn.Module:
     """Build the model a checkpoint describes and load its weights, checking every tensor."""
     path = Path(path)
     if not path.is_dir():
@@ -255,7 +255,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     except (SafetensorError, OSError, ValueError) as e:
         raise LmforgeError(f"{weights} cannot be read ({e}); the checkpoint is damaged or truncated") from None
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model = model.to_empty(device=device)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)

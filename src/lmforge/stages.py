@@ -73,7 +73,8 @@ def build_model(cfg: Config, vocab_size: int):
     import torch
 
     from lmforge.checkpoint import resolve_checkpoint
-    from lmforge.model.transformer import Transformer, padded_vocab
+    from lmforge.model.spec import build_model
+    from lmforge.model.transformer import padded_vocab
     from lmforge.train.lora import load_any
 
     if cfg.train.init_from:
@@ -91,7 +92,7 @@ def build_model(cfg: Config, vocab_size: int):
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(cfg.seed)
-    return Transformer(cfg.model).train()
+    return build_model(cfg.model).train()
 
 
 def sampler(tok, prompt: str, seed: int, max_new_tokens: int = 96) -> Callable:

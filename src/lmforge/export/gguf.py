@@ -45,6 +45,7 @@ from lmforge.checkpoint import model_state
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
+from lmforge.model.spec import spec_for
 from lmforge.model.transformer import ffn_dim
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.tokenizer import QWEN2_PATTERN, Tokenizer
@@ -55,7 +56,7 @@ TYPES = ("f16", "q8_0", "q4_0")
 
 def gguf_arch(cfg: ModelConfig) -> str:
     problems = []
-    if cfg.arch != "llama" or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.pos != "rope":
+    if not spec_for(cfg).gguf_names or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.pos != "rope":
         problems.append(f"model.arch={cfg.arch} / mlp={cfg.mlp} / norm={cfg.norm} / pos={cfg.pos}: GGUF export "
                         "covers the Llama family (SwiGLU, RMSNorm, RoPE)")
     if cfg.logit_softcap:
@@ -225,7 +226,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
         w.add_add_bos_token(tok["add_bos"])
         if tok["template"]:
             w.add_chat_template(tok["template"])
-        names = tensor_names(cfg)
+        names = spec_for(cfg).fn("gguf_names")(cfg)
         for ours, t in model_state(model).items():
             if ours not in names:
                 raise LmforgeError(f"internal: no GGUF name for tensor {ours}")

@@ -36,6 +36,7 @@ from lmforge.checkpoint import copy_tokenizer, generation_config, hf_config, mod
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
+from lmforge.model.spec import spec_for
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.lora import adapter_base, copy_adapter, is_adapter_checkpoint, load_any
 
@@ -76,20 +77,9 @@ def llama_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
     return llama_family_config(cfg), lambda sd: sd
 
 
-def gpt2_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
-    from lmforge.export.gpt2 import gpt2_writer as write
-
-    return write(cfg)
-
-
-WRITERS: dict[str, Writer] = {"llama": llama_writer, "gpt2": gpt2_writer}
-
-
 def writer_for(cfg: ModelConfig) -> Writer:
-    if cfg.arch not in WRITERS:
-        raise LmforgeError(f"model.arch={cfg.arch}: no Hugging Face writer for this architecture yet "
-                           f"(available: {', '.join(WRITERS)})")
-    return WRITERS[cfg.arch]
+    """The architecture's Hugging Face writer, as its model spec names it."""
+    return spec_for(cfg).fn("hf_writer")
 
 
 def checkpoint_tokenizer(folder: Path) -> Tokenizer | None:

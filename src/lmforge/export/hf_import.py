@@ -112,7 +112,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     from lmforge.checkpoint import save_checkpoint
     from lmforge.export.hf import transformers_config
     from lmforge.io import atomic_write_json, read_json
-    from lmforge.model.transformer import Transformer, rope_cache
+    from lmforge.model.spec import build_model
+    from lmforge.model.transformer import rope_cache
 
     src, out = Path(src), Path(out)
     cfg_file = src / "config.json"
@@ -122,7 +123,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     cfg = model_config_from_hf(hf, str(cfg_file))
     weights = read_weights(src)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     expected = dict(model.state_dict())
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
