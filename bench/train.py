@@ -83,11 +83,15 @@ class Side:
     def _setup_lmforge(self, model) -> None:
         from lmforge.train.objectives import LMObjective
         from lmforge.train.optim import build_optimizer
+        from lmforge.train.parallelize import apply_activation_checkpointing, apply_compile
 
         tc = self.cfg.train
         self.model = model.to(self.device)
-        self.model.activation_checkpointing = tc.activation_checkpointing or self.variant == "activation_checkpointing"
-        self.train_model = torch.compile(self.model) if tc.compile else self.model
+        if tc.activation_checkpointing or self.variant == "activation_checkpointing":
+            apply_activation_checkpointing(list(self.model.model.layers))
+        if tc.compile:
+            apply_compile(list(self.model.model.layers))  # per block, as the trainer does
+        self.train_model = self.model
         self.opt = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         # LMObjective.loss reads only loss_chunk from the objective; the data side is not timed here.

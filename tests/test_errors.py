@@ -366,7 +366,7 @@ MNT=$1; SRC=$2; OUT=$3; FAIL_ON=$4; PY=$5; shift 5
 mount -t tmpfs -o size=64m tmpfs "$MNT"
 cp -r "$SRC" "$MNT/run"
 ck="$MNT/run/checkpoints/step_000002"
-w=$(stat -c %s "$ck/model.safetensors"); o=$(stat -c %s "$ck/optimizer.pt")
+w=$(stat -c %s "$ck/model.safetensors"); o=$(du -sb "$ck/optimizer" | cut -f1)
 if [ "$FAIL_ON" = weights ]; then room=$((w / 2)); else room=$((w + o / 2)); fi
 used=$(df -B1 --output=used "$MNT" | tail -1)
 mount -o remount,size=$((used + room + 65536)) "$MNT"

@@ -13,6 +13,7 @@ from lmforge.model.loss import _ce_sum, cross_entropy_sum, free_cpu_logits_buffe
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer
 from lmforge.train.memory import peak_allocated_bytes, saved_tensor_bytes
+from lmforge.train.parallelize import apply_activation_checkpointing
 
 
 def _model(vocab: int = 2048) -> Transformer:
@@ -46,7 +47,7 @@ def test_activation_checkpointing_keeps_only_block_inputs():
     model = _model()
     x, y = _batch(2048)
     full = _saved_bytes(model, lambda: cross_entropy_sum(model, model(x, return_hidden=True), y))
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(list(model.model.layers))
     ckpt = _saved_bytes(model, lambda: cross_entropy_sum(model, model(x, return_hidden=True), y))
     assert ckpt < full / 3
 

@@ -1,4 +1,4 @@
-"""The training loop end to end: loss falls, resume is bit-exact after a real kill, DDP equals one process."""
+"""The training loop end to end: loss falls, resume is bit-exact after a real kill (layouts: test_parallel.py)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def test_loss_falls_and_eval_reports(base_run, tmp_path):
     assert last < first - 1.0 and 0 < val["val_bpb"] < 8
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt.name == "step_000150"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "optimizer.pt",
-                 "trainer_state.json", "rng.pt", "lmforge.yaml"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "optimizer/.metadata", "trainer_state.json", "rng.pt", "lmforge.yaml"):
         assert (ckpt / name).is_file(), name
     # eval on the prepared split reproduces the loop's validation loss (same windows when all are used)
     r = lmforge("eval", f"run_dir={run}", "eval.seq_len=32", "eval.batch_size=4")
@@ -85,24 +85,6 @@ def test_resume_after_kill_is_bit_exact(base_run, tmp_path, fault):
     a = {m["step"]: m["loss"] for m in metrics(straight) if "loss" in m}
     b = {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
     assert a == b
-
-
-def test_ddp_two_processes_match_one(base_run, tmp_path):
-    """Same global batch: 2 ranks x 1 micro-batch == 1 rank x 2 accumulated micro-batches."""
-    common = [*TINY, "train.max_steps=10", "train.save_every=10", "train.micro_batch=2", "train.batch_tokens=128"]
-    one = copy_run(base_run, tmp_path / "one")
-    r = lmforge("pretrain", f"run_dir={one}", *common)
-    assert r.returncode == 0, r.stderr
-    two = copy_run(base_run, tmp_path / "two")
-    r = lmforge("pretrain", f"run_dir={two}", *common, torchrun=2)
-    assert r.returncode == 0, r.stderr + r.stdout
-    la = [m["loss"] for m in metrics(one) if "loss" in m]
-    lb = [m["loss"] for m in metrics(two) if "loss" in m]
-    assert len(la) == len(lb) == 10
-    assert la == pytest.approx(lb, rel=1e-5, abs=1e-5)
-    wa, wb = weights(one / "checkpoints/step_000010"), weights(two / "checkpoints/step_000010")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 def test_accumulation_equals_large_batch(base_run, tmp_path):

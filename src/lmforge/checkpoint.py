@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -140,9 +141,10 @@ def write_model_config(folder: Path, cfg: ModelConfig, tokenizer_dir: str | Path
     atomic_write_json(folder / "generation_config.json", generation_config(tok))
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors model.safetensors holds (`state`: an already gathered state dict of the model)."""
     model = unwrap(model)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; transformers re-ties it
     return sd
@@ -157,17 +159,35 @@ def _fault_point(name: str, where: str) -> None:
 def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | Path | None = None,
                     config_yaml: str | None = None, optimizer_state: dict | None = None,
                     trainer_state: dict | None = None, rng_state: dict | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a complete checkpoint folder atomically; returns its path."""
+                    extra: Callable[[Path], None] | None = None, state: dict | None = None,
+                    shards: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete checkpoint folder atomically; returns its path.
+
+    state: the model's whole state dict, when the caller gathered it (see `full_model_state`).
+    shards(tmp), under several processes: each rank writes its part of the sharded state into the
+    folder (the optimizer's, through torch.distributed.checkpoint). Then every rank calls this, the
+    main rank writes everything else, and the folder takes its final name only once all have written:
+    a kill at any moment leaves the previous checkpoint as it was.
+    """
     path = Path(path)
     m = unwrap(model)
-    with AtomicDir(path) as tmp, _disk_full_as_enospc(path.parent):
+    main, tag = _is_main(), _shared_tag()
+    target = AtomicDir(path, tag)
+    with (target if main else contextlib.nullcontext(target.tmp)) as tmp, _disk_full_as_enospc(path.parent):
+        _barrier()  # the main rank has made the folder
+        if not main:  # the others write their shards (dcp.save waits for the main rank's part in it)
+            if shards is not None:
+                shards(tmp)
+            _barrier()
+            return path
         write_model_config(tmp, m.cfg, tokenizer_dir)
         save_weights = getattr(m, "save_weights", None)
         if save_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
-            save_weights(tmp)
+            save_weights(tmp, state)
         else:
-            save_file(model_state(m), tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(model_state(m, state), tmp / "model.safetensors", metadata={"format": "pt"})
+        if shards is not None:
+            shards(tmp)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         if config_yaml is not None:
@@ -181,7 +201,83 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
         _fault_point("mid-save", path.name)
         if trainer_state is not None:  # written last: its presence marks a resumable checkpoint
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        _barrier()  # every rank's shards are written
     return path
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _shared_tag() -> str:
+    """The main rank's pid, on every rank: the temporary folder's name, the same for all of them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return str(os.getpid())
+    out = [None]
+    if dist.get_rank() == 0:
+        out = [str(os.getpid())]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+# --- sharded state (FSDP) ---------------------------------------------------------------------------
+
+OPTIMIZER_SHARDS = "optimizer"  # the optimizer state as torch.distributed.checkpoint shards
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def full_model_state(model: nn.Module) -> dict | None:
+    """The model's whole state dict on the main rank (None on the others): gathered from every rank's
+    shards under FSDP (every rank must call it then), the module's own state dict otherwise."""
+    model = unwrap(model)
+    if not _sharded(model):
+        return None  # save_checkpoint reads the module itself
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if _is_main() else None
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its shard of the optimizer state, keyed by parameter name, so a run resumes on
+    another number of processes or another layout (torch.distributed.checkpoint reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(unwrap(model), optimizer)
+    dcp.save({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The optimizer state of a checkpoint, on this run's layout (an older checkpoint's optimizer.pt too)."""
+    folder = Path(path) / OPTIMIZER_SHARDS
+    if not folder.is_dir():
+        state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    inner = unwrap(model)
+    # The schedule scales each group's base rate (set_lr's initial_lr), which the state dict leaves out:
+    # the groups as this run's config built them keep theirs.
+    base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    osd = get_optimizer_state_dict(inner, optimizer)
+    try:
+        dcp.load({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    except Exception as e:  # a missing or damaged shard, or another model's state
+        raise LmforgeError(f"{folder}: the optimizer state cannot be read ({e})") from None
+    set_optimizer_state_dict(inner, optimizer, osd)
+    for group, lr in zip(optimizer.param_groups, base):
+        group["initial_lr"] = lr
 
 
 def _torch_save(obj: object, path: Path) -> None:
@@ -422,17 +518,18 @@ def superseded(ckpt_dir: str | Path, resume_from: Path | None) -> list[Path]:
     return sorted(found)
 
 
-def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:
-    """(trainer_state, optimizer_state, rng_state) of a resumable checkpoint."""
+def load_training_state(path: str | Path) -> tuple[dict, dict]:
+    """(trainer_state, rng_state) of a resumable checkpoint; its optimizer state loads with load_optimizer."""
     path = Path(path)
-    for name in ("trainer_state.json", "optimizer.pt"):
-        if not (path / name).is_file():
-            raise LmforgeError(f"{path} cannot be resumed from: {name} is missing (a weights-only checkpoint "
-                               "can start a new run with train.init_from=...)")
+    missing = [name for name in ("trainer_state.json",) if not (path / name).is_file()]
+    if not (path / "optimizer.pt").is_file() and not (path / OPTIMIZER_SHARDS).is_dir():
+        missing.append(f"{OPTIMIZER_SHARDS}/")
+    if missing:
+        raise LmforgeError(f"{path} cannot be resumed from: {missing[0]} is missing (a weights-only checkpoint "
+                           "can start a new run with train.init_from=...)")
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else {}
     except (json.JSONDecodeError, RuntimeError, EOFError, OSError) as e:
         raise LmforgeError(f"{path}: training state cannot be read ({e}); the checkpoint is damaged") from None
-    return state, opt, rng
+    return state, rng

@@ -144,9 +144,11 @@ class AtomicDir:
     removed and `final` is untouched; on success, every file is fsynced before the rename.
     """
 
-    def __init__(self, final: str | Path):
+    def __init__(self, final: str | Path, tag: str | None = None):
+        """tag: the temporary name's suffix (default: this pid); processes that write one folder together
+        share the main one's."""
         self.final = Path(final)
-        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        self.tmp = self.final.parent / f".{self.final.name}.tmp-{tag or os.getpid()}"
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses
 the rotate-half convention, so exporting to `transformers` is writing a config.json, not renaming
-tensors. The model never mentions parallelism: DDP/FSDP/compile are applied from outside.
+tensors. The model never mentions parallelism: FSDP, DDP, activation checkpointing and compile are applied from
+outside (train/parallelize.py).
 """
 
 from __future__ import annotations
@@ -233,7 +234,6 @@ class Transformer(nn.Module):
             cos, sin = rope_cache(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False
         self.reset_parameters()
 
     # --- initialisation -------------------------------------------------------------------
@@ -281,10 +281,7 @@ class Transformer(nn.Module):
                     signed_sin(self.rope_sin[positions]).unsqueeze(1).to(x.dtype))
         mask = self._mask(B, T, start, doc_ids, cache, input_ids.device)
         for block in self.model.layers:
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, cache)
+            x = block(x, rope, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

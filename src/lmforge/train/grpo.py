@@ -34,6 +34,7 @@ from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.model.loss import IGNORE
 from lmforge.train.objectives import Objective, right_padded_tokens
+from lmforge.train.parallelize import gathered
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -155,9 +156,11 @@ class GRPOObjective(Objective):
                                 top_p=gc.top_p)
         was = inner.training
         inner.eval()
-        try:
-            samples = generate_samples(inner, [self.prompts[i] for i in flat for _ in range(G)], params,
-                                       stop_ids=stop_ids, generator=self._generator(), vocab_limit=self.tok.vocab_size)
+        try:  # under FSDP, whole weights on every rank first: each rank's generation stops on its own
+            with gathered(inner):
+                samples = generate_samples(inner, [self.prompts[i] for i in flat for _ in range(G)], params,
+                                           stop_ids=stop_ids, generator=self._generator(),
+                                           vocab_limit=self.tok.vocab_size)
         finally:
             inner.train(was)
         self.rollouts += 1

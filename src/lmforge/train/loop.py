@@ -9,7 +9,6 @@ data position, RNG states — so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -28,12 +27,15 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import Config, to_dict
 from lmforge.console import console, log
 from lmforge.errors import LmforgeError
+from lmforge.model.spec import spec_for
 from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
 from lmforge.train.metrics import MetricsSink
 from lmforge.train.mfu import MatmulCeiling
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
+from lmforge.train.parallelize import build_layout, check_supported, gathered
+from lmforge.train.step import Stepper
 
 
 @dataclass
@@ -76,6 +78,35 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+OPTIMIZER = ckpt.OPTIMIZER_SHARDS
+
+
+def _accumulation(tc, dp_world: int) -> int:
+    """Micro-batches per step on each data-parallel rank, from the global batch."""
+    tokens_per_micro = tc.micro_batch * tc.seq_len
+    global_tokens = tc.batch_tokens or tokens_per_micro * dp_world
+    if global_tokens % (tokens_per_micro * dp_world):
+        raise LmforgeError(f"train.batch_tokens={global_tokens} is not a multiple of micro_batch * seq_len * "
+                           f"data-parallel ranks = {tokens_per_micro * dp_world}")
+    return global_tokens // (tokens_per_micro * dp_world)
+
+
+def _load_weights(path: Path, model: nn.Module, device: torch.device) -> tuple[dict, dict]:
+    """Load a checkpoint's trained weights into the (not yet sharded) model; (trainer state, RNG states)."""
+    saved, rng = ckpt.load_training_state(path)
+    if to_dict(ckpt.read_model_config(path)) != to_dict(ckpt.unwrap(model).cfg):
+        raise LmforgeError(f"cannot resume from {path}: its model config differs from this run's "
+                           "(use a new run_dir, or train.resume=none)")
+    load_weights = getattr(ckpt.unwrap(model), "load_weights", None)
+    if load_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
+        load_weights(path)
+    else:
+        loaded = ckpt.load_model(path, device=device)
+        ckpt.unwrap(model).load_state_dict(loaded.state_dict())
+        del loaded
+    return saved, rng
+
+
 def _fault(step: int) -> None:
     """LMFORGE_FAULT=step:N kills this process right after step N (crash-safety tests)."""
     if os.environ.get("LMFORGE_FAULT") == f"step:{step}":
@@ -114,36 +145,32 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     amp = autocast_dtype(tc.precision, device)
     if tc.precision == "fp16" and device.type != "cuda":
         raise LmforgeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    layout = build_layout(cfg.parallel, d.world, d.rank, device)
+    check_supported(layout)
     model.to(device)
-    model.activation_checkpointing = tc.activation_checkpointing
-    tokens_per_micro = tc.micro_batch * tc.seq_len
-    global_tokens = tc.batch_tokens or tokens_per_micro * d.world
-    if global_tokens % (tokens_per_micro * d.world):
-        raise LmforgeError(f"train.batch_tokens={global_tokens} is not a multiple of micro_batch * seq_len * "
-                           f"processes = {tokens_per_micro * d.world}")
-    accum = global_tokens // (tokens_per_micro * d.world)
-    objective.setup(model, device, d.rank, d.world, accum)
-
-    optimizer = build_optimizer(model, tc)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    accum = _accumulation(tc, layout.dp_world)
+    objective.setup(model, device, layout.dp_rank, layout.dp_world, accum)
     state = {"step": 0, "tokens": 0, "generated_tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0,
              "elapsed": 0.0, "eval_every": tc.eval_every}
 
-    # --- resume -------------------------------------------------------------------------------
+    # Trained weights load into the plain model, before anything shards it: the same on every layout.
     resume_from = ckpt.resume_target(tc.resume, ckpt_dir)
+    saved, rng = _load_weights(resume_from, model, device) if resume_from is not None else ({}, {})
+    inner = ckpt.unwrap(model)
+    flops_tok = inner.flops_per_token(tc.seq_len)
+    # Measured before compiling, while nothing else of ours runs (inductor starts worker processes).
+    ceiling = MatmulCeiling(device, amp) if d.is_main else None
+
+    # Parallelism from outside the model (TP, activation checkpointing, compile, FSDP2), then DDP.
+    spec_for(inner.cfg).fn("parallelize")(inner, layout, cfg.parallel, tc, device, amp)
+    train_model: nn.Module = model
+    if layout.ddp:
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False)
+    optimizer = build_optimizer(model, tc)  # after sharding: it holds the shards
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if resume_from is not None:
-        saved, opt_state, rng = ckpt.load_training_state(resume_from)
-        if to_dict(ckpt.read_model_config(resume_from)) != to_dict(model.cfg):
-            raise LmforgeError(f"cannot resume from {resume_from}: its model config differs from this run's "
-                               "(use a new run_dir, or train.resume=none)")
-        load_weights = getattr(ckpt.unwrap(model), "load_weights", None)
-        if load_weights is not None:  # a model with its own weight files: LoRA adapters, a reward head
-            load_weights(resume_from)
-        else:
-            loaded = ckpt.load_model(resume_from, device=device)
-            ckpt.unwrap(model).load_state_dict(loaded.state_dict())
-            del loaded
-        optimizer.load_state_dict(opt_state)
+        ckpt.load_optimizer(model, optimizer, resume_from)
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         objective.load_state_dict(saved["objective"])
@@ -153,22 +180,10 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         ranks = rng.get("ranks", [])
         if len(ranks) == d.world:
             set_rng_state(ranks[d.rank])
-        log(f"[green]resumed[/] from {resume_from} at step {state['step']}")
-
-    inner = ckpt.unwrap(model)
-    flops_tok = inner.flops_per_token(tc.seq_len)
-    # Measured before compiling, while nothing else of ours runs (inductor starts worker processes).
-    ceiling = MatmulCeiling(device, amp) if d.is_main else None
-
-    train_model: nn.Module = model
-    if tc.compile:
-        # Where compiling cannot work (no C++ compiler for the CPU backend, no Triton for CUDA),
-        # dynamo logs why and runs those frames eagerly instead of stopping the run.
-        torch._dynamo.config.suppress_errors = True
-        train_model = torch.compile(model)
-    if d.enabled:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False)
+        log(f"[green]resumed[/] from {resume_from} at step {state['step']}"
+            + (f" (written by {saved['world']} processes)" if saved.get("world", d.world) != d.world else ""))
+    stepper = Stepper(train_model, [p for p in model.parameters() if p.requires_grad], optimizer, scaler,
+                      objective, layout, device, amp, tc.grad_clip)
 
     folder.set_aside(*_earlier_run(folder.root, out_dir, ckpt_dir, tc.resume, resume_from))
     sink = MetricsSink(out_dir, d.is_main, state["step"], tc.tensorboard, tc.wandb, tc.swanlab,
@@ -176,19 +191,22 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     config_yaml = _config_yaml(remembered(cfg, has_checkpoint=True))  # what restarting from a checkpoint means
 
     def save(step: int) -> Path | None:
+        """Every rank takes part: the RNG states and weights are gathered, each rank writes its optimizer shard."""
         rngs = dist.all_gather_object(rng_state())
-        path = None
+        weights = ckpt.full_model_state(model)
+        trainer_state = {**state, "objective": objective.state_dict(), "world": d.world, "accum": accum,
+                         "layout": layout.describe()}
+        if scaler.is_enabled():
+            trainer_state["scaler"] = scaler.state_dict()
+        path = ckpt.save_checkpoint(ckpt_dir / f"step_{step:06d}", inner, tokenizer_dir=tokenizer_dir,
+                                    config_yaml=config_yaml, trainer_state=trainer_state,
+                                    rng_state={"ranks": rngs}, state=weights,
+                                    shards=lambda tmp: ckpt.save_optimizer(model, optimizer, tmp / OPTIMIZER))
         if d.is_main:
-            trainer_state = {**state, "objective": objective.state_dict(), "world": d.world, "accum": accum}
-            if scaler.is_enabled():
-                trainer_state["scaler"] = scaler.state_dict()
-            path = ckpt.save_checkpoint(ckpt_dir / f"step_{step:06d}", inner, tokenizer_dir=tokenizer_dir,
-                                        config_yaml=config_yaml, optimizer_state=optimizer.state_dict(),
-                                        trainer_state=trainer_state, rng_state={"ranks": rngs})
             ckpt.prune_checkpoints(ckpt_dir, tc.keep_last)
             folder.saved()
         dist.barrier()
-        return path
+        return path if d.is_main else None
 
     # --- the loop -------------------------------------------------------------------------------
     step = first_step = state["step"]
@@ -203,7 +221,8 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     train_s = 0.0  # seconds spent in training steps since the warm-up step
     fit_times: list[float] = []  # seconds into a time budget at which its step count is fitted again
     last_fit = (0.0, 0)  # train_s and step at the last fit
-    log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es), "
+    log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es) "
+        f"({layout.describe()}), "
         f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
         f"device {device}"
         + (f"; {ceiling.describe()}" if ceiling else ""))
@@ -216,28 +235,8 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                 break
             t_step = time.perf_counter()
             set_lr(optimizer, lr_factor(step, total or max(step + 1, tc.max_steps), tc))
-            batches = objective.next_batches(train_model)
-            # units (the loss's divisor), real tokens of the forward passes, tokens generated: one all-reduce
-            counts = torch.tensor([sum(objective.count(b) for b in batches), sum(objective.tokens(b) for b in batches),
-                                   objective.generated_tokens()], dtype=torch.float64, device=device)
-            dist.all_reduce_sum(counts)
-            n_units = counts[0].float()
-            n_tokens, n_generated = round(counts[1].item()), round(counts[2].item())
-            step_metrics: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(batches):
-                sync = not d.enabled or i == len(batches) - 1
-                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-                with ctx, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss_sum, m = objective.loss(train_model, batch)
-                    loss = loss_sum * (d.world / n_units)
-                scaler.scale(loss).backward()
-                for k, v in m.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + v.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            result = stepper.step()
+            n_units, n_tokens, n_generated = result.units, result.tokens, result.generated
             train_s += time.perf_counter() - t_step
             step += 1
             state["step"] = step
@@ -247,10 +246,10 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             window["generated"] += n_generated
             if step - first_step == 1:
                 folder.started(has_checkpoint=ckpt.latest_checkpoint(ckpt_dir, resumable=True) is not None)
-            for k, v in step_metrics.items():
+            for k, v in result.metrics.items():
                 acc[k] = acc.get(k, 0.0) + v
             acc["_units"] = acc.get("_units", 0.0) + n_units
-            acc["_gnorm"] = acc.get("_gnorm", 0.0) + grad_norm.float()
+            acc["_gnorm"] = acc.get("_gnorm", 0.0) + result.grad_norm.float()
             acc["_steps"] = acc.get("_steps", 0) + 1
 
             # A time budget fixes the step count once the step time is known (saved, so resume agrees).
@@ -277,7 +276,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
-                row = _reduce_metrics(acc, d.world)
+                row = _reduce_metrics(acc, d.world // layout.dp_world)
                 acc = {}
                 dt = max(time.perf_counter() - window["t"], 1e-9)
                 elapsed = elapsed0 + time.perf_counter() - t_start
@@ -293,10 +292,11 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                 if last_eval:
                     sink.log(step, last_eval)
                     progress.note(step, last_eval)
-            if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0 and d.is_main:
-                text = sample_fn(inner)
-                sink.log(step, {"sample": text})
-                progress.note(step, {"sample": text})
+            if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0:
+                text = _sample(sample_fn, model, d.is_main)
+                if d.is_main:
+                    sink.log(step, {"sample": text})
+                    progress.note(step, {"sample": text})
             state["elapsed"] = elapsed0 + time.perf_counter() - t_start
             if step == total or (tc.save_every and step % tc.save_every == 0):
                 last_path = save(step)
@@ -307,8 +307,9 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
     if not last_eval and state["eval_every"]:
         last_eval = _evaluate(objective, train_model)
+    if sample_fn is not None and (not tc.sample_every or step % tc.sample_every):
+        text = _sample(sample_fn, model, d.is_main)
     if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
-        text = sample_fn(inner)
         last_eval = {**last_eval, "sample": text}
         console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
     if last_path is None:
@@ -383,21 +384,33 @@ def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float,
 
 
 def _evaluate(objective: Objective, model: nn.Module) -> dict:
+    """Every rank evaluates its share, with whole weights (see parallelize.gathered)."""
     was = model.training
     model.eval()
     try:
-        return objective.evaluate(model)
+        with gathered(ckpt.unwrap(model)):
+            return objective.evaluate(model)
     finally:
         model.train(was)
 
 
-def _reduce_metrics(acc: dict, world: int) -> dict:
-    """Average summed metrics over the units of every rank (one all-reduce at log time only)."""
+def _sample(sample_fn, model: nn.Module, is_main: bool) -> str:
+    """The main rank samples; under FSDP every rank gathers the weights with it first."""
+    inner = ckpt.unwrap(model)
+    with gathered(inner):
+        return sample_fn(inner) if is_main else ""
+
+
+def _reduce_metrics(acc: dict, sharing: int = 1) -> dict:
+    """Average summed metrics over the units of every rank (one all-reduce at log time only).
+
+    sharing: ranks that read the same data (tensor parallel) and so add the same sums."""
     keys = sorted(k for k in acc if not k.startswith("_"))
     if not keys:
         return {}
     t = torch.stack([torch.as_tensor(acc[k]).float() for k in keys])
     dist.all_reduce_sum(t)
+    t = t / sharing
     units = torch.as_tensor(acc["_units"]).float().clamp_min(1e-9)  # already the global count
     out = {k: (t[i] / units).item() for i, k in enumerate(keys)}
     out["grad_norm"] = float(acc["_gnorm"]) / acc["_steps"]

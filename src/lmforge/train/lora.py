@@ -72,16 +72,9 @@ def _adapter_model_class():
         base_path: str = ""
         quantize: str = ""
 
-        @property
-        def activation_checkpointing(self) -> bool:
-            return self.get_base_model().activation_checkpointing
-
-        @activation_checkpointing.setter
-        def activation_checkpointing(self, value: bool) -> None:
-            self.get_base_model().activation_checkpointing = value
-
-        def save_weights(self, folder: Path) -> None:
-            sd = peft.get_peft_model_state_dict(self)
+        def save_weights(self, folder: Path, state: dict | None = None) -> None:
+            """state: the whole state dict when the caller gathered it (FSDP shards it otherwise)."""
+            sd = peft.get_peft_model_state_dict(self, state_dict=state)
             save_file({k: v.detach().contiguous() for k, v in sd.items()}, folder / ADAPTER_WEIGHTS,
                       metadata={"format": "pt"})
             write_adapter_config(self.peft_config["default"], folder, Path(self.base_path))

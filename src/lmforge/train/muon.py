@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.adamw import adamw
 
 from lmforge.config import TrainConfig
@@ -45,6 +46,24 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
         s = x @ x.mT
         x = a * x + (b * s + c * (s @ s)) @ x
     return (x.mT if tall else x).to(g.dtype)
+
+
+def whole(t: Tensor) -> Tensor:
+    """The whole matrix of a sharded one (FSDP / tensor parallel DTensor): Newton-Schulz needs all of it.
+
+    Every rank gathers and orthogonalises every matrix; that repeats the (small) Newton-Schulz work on
+    each rank but needs no more than one all-gather per matrix, the same traffic FSDP's forward makes.
+    """
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(update: Tensor, param: Tensor) -> Tensor:
+    """A whole update laid out as `param` is: a replicated DTensor cut to this rank's shard (no communication)."""
+    if not isinstance(param, DTensor):
+        return update
+    mesh = param.device_mesh
+    full = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return full.redistribute(mesh, param.placements)
 
 
 class Muon(torch.optim.Optimizer):
@@ -98,11 +117,12 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape[tuple(p.shape)].append(i)
         for (rows, cols), idx in by_shape.items():
-            ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"])
+            ortho = orthogonalize(torch.stack([whole(updates[i]) for i in idx]), group["ns_steps"])
             # Shape-aware scale (Muon's reference): a tall matrix's update has smaller entries after
             # orthogonalisation; sqrt(rows / cols) restores the per-entry size of a square one.
             scale = max(1.0, rows / cols) ** 0.5
-            torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-lr * scale)
+            torch._foreach_add_([params[i] for i in idx], [like(o, params[i]) for o, i in zip(ortho.unbind(0), idx)],
+                                alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
         """torch's own AdamW arithmetic (fused kernel where available), on this optimizer's state."""

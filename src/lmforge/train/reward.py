@@ -63,13 +63,14 @@ class RewardModel(Transformer):
         """(B,) scores of right-padded sequences, read at each one's last real token."""
         return self(input_ids, lengths=lengths)
 
-    def save_weights(self, folder: Path) -> None:
+    def save_weights(self, folder: Path, state: dict | None = None) -> None:
+        """state: the whole state dict when the caller gathered it (FSDP shards it otherwise)."""
         from safetensors.torch import save_file
 
         from lmforge.checkpoint import hf_config, model_state
         from lmforge.io import atomic_write_json
 
-        sd = {k: v for k, v in model_state(self).items() if not k.startswith("lm_head.")}
+        sd = {k: v for k, v in model_state(self, state).items() if not k.startswith("lm_head.")}
         save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
         hf = hf_config(self.cfg)
         if "architectures" in hf:

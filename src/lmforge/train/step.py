@@ -1,0 +1,100 @@
+"""One optimizer step: forward and backward over this rank's micro-batches, clip, step.
+
+The loss of each micro-batch is a sum over units (tokens, pairs, ...) divided by the unit count of
+the whole global batch, so accumulation and ranks are weighted exactly. Data-parallel gradient
+reduction (DDP's all-reduce, FSDP's reduce-scatter) averages over the data-parallel ranks, hence the
+`* dp_world`; ranks that hold the same data (tensor parallel) count their units once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.train import dist
+from lmforge.train.objectives import Objective
+from lmforge.train.parallelize import Layout, set_gradient_sync
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, Tensor]  # summed over this rank's units
+    grad_norm: Tensor  # the global norm before clipping
+    units: Tensor  # the loss's divisor: units of the whole global batch
+    tokens: int  # real tokens of the forward passes, all ranks
+    generated: int  # tokens sampled for this step (GRPO), all ranks
+
+
+@dataclass
+class Stepper:
+    """What a step needs beside its batches; built once by the trainer."""
+
+    model: nn.Module  # as trained: DDP-wrapped, or FSDP-sharded in place
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    layout: Layout
+    device: torch.device
+    amp: torch.dtype | None
+    grad_clip: float
+
+    def step(self) -> StepResult:
+        batches = self.objective.next_batches(self.model)
+        counts = self._counts(batches)
+        n_units = counts[0].float()
+        scale = self.layout.dp_world / n_units
+        metrics: dict[str, Tensor] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self._sync(last), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                loss_sum, m = self.objective.loss(self.model, batch)
+                loss = loss_sum * scale
+            self.scaler.scale(loss).backward()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(metrics, grad_norm, n_units, round(counts[1].item()), round(counts[2].item()))
+
+    def _counts(self, batches: list) -> Tensor:
+        """Units, real tokens and generated tokens of the global batch: one all-reduce.
+
+        Every rank adds its own; ranks that share a data-parallel slice (tensor parallel) would count
+        it several times, so the sum is divided by how many share one.
+        """
+        ob = self.objective
+        counts = torch.tensor([sum(ob.count(b) for b in batches), sum(ob.tokens(b) for b in batches),
+                               ob.generated_tokens()], dtype=torch.float64, device=self.device)
+        dist.all_reduce_sum(counts)
+        sharing = dist.world_size() // self.layout.dp_world
+        return counts / sharing if sharing > 1 else counts
+
+    def _sync(self, last: bool):
+        """Reduce gradients only after the last micro-batch of the step (DDP's no_sync, FSDP's equivalent)."""
+        if self.layout.ddp and not last:
+            return self.model.no_sync()
+        if self.layout.fsdp:
+            set_gradient_sync(self.model, last)
+        return contextlib.nullcontext()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip to `max_norm` (0: measure only); returns the global norm before clipping.
+
+    Sharded gradients (DTensors, under FSDP or tensor parallel) give their norm over every shard:
+    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if max_norm > 0:  # a DTensor norm scales DTensor gradients on its own mesh
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
