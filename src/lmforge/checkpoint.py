@@ -234,12 +234,17 @@ def _sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
-def full_model_state(model: nn.Module) -> dict | None:
+def full_model_state(model: nn.Module, stages: dist.ProcessGroup | None = None) -> dict | None:
     """The model's whole state dict on the main rank (None on the others): gathered from every rank's
-    shards under FSDP (every rank must call it then), the module's own state dict otherwise."""
+    shards under FSDP, or from every pipeline stage's part (`stages`: their group), each rank calling it;
+    None when the module holds it all (save_checkpoint reads the module itself)."""
     model = unwrap(model)
+    if stages is not None:  # each rank holds some layers, under their full names
+        parts: list = [None] * dist.get_world_size(stages)
+        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.state_dict().items()}, group=stages)
+        return {k: v for part in parts for k, v in part.items()} if _is_main() else None
     if not _sharded(model):
-        return None  # save_checkpoint reads the module itself
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -32,9 +32,9 @@ from lmforge.monitor import hms
 
 STAGE_DIRS = ("sft", "dpo", "rm", "grpo")
 # Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss; val_pairs a count;
-# mfu_peak_flops the ceiling the MFU panel is already a fraction of.
+# mfu_peak_flops the ceiling the MFU panel is already a fraction of; state_mb one figure, logged once.
 NOT_SERIES = {"step", "time", "tokens", "generated_tokens", "total_steps", "eta_s", "val_ppl", "ppl", "val_pairs",
-              "mfu_peak_flops"}
+              "mfu_peak_flops", "state_mb"}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ log_softmax + nll_loss + their backward (fewer passes over the logits, no recomp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,6 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w += (g.T @ hv).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
+        ctx.repeatable = _repeatable
         return total
 
     @staticmethod
@@ -120,13 +124,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The gradients were formed in forward and are scaled here in place: a copy of the head's
         # gradient would be another vocab x C buffer (77 MB at 50k x 384) per step. So this
         # backward can run once per forward, which is all training does.
-        if getattr(ctx, "done", False):
-            raise RuntimeError("backward through linear_cross_entropy twice (retain_graph) is not supported")
-        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
+        if ctx.repeatable:  # zero-bubble pipeline schedules run backward twice (inputs, then weights)
+            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+            return gh, gw, None, None, None, None
+        if getattr(ctx, "done", False):
+            raise RuntimeError("backward through linear_cross_entropy twice (retain_graph) needs repeatable_backward()")
+        ctx.done = True
         gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
         gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
+
+
+_repeatable = False
+
+
+@contextlib.contextmanager
+def repeatable_backward() -> Iterator[None]:
+    """Losses made inside may be differentiated more than once, at the cost of copying their gradients.
+
+    The fused loss scales the gradients it formed in forward in place, so one backward is all it
+    allows; zero-bubble pipeline schedules (ZBV, DualPipeV) split backward into an input pass and a
+    weight pass through the same graph.
+    """
+    global _repeatable
+    was, _repeatable = _repeatable, True
+    try:
+        yield
+    finally:
+        _repeatable = was
 
 
 def _plain_head(model) -> nn.Linear | None:

@@ -35,7 +35,8 @@ from lmforge.train.mfu import MatmulCeiling
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
 from lmforge.train.parallelize import build_layout, check_supported, gathered
-from lmforge.train.step import Stepper
+from lmforge.train.pipeline import Pipeline, PipelineLM
+from lmforge.train.step import Stepper, state_bytes
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     if tc.precision == "fp16" and device.type != "cuda":
         raise LmforgeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     layout = build_layout(cfg.parallel, d.world, d.rank, device)
-    check_supported(layout)
+    check_supported(layout, objective.name)
     model.to(device)
     accum = _accumulation(tc, layout.dp_world)
     objective.setup(model, device, layout.dp_rank, layout.dp_world, accum)
@@ -162,8 +163,12 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     ceiling = MatmulCeiling(device, amp) if d.is_main else None
 
     # Parallelism from outside the model (TP, activation checkpointing, compile, FSDP2), then DDP.
-    spec_for(inner.cfg).fn("parallelize")(inner, layout, cfg.parallel, tc, device, amp)
-    train_model: nn.Module = model
+    parallel = spec_for(inner.cfg).fn("parallelize")(inner, layout, cfg.parallel, tc, device, amp)
+    pipe = parallel if isinstance(parallel, Pipeline) else None
+    train_model: nn.Module = PipelineLM(pipe) if pipe else model  # under PP, model(x, labels=y) runs the stages
+    if pipe and sample_fn is not None:
+        log("samples during training are off under pipeline parallel (generation needs the whole model per rank)")
+        sample_fn = None
     if layout.ddp:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           broadcast_buffers=False)
@@ -183,7 +188,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         log(f"[green]resumed[/] from {resume_from} at step {state['step']}"
             + (f" (written by {saved['world']} processes)" if saved.get("world", d.world) != d.world else ""))
     stepper = Stepper(train_model, [p for p in model.parameters() if p.requires_grad], optimizer, scaler,
-                      objective, layout, device, amp, tc.grad_clip)
+                      objective, layout, device, amp, tc.grad_clip, pipe)
 
     folder.set_aside(*_earlier_run(folder.root, out_dir, ckpt_dir, tc.resume, resume_from))
     sink = MetricsSink(out_dir, d.is_main, state["step"], tc.tensorboard, tc.wandb, tc.swanlab,
@@ -193,7 +198,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     def save(step: int) -> Path | None:
         """Every rank takes part: the RNG states and weights are gathered, each rank writes its optimizer shard."""
         rngs = dist.all_gather_object(rng_state())
-        weights = ckpt.full_model_state(model)
+        weights = ckpt.full_model_state(model, stages=pipe.group if pipe else None)
         trainer_state = {**state, "objective": objective.state_dict(), "world": d.world, "accum": accum,
                          "layout": layout.describe()}
         if scaler.is_enabled():
@@ -215,6 +220,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
     tokens0 = state["tokens"], state["generated_tokens"]
     acc = {}
+    once: dict = {}  # figures logged with the first metrics row only
     last_eval: dict = {}
     last_path = None
     budget_s = tc.max_minutes * 60
@@ -246,6 +252,9 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             window["generated"] += n_generated
             if step - first_step == 1:
                 folder.started(has_checkpoint=ckpt.latest_checkpoint(ckpt_dir, resumable=True) is not None)
+                # What sharding saves, measured: this rank's weights, gradients and optimizer state.
+                once = {"state_mb": round(state_bytes(model, optimizer) / 2**20, 2)}
+                log(f"weights, gradients and optimizer state: {once['state_mb']:,.1f} MB per process")
             for k, v in result.metrics.items():
                 acc[k] = acc.get(k, 0.0) + v
             acc["_units"] = acc.get("_units", 0.0) + n_units
@@ -276,7 +285,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
-                row = _reduce_metrics(acc, d.world // layout.dp_world)
+                row = _reduce_metrics(acc, layout.tp)
                 acc = {}
                 dt = max(time.perf_counter() - window["t"], 1e-9)
                 elapsed = elapsed0 + time.perf_counter() - t_start
@@ -285,6 +294,8 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                             "total_steps": total,
                             "eta_s": round((total - step) * (elapsed - elapsed0) / max(step - first_step, 1), 1)})
                 window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
+                row.update(once)
+                once = {}
                 sink.log(step, row)
                 progress.update(step, total, row, row["eta_s"])
             if state["eval_every"] and (step % state["eval_every"] == 0 or step == total):

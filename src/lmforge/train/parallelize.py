@@ -83,27 +83,38 @@ def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device
     return layout
 
 
-def check_supported(layout: Layout) -> None:
+def check_supported(layout: Layout, objective: str) -> None:
     """Refuse, with the reason, the layouts this version does not train."""
-    unsupported = [(k, getattr(layout, k)) for k in ("tp", "pp", "cp") if getattr(layout, k) > 1]
+    unsupported = [(k, getattr(layout, k)) for k in ("tp", "cp") if getattr(layout, k) > 1]
     if unsupported:
         k, v = unsupported[0]
-        raise LmforgeError(f"parallel.{k}={v}: not available yet; parallel.dp_shard (FSDP2) and "
-                           "parallel.dp_replicate (DDP, or HSDP with dp_shard) are")
+        raise LmforgeError(f"parallel.{k}={v}: not available yet; parallel.dp_shard (FSDP2), parallel.dp_replicate "
+                           "(DDP, or HSDP with dp_shard) and parallel.pp (pretraining) are")
+    if layout.pp > 1 and objective != "lm":
+        raise LmforgeError(f"parallel.pp={layout.pp}: pipeline parallel trains pretraining only; {objective} needs "
+                           "the whole model per rank (per-sequence scores, generation): use parallel.dp_shard (FSDP2)")
+    if layout.pp > 1 and layout.dp_world > 1:
+        raise LmforgeError(f"parallel.pp={layout.pp} with data parallel (dp_replicate x dp_shard = {layout.dp_world}): "
+                           "data parallel across pipelines is not available yet; give every process to the pipeline")
 
 
 def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc: TrainConfig,
                         device: torch.device, amp: torch.dtype | None) -> nn.Module:
     """The decoder family's parallelize: its blocks are `model.model.layers` (under LoRA, the base model's)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    blocks = list(base.model.layers)
+    pipe = None
+    if layout.pp > 1:  # first: the later steps apply to this rank's stages only
+        from lmforge.train.pipeline import build_pipeline
+
+        pipe = build_pipeline(model, layout, pc, tc.micro_batch, tc.loss_chunk, device)
+    blocks = list(base.model.layers.values() if isinstance(base.model.layers, nn.ModuleDict) else base.model.layers)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if tc.compile:
         apply_compile(blocks)
     if layout.fsdp:
         apply_fsdp(model, blocks, layout, pc, device, amp)
-    return model
+    return pipe or model
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:

@@ -12,11 +12,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
 
 from lmforge.train import dist
 from lmforge.train.objectives import Objective
 from lmforge.train.parallelize import Layout, set_gradient_sync
+from lmforge.train.pipeline import Pipeline
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Stepper:
     device: torch.device
     amp: torch.dtype | None
     grad_clip: float
+    pipe: Pipeline | None = None  # pipeline parallel: the schedule runs forward and backward
 
     def step(self) -> StepResult:
         batches = self.objective.next_batches(self.model)
@@ -48,6 +51,12 @@ class Stepper:
         n_units = counts[0].float()
         scale = self.layout.dp_world / n_units
         metrics: dict[str, Tensor] = {}
+        if self.pipe is not None:
+            self.pipe.scale = scale
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                loss = sum(self.pipe.step(x, y) for x, y in batches)
+            metrics["loss"] = loss.float()
+            batches = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self._sync(last), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -57,7 +66,7 @@ class Stepper:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v.detach().float()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.params, self.grad_clip)
+        grad_norm = clip_grad_norm(self.params, self.grad_clip, self.pipe.group if self.pipe else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -85,16 +94,37 @@ class Stepper:
         return contextlib.nullcontext()
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages: tdist.ProcessGroup | None = None) -> Tensor:
     """Clip to `max_norm` (0: measure only); returns the global norm before clipping.
 
     Sharded gradients (DTensors, under FSDP or tensor parallel) give their norm over every shard:
-    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout.
+    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout. Under
+    pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if max_norm > 0:  # a DTensor norm scales DTensor gradients on its own mesh
+    total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
+             else torch.zeros((), device=params[0].device if params else "cpu"))
+    if stages is not None:
+        sq = total.float() ** 2
+        tdist.all_reduce(sq, group=stages)
+        total = sq.sqrt()
+    if max_norm > 0 and grads:  # a DTensor norm scales DTensor gradients on its own mesh
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total.full_tensor() if hasattr(total, "full_tensor") else total
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """This rank's bytes of parameters, their gradients and the optimizer state (local shards only).
+
+    Gradients are counted at the size of the trainable parameters, whether or not they are allocated
+    at the moment of asking (between steps they are freed).
+    """
+    def nbytes(t: Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    n = sum(nbytes(p) for p in params) + sum(nbytes(p) for p in params if p.requires_grad)
+    for s in optimizer.state.values():
+        n += sum(nbytes(v) for v in s.values() if isinstance(v, Tensor) and v.dim() > 0)
+    return n
