@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spine import lmforge
 
 from lmforge.errors import LmforgeError
 from lmforge.model import cpu_kernels
@@ -229,3 +230,17 @@ def test_planner_order():
     across = [r.layout.name for r in plan(_preset("small"), 16, 80 * GiB, 8, 1024).rows]
     assert across[:3] == ["DDP 16", "HSDP 2x8", "FSDP 16"]  # across nodes, HSDP keeps the gathers on a node
 
+
+def test_model_info_plans_eight_gpus():
+    r = lmforge("model", "info", "xl", "--gpus", "8", "--gpu-mem", "16GB")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("  ")[1].strip(): line.split() for line in r.stdout.splitlines()
+            if line.startswith("  ") and line.split()[-1] in ("yes", "no")}
+    assert rows["DDP 8"][-1] == "no" and rows["FSDP 8 + AC"][-1] == "yes" and rows["TP 8"][-1] == "yes"
+    cells = [float(v) for v in rows["FSDP 8 + AC"][-9:-1]]
+    assert sum(cells[:6]) == pytest.approx(cells[6], abs=0.03)  # the parts add up to the total
+    assert "suggested: FSDP 8 + AC" in r.stdout
+    assert "torchrun --nproc_per_node=8 -m lmforge pretrain RECIPE parallel.dp_replicate=1 parallel.dp_shard=8 " \
+           "train.activation_checkpointing=true" in r.stdout
+    r = lmforge("model", "info", "xl", "--gpus", "8")
+    assert r.returncode != 0 and "--gpu-mem" in r.stderr
