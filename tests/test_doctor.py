@@ -13,7 +13,7 @@ from spine import lmforge
 
 from lmforge import doctor
 from lmforge.config import load_config
-from lmforge.model.presets import training_memory
+from lmforge.model.fit import Layout, training_memory
 
 LINE = re.compile(r"^(OK|WARN|FAIL)\s+(\S.*?)\s{2,}(.*)$")
 GiB = 2**30
@@ -76,9 +76,8 @@ def test_fit_on_a_24_gib_gpu(monkeypatch, tmp_path):
     batch = int(re.search(r"train\.micro_batch=(\d+)", fix).group(1))
     assert 0 < batch < 32 and "train.batch_tokens=32768" in fix
     cfg_fit = load_config(overrides=["model.preset=medium", "model.vocab_size=32000", f"train.micro_batch={batch}"])
-    _, n = doctor.model_params(cfg_fit)
     ac = "activation_checkpointing=true" in fix.split("train.batch_tokens")[0]
-    mem = training_memory(cfg_fit.model, n, batch, 1024, "bf16", "adamw", ac)["total"]
+    mem = training_memory(cfg_fit.model, batch, 1024, "bf16", "adamw", Layout(activation_checkpointing=ac))["total"]
     assert mem <= 0.9 * 24 * GiB
     # the same run fits once the fix is applied
     code, out = run(load_config(overrides=[f"run_dir={tmp_path}", "model.preset=medium", f"train.micro_batch={batch}",
