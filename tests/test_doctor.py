@@ -136,3 +136,22 @@ def test_a_gpu_that_is_not_there(monkeypatch, tmp_path, device):
     code, out = run(load_config(overrides=[f"run_dir={tmp_path}", f"device={device}", "model.n_layer=2",
                                            "model.n_embd=64", "train.micro_batch=2", "train.seq_len=64"]))
     assert code == 1 and f"device={device}, but only 1 GPU(s)" in out
+
+
+def test_fit_counts_the_parallel_layout(monkeypatch, tmp_path):
+    """xl at 8 x 2048 on 16 GiB GPUs: no single GPU holds it; 8 FSDP shards with checkpointing do."""
+    monkeypatch.setattr(doctor, "gpus", lambda: [doctor.GPU("Tesla V100-SXM2-16GB", 16 * GiB, 16 * GiB, (8, 0))])
+    base = [f"run_dir={tmp_path}", "model.preset=xl", "train.micro_batch=8", "train.seq_len=2048"]
+    code, out = run(load_config(overrides=base))
+    assert lines(out)["fit"][0] == "FAIL"
+    monkeypatch.setenv("WORLD_SIZE", "8")  # as torchrun sets it; parallel.dp_shard=-1 takes all 8
+    code, out = run(load_config(overrides=base + ["train.activation_checkpointing=true"]))
+    status, detail = lines(out)["fit"]
+    assert status in ("OK", "WARN") and "per GPU under FSDP 8 + AC (8 processes)" in detail, out
+    # DDP over the same 8 GPUs: each holds all of the state; the fix is the planner's layout
+    code, out = run(load_config(overrides=base + ["parallel.dp_replicate=8", "parallel.dp_shard=1"]))
+    status, detail = lines(out)["fit"]
+    assert status == "FAIL" and "under DDP 8" in detail
+    assert "parallel.dp_replicate=1 parallel.dp_shard=8 train.activation_checkpointing=true (FSDP 8 + AC" in out
+    code, out = run(load_config(overrides=base + ["parallel.tp=3"]))
+    assert lines(out)["fit"][0] == "FAIL" and "do not multiply to the 8 processes" in out

@@ -453,13 +453,14 @@ class Fit:
         return self.layout.dp_replicate * self.layout.dp_shard
 
     def layout_suggestion(self) -> list[str]:
-        """On more than one process: the planner's layout for as many GPUs, if it is not this one."""
+        """On more than one process: the planner's layout for as many GPUs, unless it is this one (with or
+        without the activation checkpointing suggested already)."""
         if self.layout.world == 1:
             return []
         t = self.cfg.train
         best = plan(self.cfg.model, self.layout.world, int(self.capacity), t.micro_batch, t.seq_len,
                     self.precision, t.optimizer, t.loss_chunk).best
-        if best is None or best.layout == self.layout:
+        if best is None or best.layout.sizes == self.layout.sizes:
             return []
         return [f"{' '.join(best.layout.keys())} ({best.layout.name}: {best.memory['total'] / GiB:.1f} GiB per GPU)"]
 

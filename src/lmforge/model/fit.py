@@ -40,6 +40,11 @@ class Layout:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
     @property
+    def sizes(self) -> tuple[int, ...]:
+        """What decides where the state lives: the mesh sizes and offload."""
+        return self.dp_replicate, self.dp_shard, self.tp, self.pp, self.cp, int(self.cpu_offload)
+
+    @property
     def fsdp(self) -> bool:
         return self.dp_shard > 1 or self.cpu_offload
 
