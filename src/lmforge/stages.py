@@ -191,6 +191,7 @@ def cmd_model(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.gpus < 0 or (a.gpus and not a.gpu_mem):
         raise LmforgeError("--gpus N needs --gpu-mem, the memory of one GPU (e.g. --gpus 8 --gpu-mem 80GB)")
+    gpu_bytes = parse_memory(a.gpu_mem) if a.gpu_mem else 0
     cfg = load_config(overrides=[f"model.preset={a.preset}", f"model.vocab_size={a.vocab}", *a.overrides])
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -203,9 +204,9 @@ def cmd_model(argv: list[str]) -> int:
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
-    if a.gpu_mem:
-        result = plan(m, a.gpus or 1, parse_memory(a.gpu_mem), a.batch, seq, a.precision, a.optimizer,
-                      a.loss_chunk, a.gpus_per_node)
+    if gpu_bytes:
+        result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
+                      a.gpus_per_node)
         print_plan(result, seq, a.precision, a.optimizer, a.gpus_per_node)
         return 0
     layout = Layout(activation_checkpointing=a.activation_checkpointing)

@@ -57,7 +57,7 @@ class Layout:
             parts.append(f"PP {self.pp}")
         if self.cp > 1:
             parts.append(f"CP {self.cp}")
-        if self.dp_shard > 1 or self.cpu_offload:
+        if self.dp_shard > 1:
             parts.append(f"HSDP {self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else
                          f"FSDP {self.dp_shard}")
         elif self.dp_replicate > 1:
