@@ -12,7 +12,7 @@ import torch
 from spine import lmforge
 
 from lmforge.errors import LmforgeError
-from lmforge.model import cpu_kernels
+from lmforge.model import cpu_kernels, fit
 from lmforge.model.fit import (
     Layout,
     block_activation_bytes,
@@ -22,7 +22,7 @@ from lmforge.model.fit import (
     rank,
     training_memory,
 )
-from lmforge.model.loss import _ce_sum, cross_entropy_sum, free_cpu_logits_buffer
+from lmforge.model.loss import AUTO_CHUNK, _ce_sum, cross_entropy_sum, free_cpu_logits_buffer
 from lmforge.model.presets import model_config
 from lmforge.model.transformer import Transformer
 from lmforge.train.memory import peak_allocated_bytes, saved_tensor_bytes
@@ -93,6 +93,7 @@ def _preset(name: str):
 
 
 def test_loss_term_is_one_chunk_whatever_the_batch():
+    assert fit.AUTO_CHUNK == AUTO_CHUNK  # the planner's copy of train.loss_chunk=0's meaning
     xl = _preset("xl")
     one_chunk = training_memory(xl, 1, 1024)["loss_chunk"]  # exactly train.loss_chunk's 1024 tokens
     at_16x2048 = training_memory(xl, 16, 2048)["loss_chunk"]

@@ -17,7 +17,7 @@ from lmforge.errors import LmforgeError
 
 GiB = 2**30
 HEADROOM = 0.9  # usable fraction of a GPU: the rest is the CUDA context, NCCL buffers, fragmentation
-AUTO_CHUNK = 1024  # train.loss_chunk=0 means this (train/losses.py); copied, not imported: model sits below train
+AUTO_CHUNK = 1024  # train.loss_chunk=0 (model/loss.py); a copy, so this arithmetic imports no torch
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _activations(cfg: ModelConfig, layout: Layout, layers: int, tokens: float, h
 
 
 def _loss_chunk(cfg: ModelConfig, layout: Layout, tokens: float, loss_chunk: int, precision: str) -> float:
-    """The fused chunked head + cross-entropy (train/losses.py): never all logits, one chunk of them.
+    """The fused chunked head + cross-entropy (model/loss.py): never all logits, one chunk of them.
 
     Per chunk of train.loss_chunk tokens: the fp32 logits and their log-softmax (8 B x vocab);
     for the whole step: the head's fp32 gradient, formed in forward (4 B x vocab x C), and under
