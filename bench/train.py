@@ -16,8 +16,9 @@ PyTorch's default elsewhere), same batch, tokens, learning rate and precision.
 
 Steps are interleaved in pairs whose order alternates (ABBA), so load from other processes on a
 shared machine hits both alike; the ratio is the median of per-pair ratios. MFU is the model's
-training FLOPs (6 per weight + attention, as `lmforge pretrain` logs it) per second over the fp32
-matmul rate measured in the same run between pairs (bench/matmul.py's reference size).
+training FLOPs (6 per weight + attention, as `lmforge pretrain` logs it) per second over the
+matmul rate measured in the same run between pairs: fp32 at bench/matmul.py's reference size on a
+CPU, the training precision at 8192^2 on a GPU.
 
 Memory: the peak one training step allocates above what it starts with (CUDA: the allocator's
 peak; CPU: the profiler's allocation events replayed in order), and the bytes of activations saved
@@ -25,7 +26,10 @@ for backward (saved_tensors_hooks; exact, load-independent). lmforge is also mea
 unfused loss and with activation checkpointing, to show what each saves.
 
 Configs: tiny = the `tiny` preset at quickstart's shapes (4 x 256, vocab 4096, 16 x 256 tokens);
-nanogpt = nanoGPT's 6 x 384, context 256, vocab 50304 (4 x 256 tokens per step on a CPU).
+nanogpt = nanoGPT's 6 x 384, context 256, vocab 50304 (4 x 256 tokens per step on a CPU);
+small = the `small` preset (124M, 12 x 768, vocab 50304, 8 x 1024 tokens), for a GPU
+(`bench/gpu.sh` runs it in bf16). On CUDA the MFU ceiling is a bf16 (training precision) product of
+8192^2, the size at which a GPU reaches its peak.
 """
 
 from __future__ import annotations
@@ -43,8 +47,18 @@ from common import hf_twin, log, machine, matmul_rate, spread, sync
 CONFIGS = {
     "tiny": dict(preset="tiny", vocab=4096, seq_len=256, batch=16),
     "nanogpt": dict(preset="", n_layer=6, n_embd=384, n_head=6, vocab=50304, seq_len=256, batch=4),
+    "small": dict(preset="small", vocab=50304, seq_len=1024, batch=8),  # GPT-2 small's shape, for GPUs
 }
-REFERENCE_N = 1024  # square matmul size of the MFU ceiling (bench/matmul.py --reference)
+REFERENCE_N = 1024  # square matmul size of the MFU ceiling on a CPU (bench/matmul.py --reference)
+CUDA_REFERENCE_N = 8192  # a GPU reaches its peak only on large products (H200 bf16: ~790 TFLOP/s at 8192)
+
+
+def ceiling_shape(device: torch.device, amp: torch.dtype | None) -> tuple[int, torch.dtype]:
+    """(size, dtype) of the matmuls MFU is measured against: on a GPU in the training precision,
+    since bf16 tensor cores are the ceiling a bf16 run can reach; on a CPU fp32, as before."""
+    if device.type == "cuda":
+        return CUDA_REFERENCE_N, amp or torch.float32
+    return REFERENCE_N, torch.float32
 
 
 def lmforge_config(args):
@@ -112,13 +126,13 @@ class Side:
         self.opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                                      fused=True if self.device.type == "cuda" else None)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; the loss, detached (reading it is left to the caller: a GPU sync)."""
         if self.name == "lmforge":
-            self._lmforge_step(x, y)
-        else:
-            self._peer_step(x, y)
+            return self._lmforge_step(x, y)
+        return self._peer_step(x, y)
 
-    def _lmforge_step(self, x, y) -> None:
+    def _lmforge_step(self, x, y) -> torch.Tensor:
         from lmforge.train.optim import lr_factor, set_lr
 
         tc = self.cfg.train
@@ -134,8 +148,9 @@ class Side:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
+        return loss.detach()
 
-    def _peer_step(self, x, y) -> None:
+    def _peer_step(self, x, y) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             logits = self.model(input_ids=x).logits
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
@@ -143,6 +158,7 @@ class Side:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def saved_bytes(self, x, y) -> int:
         """Bytes of activations autograd keeps for backward in one forward + loss (parameters excluded)."""
@@ -269,7 +285,7 @@ def main() -> None:
             sides[name].step(x, y)
             sync(device)
             times[name].append(time.perf_counter() - t)
-        ceiling.append(statistics.median(matmul_rate(REFERENCE_N, torch.float32, device, 0.3)))
+        ceiling.append(statistics.median(matmul_rate(*ceiling_shape(device, amp), device, 0.3)))
         log(f"pair {r + 1}/{args.repeats}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in sides)
             + f"  matmul {ceiling[-1]:.1f} GFLOP/s")
 
@@ -283,7 +299,8 @@ def main() -> None:
               "gflop_per_step": round(flops_tok * tokens / 1e9, 2),
               "lmforge_train": {k: getattr(cfg.train, k) for k in ("optimizer", "loss_chunk", "compile",
                                                                     "activation_checkpointing")},
-              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1)}
+              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1),
+              "matmul_ceiling_shape": f"{ceiling_shape(device, amp)[0]}^2 {ceiling_shape(device, amp)[1]}"}
     for name, ts in times.items():
         tps = [tokens / t for t in ts]
         result[name] = {"tokens_per_s": spread(tps, 1), "step_ms": spread([t * 1e3 for t in ts], 1),

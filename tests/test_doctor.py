@@ -13,7 +13,7 @@ from spine import lmforge
 
 from lmforge import doctor
 from lmforge.config import load_config
-from lmforge.model.presets import training_memory
+from lmforge.model.fit import Layout, training_memory
 
 LINE = re.compile(r"^(OK|WARN|FAIL)\s+(\S.*?)\s{2,}(.*)$")
 GiB = 2**30
@@ -76,9 +76,8 @@ def test_fit_on_a_24_gib_gpu(monkeypatch, tmp_path):
     batch = int(re.search(r"train\.micro_batch=(\d+)", fix).group(1))
     assert 0 < batch < 32 and "train.batch_tokens=32768" in fix
     cfg_fit = load_config(overrides=["model.preset=medium", "model.vocab_size=32000", f"train.micro_batch={batch}"])
-    _, n = doctor.model_params(cfg_fit)
     ac = "activation_checkpointing=true" in fix.split("train.batch_tokens")[0]
-    mem = training_memory(cfg_fit.model, n, batch, 1024, "bf16", "adamw", ac)["total"]
+    mem = training_memory(cfg_fit.model, batch, 1024, "bf16", "adamw", Layout(activation_checkpointing=ac))["total"]
     assert mem <= 0.9 * 24 * GiB
     # the same run fits once the fix is applied
     code, out = run(load_config(overrides=[f"run_dir={tmp_path}", "model.preset=medium", f"train.micro_batch={batch}",
@@ -137,3 +136,22 @@ def test_a_gpu_that_is_not_there(monkeypatch, tmp_path, device):
     code, out = run(load_config(overrides=[f"run_dir={tmp_path}", f"device={device}", "model.n_layer=2",
                                            "model.n_embd=64", "train.micro_batch=2", "train.seq_len=64"]))
     assert code == 1 and f"device={device}, but only 1 GPU(s)" in out
+
+
+def test_fit_counts_the_parallel_layout(monkeypatch, tmp_path):
+    """xl at 8 x 2048 on 16 GiB GPUs: no single GPU holds it; 8 FSDP shards with checkpointing do."""
+    monkeypatch.setattr(doctor, "gpus", lambda: [doctor.GPU("Tesla V100-SXM2-16GB", 16 * GiB, 16 * GiB, (8, 0))])
+    base = [f"run_dir={tmp_path}", "model.preset=xl", "train.micro_batch=8", "train.seq_len=2048"]
+    code, out = run(load_config(overrides=base))
+    assert lines(out)["fit"][0] == "FAIL"
+    monkeypatch.setenv("WORLD_SIZE", "8")  # as torchrun sets it; parallel.dp_shard=-1 takes all 8
+    code, out = run(load_config(overrides=base + ["train.activation_checkpointing=true"]))
+    status, detail = lines(out)["fit"]
+    assert status in ("OK", "WARN") and "per GPU under FSDP 8 + AC (8 processes)" in detail, out
+    # DDP over the same 8 GPUs: each holds all of the state; the fix is the planner's layout
+    code, out = run(load_config(overrides=base + ["parallel.dp_replicate=8", "parallel.dp_shard=1"]))
+    status, detail = lines(out)["fit"]
+    assert status == "FAIL" and "under DDP 8" in detail
+    assert "parallel.dp_replicate=1 parallel.dp_shard=8 train.activation_checkpointing=true (FSDP 8 + AC" in out
+    code, out = run(load_config(overrides=base + ["parallel.tp=3"]))
+    assert lines(out)["fit"][0] == "FAIL" and "do not multiply to the 8 processes" in out

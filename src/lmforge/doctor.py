@@ -3,7 +3,8 @@
 Checks the environment a long run depends on — Python, torch, CUDA and the GPUs (memory, bf16),
 NCCL, the C compiler the fused CPU kernels are built with, the CPU features that decide CPU speed
 and bf16, the optional packages, free disk where the run writes — and whether the configured model
-fits in memory at the configured batch (`lmforge doctor model.preset=medium train.micro_batch=16`).
+fits in memory at the configured batch, per GPU under the configured `parallel.*` layout
+(`lmforge doctor model.preset=medium train.micro_batch=16`; under torchrun, over WORLD_SIZE).
 Every line is OK, WARN or FAIL and says what to do; the exit code is 1 when something the
 configuration needs has failed.
 """
@@ -24,7 +25,9 @@ from rich.markup import escape
 
 from lmforge.cli import CommandParser, config_from_args
 from lmforge.config import Config
-from lmforge.model.presets import PRESETS, preset_values, training_memory
+from lmforge.errors import LmforgeError
+from lmforge.model.fit import HEADROOM, Layout, plan, training_memory
+from lmforge.model.presets import PRESETS, preset_values
 from lmforge.monitor import human_bytes
 
 GiB = 2**30
@@ -352,22 +355,32 @@ def precision_for(cfg: Config, gpu: GPU | None) -> str:
 
 
 def check_fit(cfg: Config, n_params: int, found: list[GPU]) -> list[Check]:
-    """Does the model train at this micro_batch x seq_len? If not, the nearest settings that do."""
+    """Does the model train at this micro_batch x seq_len, per GPU under the configured layout?
+
+    The layout is `parallel.*` over WORLD_SIZE processes (under torchrun), else over the processes
+    the explicit sizes multiply to. If it does not fit, the nearest settings that do.
+    """
     m, t = cfg.model, cfg.train
     if t.seq_len > m.max_seq_len:
         return [Check("FAIL", "fit", f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
                       f"set train.seq_len={m.max_seq_len} or lower, or raise model.max_seq_len")]
+    try:
+        layout = Layout.from_config(cfg.parallel, t.activation_checkpointing, int(os.environ.get("WORLD_SIZE", 0)))
+    except LmforgeError as e:
+        return [Check("FAIL", "fit", str(e), "make the parallel sizes multiply to the number of processes")]
     on_gpu = bool(found) and cfg.device != "cpu"
     gpu = found[gpu_index(cfg, found) or 0] if on_gpu else None  # a device that is not there: as cuda:0
     capacity = gpu.total if gpu else ram_bytes()[1]
     where = f"{gpu.name} ({capacity / GiB:.1f} GiB)" if gpu else f"available RAM ({capacity / GiB:.1f} GiB)"
-    fit = Fit(cfg, precision_for(cfg, gpu), usable=0.9 * capacity)  # the rest: CUDA context, fragmentation
-    mem = fit.need(m, n_params, t.micro_batch, t.activation_checkpointing, t.optimizer)
+    fit = Fit(cfg, precision_for(cfg, gpu), capacity, layout)
+    mem = fit.need(m, t.micro_batch, t.activation_checkpointing, t.optimizer)
     shape = f"{m.n_layer} layers x {m.n_embd}"
     name = f"{m.preset} ({shape})" if m.preset else shape
-    parts = ", ".join(f"{k} {size(v)}" for k, v in mem.items() if k != "total")
+    parts = ", ".join(f"{k} {size(v)}" for k, v in mem.items() if k not in ("total", "host") and v)
+    per = f" per GPU under {layout.name} ({layout.world} processes)" if layout.world > 1 else ""
+    host = f", and {size(mem['host'])} of host memory for the offloaded state" if mem["host"] else ""
     detail = (f"{name}, {n_params / 1e6:.1f}M parameters, at micro_batch {t.micro_batch} x seq_len {t.seq_len}, "
-              f"{fit.precision}: needs about {size(mem['total'])} ({parts}) of {where}")
+              f"{fit.precision}: needs about {size(mem['total'])}{per} ({parts}) of {where}{host}")
     if mem["total"] <= 0.75 * capacity:
         return [Check("OK", "fit", detail)]
     if mem["total"] <= fit.usable:
@@ -375,7 +388,7 @@ def check_fit(cfg: Config, n_params: int, found: list[GPU]) -> list[Check]:
                       "train.activation_checkpointing=true leaves headroom")]
     fixes = fit.suggestions(n_params)
     if not fixes:
-        floor = fit.need(m, n_params, 1, True, t.optimizer)
+        floor = fit.need(m, 1, True, t.optimizer)
         state = (floor["weights"] + floor["grads"] + floor["optimizer"]) / GiB
         fixes = [f"even micro_batch 1 with activation checkpointing needs {floor['total'] / GiB:.1f} GiB (weights, "
                  f"gradients and optimizer state alone {state:.1f} GiB): a machine with more memory, or a much "
@@ -385,45 +398,74 @@ def check_fit(cfg: Config, n_params: int, found: list[GPU]) -> list[Check]:
 
 @dataclass
 class Fit:
-    """Training memory of variations of one config, and the nearest variations that fit `usable` bytes."""
+    """Training memory of variations of one config on one layout, and the nearest variations that fit."""
 
     cfg: Config
     precision: str
-    usable: float
+    capacity: float  # bytes of one GPU (or of available RAM)
+    layout: Layout = Layout()
 
-    def need(self, model_cfg, n_params: int, batch: int, ac: bool, optimizer: str) -> dict:
-        return training_memory(model_cfg, n_params, batch, self.cfg.train.seq_len, self.precision, optimizer, ac)
+    @property
+    def usable(self) -> float:
+        return HEADROOM * self.capacity  # the rest: CUDA context, NCCL buffers, fragmentation
+
+    def need(self, model_cfg, batch: int, ac: bool, optimizer: str) -> dict:
+        layout = replace(self.layout, activation_checkpointing=ac)
+        return training_memory(model_cfg, batch, self.cfg.train.seq_len, self.precision, optimizer, layout,
+                               self.cfg.train.loss_chunk)
 
     def fits(self, *args) -> bool:
         return self.need(*args)["total"] <= self.usable
 
-    def largest_batch(self, model_cfg, n_params: int, ac: bool, optimizer: str) -> int:
+    def largest_batch(self, model_cfg, ac: bool, optimizer: str) -> int:
         """The largest power-of-two fraction of micro_batch that fits; 0 if not even 1 does."""
         batch = self.cfg.train.micro_batch
-        while batch >= 1 and not self.fits(model_cfg, n_params, batch, ac, optimizer):
+        while batch >= 1 and not self.fits(model_cfg, batch, ac, optimizer):
             batch //= 2
         return batch
 
     def suggestions(self, n_params: int) -> list[str]:
         """Activation checkpointing; a smaller micro-batch (the global batch kept by accumulation); Muon's
-        smaller optimizer state; a smaller preset: the first of each that fits, as key=value to paste."""
+        smaller optimizer state; on several GPUs the planner's layout; a smaller preset: the first of each
+        that fits, as key=value to paste."""
         t, m = self.cfg.train, self.cfg.model
         gib = lambda *args: f"{self.need(*args)['total'] / GiB:.1f} GiB"  # noqa: E731
         out = []
-        if not t.activation_checkpointing and self.fits(m, n_params, t.micro_batch, True, t.optimizer):
-            out.append(f"train.activation_checkpointing=true ({gib(m, n_params, t.micro_batch, True, t.optimizer)}, "
+        if not t.activation_checkpointing and self.fits(m, t.micro_batch, True, t.optimizer):
+            out.append(f"train.activation_checkpointing=true ({gib(m, t.micro_batch, True, t.optimizer)}, "
                        "~30% more compute)")
-        keep = f"train.batch_tokens={t.batch_tokens or t.micro_batch * t.seq_len}"
+        keep = f"train.batch_tokens={t.batch_tokens or t.micro_batch * t.seq_len * self.data_parallel}"
         for ac in dict.fromkeys((t.activation_checkpointing, True)):
-            batch = self.largest_batch(m, n_params, ac, t.optimizer)
+            batch = self.largest_batch(m, ac, t.optimizer)
             if 0 < batch < t.micro_batch:
                 flag = " train.activation_checkpointing=true" if ac and not t.activation_checkpointing else ""
-                out.append(f"train.micro_batch={batch}{flag} {keep} ({gib(m, n_params, batch, ac, t.optimizer)}; "
+                out.append(f"train.micro_batch={batch}{flag} {keep} ({gib(m, batch, ac, t.optimizer)}; "
                            "the same global batch by gradient accumulation)")
                 break
-        if t.optimizer == "adamw" and self.fits(m, n_params, t.micro_batch, t.activation_checkpointing, "muon"):
+        if t.optimizer == "adamw" and self.fits(m, t.micro_batch, t.activation_checkpointing, "muon"):
             out.append(f"train.optimizer=muon (one state buffer per matrix instead of two: "
-                       f"{gib(m, n_params, t.micro_batch, t.activation_checkpointing, 'muon')})")
+                       f"{gib(m, t.micro_batch, t.activation_checkpointing, 'muon')})")
+        out += self.layout_suggestion()
+        return out + self.smaller_preset(n_params, keep)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.layout.dp_replicate * self.layout.dp_shard
+
+    def layout_suggestion(self) -> list[str]:
+        """On more than one process: the planner's layout for as many GPUs, unless it is this one (with or
+        without the activation checkpointing suggested already)."""
+        if self.layout.world == 1:
+            return []
+        t = self.cfg.train
+        best = plan(self.cfg.model, self.layout.world, int(self.capacity), t.micro_batch, t.seq_len,
+                    self.precision, t.optimizer, t.loss_chunk).best
+        if best is None or best.layout.sizes == self.layout.sizes:
+            return []
+        return [f"{' '.join(best.layout.keys())} ({best.layout.name}: {best.memory['total'] / GiB:.1f} GiB per GPU)"]
+
+    def smaller_preset(self, n_params: int, keep: str) -> list[str]:
+        t, m = self.cfg.train, self.cfg.model
         smaller = sorted(((_preset_params(self.cfg, name), name) for name, values in PRESETS.items()
                           if values.get("arch", "llama") == m.arch), reverse=True)
         for n, name in smaller:
@@ -431,14 +473,13 @@ class Fit:
                 continue
             pm = _preset_config(self.cfg, name)
             for ac in dict.fromkeys((t.activation_checkpointing, True)):
-                batch = self.largest_batch(pm, n, ac, t.optimizer)
+                batch = self.largest_batch(pm, ac, t.optimizer)
                 if batch:
                     extra = "" if batch == t.micro_batch else f" train.micro_batch={batch} {keep}"
                     extra += " train.activation_checkpointing=true" if ac and not t.activation_checkpointing else ""
-                    out.append(f"model.preset={name}{extra} ({n / 1e6:.0f}M parameters, "
-                               f"{gib(pm, n, batch, ac, t.optimizer)})")
-                    return out
-        return out
+                    total = self.need(pm, batch, ac, t.optimizer)["total"] / GiB
+                    return [f"model.preset={name}{extra} ({n / 1e6:.0f}M parameters, {total:.1f} GiB)"]
+        return []
 
 
 def _preset_config(cfg: Config, name: str):

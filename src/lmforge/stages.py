@@ -169,26 +169,34 @@ def cmd_model(argv: list[str]) -> int:
     import torch
 
     from lmforge.config import load_config
-    from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS, training_memory
+    from lmforge.model.fit import Layout, parse_memory, plan, training_memory
+    from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS
     from lmforge.model.transformer import Transformer
 
-    p = CommandParser("model", "Model arithmetic for a preset.")
+    p = CommandParser("model", "Model arithmetic for a preset; with --gpus N --gpu-mem 24GB, the memory per GPU "
+                      "of every parallel layout and the one to train with.")
     p.add_argument("action", choices=["info"])
     p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--vocab", type=int, default=DEFAULT_INFO_VOCAB)
-    p.add_argument("--batch", type=int, default=8, help="sequences per GPU")
+    p.add_argument("--batch", type=int, default=8, help="sequences per GPU (train.micro_batch)")
     p.add_argument("--seq-len", type=int, default=0, help="default: the preset's context")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="without --gpus")
+    p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk (0: 1024 tokens)")
+    p.add_argument("--gpus", type=int, default=0, help="plan a layout for this many GPUs")
+    p.add_argument("--gpu-mem", default="", help="memory of one GPU: 24GB, 24GiB, 80G, 16 (GiB)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node; HSDP shards one")
     p.add_argument("overrides", nargs="*", help="model.key=value")
     a = p.parse_args(argv)
+    if a.gpus < 0 or (a.gpus and not a.gpu_mem):
+        raise LmforgeError("--gpus N needs --gpu-mem, the memory of one GPU (e.g. --gpus 8 --gpu-mem 80GB)")
+    gpu_bytes = parse_memory(a.gpu_mem) if a.gpu_mem else 0
     cfg = load_config(overrides=[f"model.preset={a.preset}", f"model.vocab_size={a.vocab}", *a.overrides])
     with torch.device("meta"):
         model = Transformer(cfg.model)
     seq = a.seq_len or cfg.model.max_seq_len
     n = model.num_params()
-    mem = training_memory(cfg.model, n, a.batch, seq, a.precision, a.optimizer, a.activation_checkpointing)
     m = cfg.model
     print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
           f"({m.n_kv_head or m.n_head} kv), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
@@ -196,11 +204,56 @@ def cmd_model(argv: list[str]) -> int:
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
+    if gpu_bytes:
+        result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
+                      a.gpus_per_node)
+        print_plan(result, seq, a.precision, a.optimizer, a.gpus_per_node)
+        return 0
+    layout = Layout(activation_checkpointing=a.activation_checkpointing)
+    mem = training_memory(m, a.batch, seq, a.precision, a.optimizer, layout, a.loss_chunk)
     print(f"training memory at batch {a.batch} x {seq}, {a.precision}, {a.optimizer}"
           f"{', activation checkpointing' if a.activation_checkpointing else ''}:")
     for k, v in mem.items():
-        print(f"  {k:<15} {v / 2**30:10.2f} GiB")
+        if k != "host":
+            print(f"  {k:<15} {v / 2**30:10.2f} GiB")
     return 0
+
+
+PLAN_COLUMNS = (("weights", "weights"), ("grads", "grads"), ("optimizer", "optim"), ("copies", "copies"),
+                ("activations", "activ."), ("loss_chunk", "loss"), ("total", "total"), ("host", "host"))
+
+
+def print_plan(result, seq: int, precision: str, optimizer: str, gpus_per_node: int) -> None:
+    """The planner's table (GiB per GPU, the worst pipeline stage) and its suggestion as keys to paste."""
+    from lmforge.model.fit import HEADROOM, PREFERENCE
+
+    gib = 2**30
+    print(f"memory per GPU on {result.n_gpus} x {result.gpu_bytes / gib:.1f} GiB "
+          f"({result.usable / gib:.1f} GiB usable, {1 - HEADROOM:.0%} headroom), micro-batch {result.batch} x {seq} "
+          f"per GPU, {precision}, {optimizer}; GiB (host: RAM for offloaded state):")
+    width = max(len(r.layout.name) for r in result.rows)
+    print(f"  {'layout':<{width}}" + "".join(f"{h:>8}" for _, h in PLAN_COLUMNS) + "  fits")
+    for r in result.rows:
+        cells = "".join(f"{r.memory[k] / gib:8.2f}" for k, _ in PLAN_COLUMNS)
+        print(f"  {r.layout.name:<{width}}{cells}  {'yes' if r.fits else 'no'}")
+    print("copies: 16-bit and all-gathered weight copies; loss: one chunk of the fused head + cross-entropy")
+    print(f"preference, least communication first: {PREFERENCE}")
+    best = result.best
+    if best is None:
+        print("nothing fits, not even at micro-batch 1: more or larger GPUs, or a smaller preset")
+        return
+    keys = best.layout.keys()
+    if result.best_batch != result.batch:
+        dp = best.layout.dp_replicate * best.layout.dp_shard
+        keys += [f"train.micro_batch={result.best_batch}", f"train.batch_tokens={result.batch * seq * dp}"]
+    nodes = result.n_gpus // gpus_per_node if result.n_gpus > gpus_per_node else 1
+    at = f" at micro-batch {result.best_batch}" if result.best_batch != result.batch else ""
+    print(f"suggested: {best.layout.name} ({best.memory['total'] / gib:.2f} GiB per GPU{at}), the first in that "
+          "order that fits; the keys to paste:")
+    print(f"  {' '.join(keys) or '(none: the defaults train on one GPU)'}")
+    launch = "lmforge" if result.n_gpus == 1 else f"torchrun --nproc_per_node={result.n_gpus} -m lmforge" \
+        if nodes == 1 else f"torchrun --nnodes={nodes} --nproc_per_node={result.n_gpus // nodes} -m lmforge"
+    print(f"  {launch} pretrain RECIPE {' '.join(keys)}".rstrip())
 
 
 # --- recipes --------------------------------------------------------------------------------------

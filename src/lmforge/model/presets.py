@@ -1,4 +1,4 @@
-"""Named model sizes, the GPT-2 architecture switch, and the memory/FLOPs arithmetic for `model info`."""
+"""Named model sizes and the GPT-2 architecture switch (training memory per layout: model/fit.py)."""
 
 from __future__ import annotations
 
@@ -41,28 +41,3 @@ def model_config(name: str, **overrides) -> ModelConfig:
     cfg = ModelConfig(preset=name)
     cfg = replace(cfg, **preset_values(name))
     return replace(cfg, **overrides)
-
-
-def training_memory(cfg: ModelConfig, n_params: int, batch: int, seq_len: int, precision: str,
-                    optimizer: str = "adamw", activation_checkpointing: bool = False) -> dict:
-    """Estimate the bytes one process needs to train: weights, grads, optimizer, activations.
-
-    fp32 master weights and grads (4 + 4 bytes), AdamW moments (8 bytes; Muon keeps one buffer for
-    matrices, about 4). Activations follow Korthikanti et al. (2022) with a flash-style attention
-    that stores no T x T scores: about 34 * C bytes per token per layer at 16-bit, twice that in
-    fp32; with activation checkpointing only each block's input (2 * C bytes at 16 bit) stays.
-    The logits term is the fp32 logits and their gradient.
-    """
-    act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    tokens = batch * seq_len
-    per_layer = (2 * cfg.n_embd if activation_checkpointing else 34 * cfg.n_embd) * act_bytes / 2
-    opt_bytes = 8 if optimizer == "adamw" else 4
-    out = {
-        "weights": 4 * n_params,
-        "grads": 4 * n_params,
-        "optimizer": opt_bytes * n_params,
-        "activations": int(tokens * cfg.n_layer * per_layer),
-        "logits": int(tokens * cfg.vocab_size * 4 * 2),
-    }
-    out["total"] = sum(out.values())
-    return out
