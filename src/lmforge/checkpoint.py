@@ -7,12 +7,15 @@
                              (a LoRA checkpoint has adapter_config.json + adapter_model.safetensors instead)
       tokenizer.json, tokenizer_config.json, chat_template.jinja
       lmforge.yaml           the resolved run config
-      optimizer.pt           optimizer state (loaded with weights_only=True)
+      optimizer/             optimizer state: torch.distributed.checkpoint shards keyed by parameter name,
+                             one per rank, so a run resumes on another number of processes or layout
+                             (older checkpoints: optimizer.pt, still read)
       trainer_state.json     step, tokens, schedule, data position, metrics
       rng.pt                 torch / CUDA / python RNG states of every rank
 
 The folder is built under a temporary name and renamed into place (lmforge.io.AtomicDir), so a
-crash during a save leaves the previous checkpoint as the latest complete one.
+crash during a save leaves the previous checkpoint as the latest complete one; under several
+processes every rank writes its optimizer shard into the same temporary folder first.
 
 `resolve_checkpoint` is the one reading of what a user names as a checkpoint (a checkpoint
 folder, a run folder, a stage folder, a stage name); every command goes through it.
@@ -27,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -258,7 +262,9 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(unwrap(model), optimizer)
-    dcp.save({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -277,7 +283,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
     base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
     osd = get_optimizer_state_dict(inner, optimizer)
     try:
-        dcp.load({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     except Exception as e:  # a missing or damaged shard, or another model's state
         raise LmforgeError(f"{folder}: the optimizer state cannot be read ({e})") from None
     set_optimizer_state_dict(inner, optimizer, osd)
@@ -493,10 +501,11 @@ def resume_target(resume: str, ckpt_dir: str | Path) -> Path | None:
         raise LmforgeError(f"{key}: {path} does not exist{hint}")
     if not path.is_dir():
         raise LmforgeError(f"{key}: {path} is a file, not a checkpoint folder")
-    if (path / "trainer_state.json").is_file() and (path / "optimizer.pt").is_file():
+    if (path / "trainer_state.json").is_file() and ((path / OPTIMIZER_SHARDS).is_dir()
+                                                    or (path / "optimizer.pt").is_file()):
         return path
     if (path / "config.json").is_file():
-        raise LmforgeError(f"{key}: {path} is a weights-only checkpoint (no trainer_state.json / optimizer.pt), "
+        raise LmforgeError(f"{key}: {path} is a weights-only checkpoint (no trainer_state.json / optimizer state), "
                            f"which a run cannot resume from; start a new run from its weights with "
                            f"train.init_from={path}")
     for root in (path / "checkpoints", path):
