@@ -262,9 +262,25 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(unwrap(model), optimizer)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+    with warnings.catch_warnings(), _dcp_errors():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _dcp_errors() -> Iterator[None]:
+    """torch.distributed.checkpoint wraps a rank's failure (a full disk, say) in a CheckpointException, a
+    BaseException: re-raise the failure itself, so the disk-full check (torch.save reports a full disk as a
+    RuntimeError) and the callers' error handling see what happened."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        for exc, _ in e.failures.values():
+            if isinstance(exc, Exception):
+                raise exc from None
+        raise LmforgeError(f"saving or loading the sharded optimizer state failed: {e}") from None
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -283,10 +299,10 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
     base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
     osd = get_optimizer_state_dict(inner, optimizer)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _dcp_errors():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    except Exception as e:  # a missing or damaged shard, or another model's state
+    except (Exception, LmforgeError) as e:  # a missing or damaged shard, or another model's state
         raise LmforgeError(f"{folder}: the optimizer state cannot be read ({e})") from None
     set_optimizer_state_dict(inner, optimizer, osd)
     for group, lr in zip(optimizer.param_groups, base):
