@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lmforge.train import dist
 from lmforge.train.objectives import Objective
-from lmforge.train.parallelize import Layout, set_gradient_sync
+from lmforge.train.parallelize import Layout, loss_context, set_gradient_sync
 from lmforge.train.pipeline import Pipeline
 
 
@@ -46,25 +46,27 @@ class Stepper:
     pipe: Pipeline | None = None  # pipeline parallel: the schedule runs forward and backward
 
     def step(self) -> StepResult:
-        batches = self.objective.next_batches(self.model)
-        counts = self._counts(batches)
-        n_units = counts[0].float()
-        scale = self.layout.dp_world / n_units
         metrics: dict[str, Tensor] = {}
-        if self.pipe is not None:
-            self.pipe.scale = scale
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = sum(self.pipe.step(x, y) for x, y in batches)
-            metrics["loss"] = loss.float()
-            batches = []
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            with self._sync(last), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss_sum, m = self.objective.loss(self.model, batch)
-                loss = loss_sum * scale
-            self.scaler.scale(loss).backward()
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach().float()
+        with loss_context(self.layout):  # vocab-parallel losses: their forward and backward inside
+            batches = self.objective.next_batches(self.model)  # GRPO's rollouts score log-probs too
+            counts = self._counts(batches)
+            n_units = counts[0].float()
+            scale = self.layout.dp_world / n_units
+            if self.pipe is not None:
+                self.pipe.scale = scale
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    loss = sum(self.pipe.step(x, y) for x, y in batches)
+                metrics["loss"] = loss.float()
+                batches = []
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with self._sync(last), torch.autocast(self.device.type, dtype=self.amp,
+                                                      enabled=self.amp is not None):
+                    loss_sum, m = self.objective.loss(self.model, batch)
+                    loss = loss_sum * scale
+                self.scaler.scale(loss).backward()
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v.detach().float()
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.params, self.grad_clip, self.pipe.group if self.pipe else None)
         self.scaler.step(self.optimizer)
