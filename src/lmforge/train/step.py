@@ -100,8 +100,11 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages: tdist.Pr
     """Clip to `max_norm` (0: measure only); returns the global norm before clipping.
 
     Sharded gradients (DTensors, under FSDP or tensor parallel) give their norm over every shard:
-    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout. Under
-    pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
+    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout. A
+    replicated weight under tensor parallel (a norm's gain) has the same gradient on every tp rank,
+    counted once; where sequence parallel leaves it a per-rank partial sum (Partial), the norm sums the
+    parts first. Under TP x FSDP every parameter is a DTensor on the same 2-D mesh, so the norms stack.
+    Under pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
     """
     grads = [p.grad for p in params if p.grad is not None]
     total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
