@@ -222,11 +222,12 @@ def _val_loss(run: Path) -> float:
     return objective.evaluate(model)["val_loss"]
 
 
-def test_muon_under_fsdp_equals_one_process(base_run, single, tmp_path):
-    """Newton-Schulz needs whole matrices: each rank gathers the momentum of a sharded matrix, orthogonalises
-    it, and keeps its own rows of the update."""
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"]], ids=["fsdp", "tp"])
+def test_muon_under_fsdp_equals_one_process(layout, base_run, single, tmp_path):
+    """Newton-Schulz needs whole matrices: each rank gathers the momentum of a sharded matrix (FSDP's rows,
+    tensor parallel's heads or hidden units), orthogonalises it, and keeps its own part of the update."""
     run = copy_run(base_run, tmp_path / "muon")
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "train.optimizer=muon", torchrun=2)
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "train.optimizer=muon", *layout, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_golden(run, single["muon"])
 
