@@ -83,9 +83,7 @@ class Stepper:
         ob = self.objective
         counts = torch.tensor([sum(ob.count(b) for b in batches), sum(ob.tokens(b) for b in batches),
                                ob.generated_tokens()], dtype=torch.float64, device=self.device)
-        dist.all_reduce_sum(counts)
-        sharing = dist.world_size() // self.layout.dp_world
-        return counts / sharing if sharing > 1 else counts
+        return dist.all_reduce_slices(counts, self.layout.dp_world)
 
     def _sync(self, last: bool):
         """Reduce gradients only after the last micro-batch of the step (DDP's no_sync, FSDP's equivalent)."""
