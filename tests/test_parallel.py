@@ -323,12 +323,12 @@ def test_pipeline_refuses_what_it_cannot_train(base_run, tmp_path):
 # --- every objective under FSDP2 ----------------------------------------------------------------------
 
 POST = ["train.progress=false", "train.seq_len=48", "train.micro_batch=2", "train.batch_tokens=192",
-        "train.max_steps=4", "train.save_every=4", "train.eval_every=0", "train.log_every=1",
+        "train.max_steps=4", "train.save_every=4", "train.eval_every=4", "train.log_every=1",
         "train.warmup_steps=1", "train.lr=3e-3", "train.sample_every=0"]
-STAGES = {
-    "sft": [],
-    "dpo": ["dpo.reference=copy"],
-    "rm": ["rm.val_fraction=0"],
+STAGES = {  # a quarter of the records held out: each stage is evaluated once, at the end
+    "sft": ["sft.val_fraction=0.25"],
+    "dpo": ["dpo.reference=copy", "dpo.val_fraction=0.25"],
+    "rm": ["rm.val_fraction=0.25"],
     # A reward that varies within a group (the tiny model never answers right: exact_match would be 0 for
     # every completion, leaving only the KL term to train on).
     "grpo": ["grpo.group_size=2", "grpo.max_new_tokens=4", "grpo.beta=0.1", "grpo.rewards=[{root}/reward.py:distinct]"],
@@ -406,10 +406,21 @@ def test_every_objective_trains_under_tp(post_root, post_single):
     tp = _drive(post_root, "tp", procs=2, layout=("parallel.tp=2",))
     assert tp.stderr.count("(tp 2)") == len(STAGES)
     for stage in STAGES:
-        for key in ("loss", "grad_norm"):
+        # Gradients agree to ~1e-7 at the first step; the reward model's few pairs at lr 3e-3 swing its gradient
+        # norm (0.4, 2.1, 0.7, 1.6) and amplify that to ~5e-5 by step 4, while its loss stays within 1e-5.
+        for key, rel in (("loss", 1e-5), ("grad_norm", 2e-4)):
             a, b = _stage_losses(post_root, post_single, stage, key), _stage_losses(post_root, "tp", stage, key)
             assert len(a) == len(b) == 4
-            assert b == pytest.approx(a, rel=1e-5, abs=1e-6), (stage, key)
+            assert b == pytest.approx(a, rel=rel, abs=1e-6), (stage, key)
+        if stage != "grpo":  # evaluation too, its sums counted once although both ranks evaluate the same rows
+            a, b = _stage_val(post_root, post_single, stage), _stage_val(post_root, "tp", stage)
+            assert a.keys() == b.keys() and "val_loss" in a
+            assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-4, abs=1e-6), stage
+
+
+def _stage_val(root: Path, run: str, stage: str) -> dict[str, float]:
+    rows = [json.loads(line) for line in (root / run / stage / stage / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for m in rows for k, v in m.items() if k.startswith("val_")}
 
 
 def _free_port() -> int:
