@@ -2,8 +2,9 @@
 per-block compile and FSDP2, in that order (torchtitan's order; each later step wraps what the
 earlier one produced). DDP, for `parallel.dp_replicate` alone, is applied by the trainer.
 
-The model file never mentions any of this. What a step needs to know of a family is only where its
-blocks are (`model.model.layers`), which the spec's parallelize function passes in.
+The model file never mentions any of this. What a step needs to know of a family is where its blocks
+are (`model.model.layers`), which the spec's parallelize function passes in, and for tensor parallel
+how each of its layers is cut, which `apply_tp`'s plan says by the layers' (Hugging Face) names.
 """
 
 from __future__ import annotations
