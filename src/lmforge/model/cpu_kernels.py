@@ -103,10 +103,17 @@ def library() -> ctypes.CDLL | None:
 # Below this many elements a ctypes call plus an OpenMP fork costs more than the passes it saves:
 # decoding one token at a time was 3-4 % slower with the kernels (bench/generate.py).
 MIN_ELEMENTS = 1 << 16
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def usable(*tensors: Tensor) -> bool:
-    """True when the kernels apply: large fp32 CPU tensors, eager mode, and a built library."""
+    """True when the kernels apply: large fp32 CPU tensors, eager mode, and a built library.
+
+    Plain tensors only: a tensor subclass (a tensor-parallel DTensor, whose data pointer is one rank's
+    shard and whose ops must go through its dispatch) takes the PyTorch formulas.
+    """
+    if not all(type(t) in _PLAIN for t in tensors):
+        return False
     if not enabled or torch.compiler.is_compiling() or tensors[0].numel() < MIN_ELEMENTS:
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):

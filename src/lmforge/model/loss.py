@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.cpu_kernels import softmax_xent_
@@ -29,8 +30,16 @@ AUTO_CHUNK = 1024
 
 def _ce_sum(model, h: Tensor, targets: Tensor) -> Tensor:
     logits = model.logits(h).float()
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return _whole(F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                  ignore_index=IGNORE, reduction="sum"))
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A plain tensor of a loss computed from vocab-sharded logits (tensor parallel's `loss_parallel`).
+
+    That loss is already reduced over the vocabulary, the same on every rank (Replicate): taking it out
+    of its DTensor moves no data, and the sums the caller forms stay plain tensors."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 _cpu_buffer: Tensor | None = None
@@ -193,6 +202,8 @@ def cross_entropy_sum(model, h: Tensor, targets: Tensor, chunk: int = 0) -> Tens
     if head is not None:
         softcap = float(getattr(getattr(model, "cfg", None), "logit_softcap", 0.0) or 0.0)
         return linear_cross_entropy(h, head.weight, targets, chunk, softcap)
+    if chunk <= 0 and isinstance(getattr(getattr(model, "lm_head", None), "weight", None), DTensor):
+        chunk = AUTO_CHUNK  # a tensor-parallel head: a slice of the vocabulary, still never all tokens' logits
     if chunk <= 0 or h.shape[0] * h.shape[1] <= chunk:
         return _ce_sum(model, h, targets)
     hf, tf = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
@@ -203,8 +214,12 @@ def cross_entropy_sum(model, h: Tensor, targets: Tensor, chunk: int = 0) -> Tens
 
 
 def token_logprobs(model, h: Tensor, targets: Tensor) -> Tensor:
-    """log p(target_t | prefix) per position, (B, T); positions with target -100 give 0."""
+    """log p(target_t | prefix) per position, (B, T); positions with target -100 give 0.
+
+    Written as minus the unreduced cross-entropy (log_softmax then a gather, the same arithmetic),
+    because that is what vocab-sharded logits have a parallel form for (`loss_parallel`).
+    """
     logits = model.logits(h).float()
-    safe = targets.clamp_min(0)
-    lp = torch.gather(F.log_softmax(logits, dim=-1), -1, safe.unsqueeze(-1)).squeeze(-1)
-    return lp * (targets != IGNORE)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    return -_whole(nll).view(targets.shape)

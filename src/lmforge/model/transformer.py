@@ -85,11 +85,12 @@ class KVCache:
     the training forward pass free of generation state.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+    def __init__(self, n_layer: int, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        self.dtype = dtype
+        # Each layer's buffers are allocated, for all max_len positions, at its first write and take
+        # their shape from those keys: under tensor parallel a rank holds only its own heads.
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
         self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
@@ -100,14 +101,18 @@ class KVCache:
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape, dtype=self.dtype)
+            self.v[layer] = v.new_zeros(shape, dtype=self.dtype)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def select(self, index: Tensor) -> None:
         """Keep only the batch rows in `index` (drop finished sequences)."""
-        self.k = [k[index] for k in self.k]
-        self.v = [v[index] for v in self.v]
+        self.k = [k if k is None else k[index] for k in self.k]
+        self.v = [v if v is None else v[index] for v in self.v]
         self.key_mask = self.key_mask[index]
 
 
@@ -147,9 +152,10 @@ class Attention(nn.Module):
             q, k, v = F.linear(x, torch.cat(ws), bs).split([w.shape[0] for w in ws], dim=-1)
         else:
             q, k, v = (m(x) for m in self.qkv)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # Heads from the projections' width, not the config: under tensor parallel a rank holds only its own.
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -159,7 +165,7 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if gqa and mask is not None and x.device.type == "cpu":
             # The CPU kernel has no GQA path with an explicit mask; expanding is cheap at these sizes.
-            rep = self.n_head // self.n_kv_head
+            rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             gqa = False
         y = F.scaled_dot_product_attention(
@@ -272,8 +278,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = None
         if self.cfg.pos == "learned":
-            pos = self.model.embed_positions
-            x = x + (pos.weight[start:start + T] if default_positions else pos(positions))
+            # Default positions look up one (T, C) table broadcast over the batch; through the module
+            # rather than slicing its weight, so that whatever wraps the module (tensor parallel) sees it.
+            x = x + self.model.embed_positions(positions[0] if default_positions else positions)
         elif default_positions:  # one (T, D) slice broadcast over the batch, not a (B, T, D) gather
             rope = (self.rope_cos[start:start + T].to(x.dtype), signed_sin(self.rope_sin[start:start + T]).to(x.dtype))
         else:
@@ -335,8 +342,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head or self.cfg.n_head, max_len,
-                       self.head_dim, dtype or p.dtype, device or p.device)
+        return KVCache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device)
 
     # --- accounting -------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

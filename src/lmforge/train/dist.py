@@ -61,6 +61,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_slices(t: torch.Tensor, slices: int) -> torch.Tensor:
+    """In place, the sum over the `slices` data-parallel slices of what each rank added for its own.
+
+    Ranks that read the same slice (the tensor-parallel ranks of one data-parallel rank) all add it, so
+    the sum over every rank is divided by how many share one."""
+    all_reduce_sum(t)
+    sharing = world_size() // slices
+    return t.div_(sharing) if sharing > 1 else t
+
+
 def all_gather_object(obj: object) -> list:
     if dist.is_available() and dist.is_initialized():
         out: list = [None] * dist.get_world_size()

@@ -202,7 +202,7 @@ class DPOObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model):
-        from lmforge.train.dist import all_reduce_sum
+        from lmforge.train.dist import all_reduce_slices
 
         if not self.val_pairs:
             return {}
@@ -214,7 +214,7 @@ class DPOObjective(Objective):
             loss, m = self._terms(model, batch, "val")
             total += torch.stack([loss.double()] + [m[k].double() for k in keys[1:]] + [torch.tensor(
                 float(len(chunk)), dtype=torch.float64, device=self.device)])
-        all_reduce_sum(total)
+        all_reduce_slices(total, self.world)  # tensor-parallel ranks count once
         n = total[-1].clamp_min(1)
         return {f"val_{k}": (total[i] / n).item() for i, k in enumerate(keys)}
 

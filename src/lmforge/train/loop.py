@@ -34,7 +34,7 @@ from lmforge.train.metrics import MetricsSink
 from lmforge.train.mfu import MatmulCeiling
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
-from lmforge.train.parallelize import build_layout, check_supported, gathered
+from lmforge.train.parallelize import Layout, build_layout, check_supported, gathered, loss_context
 from lmforge.train.pipeline import Pipeline, PipelineLM
 from lmforge.train.step import Stepper, state_bytes
 
@@ -299,12 +299,12 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                 sink.log(step, row)
                 progress.update(step, total, row, row["eta_s"])
             if state["eval_every"] and (step % state["eval_every"] == 0 or step == total):
-                last_eval = _evaluate(objective, train_model)
+                last_eval = _evaluate(objective, train_model, layout)
                 if last_eval:
                     sink.log(step, last_eval)
                     progress.note(step, last_eval)
             if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0:
-                text = _sample(sample_fn, model, d.is_main)
+                text = _sample(sample_fn, model, d.is_main, layout)
                 if d.is_main:
                     sink.log(step, {"sample": text})
                     progress.note(step, {"sample": text})
@@ -317,9 +317,9 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         sink.close()
 
     if not last_eval and state["eval_every"]:
-        last_eval = _evaluate(objective, train_model)
+        last_eval = _evaluate(objective, train_model, layout)
     if sample_fn is not None and (not tc.sample_every or step % tc.sample_every):
-        text = _sample(sample_fn, model, d.is_main)
+        text = _sample(sample_fn, model, d.is_main, layout)
     if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
         last_eval = {**last_eval, "sample": text}
         console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
@@ -394,22 +394,26 @@ def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float,
     return total, eval_every, per_step
 
 
-def _evaluate(objective: Objective, model: nn.Module) -> dict:
+def _evaluate(objective: Objective, model: nn.Module, layout: Layout) -> dict:
     """Every rank evaluates its share, with whole weights (see parallelize.gathered)."""
     was = model.training
     model.eval()
     try:
-        with gathered(ckpt.unwrap(model)):
+        with gathered(ckpt.unwrap(model)), loss_context(layout):
             return objective.evaluate(model)
     finally:
         model.train(was)
 
 
-def _sample(sample_fn, model: nn.Module, is_main: bool) -> str:
-    """The main rank samples; under FSDP every rank gathers the weights with it first."""
+def _sample(sample_fn, model: nn.Module, is_main: bool, layout: Layout) -> str:
+    """The main rank samples; under FSDP every rank gathers the weights with it first.
+
+    Under tensor parallel every forward is a collective of the tp group, so every rank samples along
+    (the samplers are seeded or greedy, and the logits are whole on every rank: the same tokens
+    everywhere) and the main rank's text is kept."""
     inner = ckpt.unwrap(model)
     with gathered(inner):
-        return sample_fn(inner) if is_main else ""
+        return sample_fn(inner) if is_main or layout.tp > 1 else ""
 
 
 def _reduce_metrics(acc: dict, sharing: int = 1) -> dict:

@@ -121,9 +121,9 @@ class LMObjective(Objective):
             x, y = x.to(self.device), y.to(self.device)
             total[0] += m(x, labels=y, loss_chunk=self.loss_chunk).double()
             total[1] += y.numel()
-        from lmforge.train.dist import all_reduce_sum
+        from lmforge.train.dist import all_reduce_slices
 
-        all_reduce_sum(total)
+        all_reduce_slices(total, self.world)  # tensor-parallel ranks count once
         loss = (total[0] / total[1].clamp_min(1)).item()
         out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         bpt = bytes_per_token(self.val.manifest)

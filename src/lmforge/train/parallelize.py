@@ -2,8 +2,9 @@
 per-block compile and FSDP2, in that order (torchtitan's order; each later step wraps what the
 earlier one produced). DDP, for `parallel.dp_replicate` alone, is applied by the trainer.
 
-The model file never mentions any of this. What a step needs to know of a family is only where its
-blocks are (`model.model.layers`), which the spec's parallelize function passes in.
+The model file never mentions any of this. What a step needs to know of a family is where its blocks
+are (`model.model.layers`), which the spec's parallelize function passes in, and for tensor parallel
+how each of its layers is cut, which `apply_tp`'s plan says by the layers' (Hugging Face) names.
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
-from lmforge.config import ParallelConfig, TrainConfig
+from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.transformer import ffn_dim
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first: tp ranks talk the most
 
@@ -85,17 +99,26 @@ def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device
 
 def check_supported(layout: Layout, objective: str) -> None:
     """Refuse, with the reason, the layouts this version does not train."""
-    unsupported = [(k, getattr(layout, k)) for k in ("tp", "cp") if getattr(layout, k) > 1]
+    unsupported = [(k, getattr(layout, k)) for k in ("cp",) if getattr(layout, k) > 1]
     if unsupported:
         k, v = unsupported[0]
         raise LmforgeError(f"parallel.{k}={v}: not available yet; parallel.dp_shard (FSDP2), parallel.dp_replicate "
-                           "(DDP, or HSDP with dp_shard) and parallel.pp (pretraining) are")
+                           "(DDP, or HSDP with dp_shard), parallel.tp (tensor parallel) and parallel.pp "
+                           "(pretraining) are")
+    if layout.pp > 1 and layout.tp > 1:
+        raise LmforgeError(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}: tensor parallel inside pipeline "
+                           "stages is not available yet; use one or the other")
     if layout.pp > 1 and objective != "lm":
         raise LmforgeError(f"parallel.pp={layout.pp}: pipeline parallel trains pretraining only; {objective} needs "
                            "the whole model per rank (per-sequence scores, generation): use parallel.dp_shard (FSDP2)")
     if layout.pp > 1 and layout.dp_world > 1:
         raise LmforgeError(f"parallel.pp={layout.pp} with data parallel (dp_replicate x dp_shard = {layout.dp_world}): "
                            "data parallel across pipelines is not available yet; give every process to the pipeline")
+    if layout.tp > 1 and layout.dp_replicate > 1 and layout.dp_shard == 1:
+        # DDP wraps a whole module of plain tensors; with TP the replicas are FSDP's to reduce.
+        raise LmforgeError(f"parallel.tp={layout.tp} with parallel.dp_replicate={layout.dp_replicate} needs "
+                           "parallel.dp_shard > 1 as well (HSDP x TP); for data parallelism beside TP use "
+                           "parallel.dp_shard")
 
 
 def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc: TrainConfig,
@@ -108,6 +131,12 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
 
         pipe = build_pipeline(model, layout, pc, tc.micro_batch, tc.loss_chunk, device)
     blocks = list(base.model.layers.values() if isinstance(base.model.layers, nn.ModuleDict) else base.model.layers)
+    if layout.tp > 1:  # check_supported refused it with pipeline stages
+        if base is not model:
+            raise LmforgeError(f"parallel.tp={layout.tp}: LoRA adapters are not tensor-parallel; train them "
+                               "with parallel.dp_shard (FSDP2) or on one process")
+        check_tp_sizes(model.cfg, layout.tp)
+        apply_tp(model, layout.mesh["tp"])
     if tc.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if tc.compile:
@@ -115,6 +144,111 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     if layout.fsdp:
         apply_fsdp(model, blocks, layout, pc, device, amp)
     return pipe or model
+
+
+def check_tp_sizes(cfg: ModelConfig, tp: int) -> None:
+    """Every dimension tensor parallel cuts must split evenly into `tp` parts."""
+    sizes = {"model.n_head": cfg.n_head, "model.n_kv_head": cfg.n_kv_head or cfg.n_head,
+             "model.ffn_dim": ffn_dim(cfg), "model.vocab_size": cfg.vocab_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
+    if bad:
+        raise LmforgeError(f"parallel.tp={tp} must divide {', '.join(bad)}: each rank holds 1/{tp} of the "
+                           "heads, the MLP's hidden units and the vocabulary (pad the vocabulary with "
+                           "model.pad_vocab_to)")
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Tensor parallel (Megatron-style) with sequence parallel, on the 1-D `tp` mesh, in place.
+
+    Between blocks the residual stream is cut along the sequence (Shard(1)): norms run on each rank's
+    tokens. Attention and the MLP gather the whole sequence, then q/k/v and gate/up are split by output
+    rows (each rank its own heads, its own hidden units) and o/down by input columns, whose partial sums
+    are reduce-scattered back to sequence shards. The residual stream is kept a DTensor (torchtitan hands
+    local tensors between modules), so a length tp does not divide (SFT's padded rows, one token at a
+    time when sampling) is cut unevenly and still works. The final norm's output is gathered, so
+    the loss chunks over whole tokens, and the head is split by vocabulary: logits stay vocab-sharded
+    and the loss is vocab-parallel (`loss_parallel`, entered by the step and evaluation), never whole.
+    A tied head and embedding are both cut by vocabulary rows (Shard(0)), so they stay one parameter.
+    """
+    cfg = model.cfg
+    learned = cfg.pos == "learned"
+    plan: dict = {
+        # Learned positions are added to the whole embedded sequence, which block 0 then cuts.
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate() if learned
+                                              else Shard(1), use_local_output=False),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
+    }
+    if learned:
+        plan["model.embed_positions"] = Replicated(local_output=False)
+        plan["model.layers.0"] = PrepareModuleInput(input_layouts=(Replicate(), None, None, None),
+                                                    desired_input_layouts=(Shard(1), None, None, None))
+    if isinstance(getattr(model, "score", None), nn.Linear):  # the reward model's head reads whole states
+        plan["score"] = Replicated()
+    parallelize_module(model, mesh, plan)
+    # SequenceParallel leaves the final norm's output cut by sequence; the head wants it whole.
+    parallelize_module(model.model.norm, mesh, PrepareModuleOutput(output_layouts=Shard(1),
+                                                                   desired_output_layouts=Replicate()))
+    seq_in = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                desired_input_layouts=(Replicate(), None, None, None))
+    for block in model.model.layers:
+        layer = {
+            "input_layernorm": SequenceParallel(),
+            "self_attn": seq_in,
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        }
+        if cfg.mlp == "swiglu":
+            layer["mlp.gate_proj"] = ColwiseParallel()
+        if cfg.qk_norm:
+            # Qwen3's per-head norms see (B, local heads, T, D): a rank's own heads, cut along dim 1,
+            # so their gains' gradients are summed over the ranks like any replicated weight's.
+            layer["self_attn.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+            layer["self_attn.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+        parallelize_module(block, mesh, layer)
+    if cfg.tie_embeddings:  # each style registered its own copy of the shared weight
+        model.lm_head.weight = model.model.embed_tokens.weight
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:  # a weight the plan missed would train on each rank's share of the gradient only
+        raise LmforgeError(f"parallel.tp: the tensor-parallel plan (train/parallelize.py apply_tp) has no place "
+                           f"for {', '.join(plain)}; train this model with parallel.dp_shard instead")
+    model.register_forward_hook(_whole_output)
+
+
+def _whole_output(module: nn.Module, args: tuple, output: object) -> object:
+    """Logits for generation come out whole: samplers and scorers index the vocabulary freely.
+
+    Training never asks for them (it asks for the loss, whose vocab-parallel value is already whole)."""
+    return output.full_tensor() if isinstance(output, DTensor) else output
+
+
+class Replicated(ParallelStyle):
+    """A module whose weights are whole on every tensor-parallel rank and which sees the same inputs on each.
+
+    Its parameters become Replicate DTensors (so that clipping and the optimizer see one mesh and no plain
+    tensor among DTensors), its plain tensor inputs are marked Replicate, and its output is handed back as
+    a local tensor (or kept a DTensor, to be added to one).
+    """
+
+    def __init__(self, local_output: bool = True):
+        super().__init__()
+        self.local_output = local_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def inputs(mod: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
+            return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                         if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
+
+        def output(mod: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return out.to_local() if self.local_output else out
+
+        return distribute_module(module, device_mesh, None, inputs, output)
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
@@ -194,6 +328,13 @@ def gathered(model: nn.Module) -> Iterator[None]:
         for m in units:
             m.reshard()
             m.set_reshard_after_forward(_RESHARD.get(m, True), recurse=False)
+
+
+def loss_context(layout: Layout) -> contextlib.AbstractContextManager:
+    """Where losses are formed and differentiated: under tensor parallel, cross-entropy of vocab-sharded
+    logits computed in parallel (each rank its slice of the softmax). Forward and backward must both be
+    inside; outside tensor parallel it does nothing."""
+    return loss_parallel() if layout.tp > 1 else contextlib.nullcontext()
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:

@@ -187,7 +187,7 @@ class RewardObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model):
-        from lmforge.train.dist import all_reduce_sum
+        from lmforge.train.dist import all_reduce_slices
 
         if not self.val_pairs:
             return {}
@@ -199,7 +199,7 @@ class RewardObjective(Objective):
             total[0] += bradley_terry(rc, rr, batch["margin"], self.center_coef).sum().double()
             total[1] += (rc > rr).sum().double()
             total[2] += rc.shape[0]
-        all_reduce_sum(total)
+        all_reduce_slices(total, self.world)  # tensor-parallel ranks count once
         n = total[2].clamp_min(1)
         return {"val_loss": (total[0] / n).item(), "val_accuracy": (total[1] / n).item(), "val_pairs": int(n)}
 

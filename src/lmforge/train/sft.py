@@ -182,7 +182,7 @@ class SFTObjective(Objective):
         import math
 
         from lmforge.data.chat import collate_sft, pack
-        from lmforge.train.dist import all_reduce_sum
+        from lmforge.train.dist import all_reduce_slices
 
         if not self.val_examples:
             return {}
@@ -194,7 +194,7 @@ class SFTObjective(Objective):
                                                 self.packing, self.pad_id))
             total[0] += self._loss(model, batch).double()
             total[1] += self.count(batch)
-        all_reduce_sum(total)
+        all_reduce_slices(total, self.world)  # tensor-parallel ranks count once
         loss = (total[0] / total[1].clamp_min(1)).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 

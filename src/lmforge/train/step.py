@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lmforge.train import dist
 from lmforge.train.objectives import Objective
-from lmforge.train.parallelize import Layout, set_gradient_sync
+from lmforge.train.parallelize import Layout, loss_context, set_gradient_sync
 from lmforge.train.pipeline import Pipeline
 
 
@@ -46,25 +46,27 @@ class Stepper:
     pipe: Pipeline | None = None  # pipeline parallel: the schedule runs forward and backward
 
     def step(self) -> StepResult:
-        batches = self.objective.next_batches(self.model)
-        counts = self._counts(batches)
-        n_units = counts[0].float()
-        scale = self.layout.dp_world / n_units
         metrics: dict[str, Tensor] = {}
-        if self.pipe is not None:
-            self.pipe.scale = scale
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = sum(self.pipe.step(x, y) for x, y in batches)
-            metrics["loss"] = loss.float()
-            batches = []
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            with self._sync(last), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss_sum, m = self.objective.loss(self.model, batch)
-                loss = loss_sum * scale
-            self.scaler.scale(loss).backward()
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach().float()
+        with loss_context(self.layout):  # vocab-parallel losses: their forward and backward inside
+            batches = self.objective.next_batches(self.model)  # GRPO's rollouts score log-probs too
+            counts = self._counts(batches)
+            n_units = counts[0].float()
+            scale = self.layout.dp_world / n_units
+            if self.pipe is not None:
+                self.pipe.scale = scale
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    loss = sum(self.pipe.step(x, y) for x, y in batches)
+                metrics["loss"] = loss.float()
+                batches = []
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with self._sync(last), torch.autocast(self.device.type, dtype=self.amp,
+                                                      enabled=self.amp is not None):
+                    loss_sum, m = self.objective.loss(self.model, batch)
+                    loss = loss_sum * scale
+                self.scaler.scale(loss).backward()
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v.detach().float()
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.params, self.grad_clip, self.pipe.group if self.pipe else None)
         self.scaler.step(self.optimizer)
@@ -81,9 +83,7 @@ class Stepper:
         ob = self.objective
         counts = torch.tensor([sum(ob.count(b) for b in batches), sum(ob.tokens(b) for b in batches),
                                ob.generated_tokens()], dtype=torch.float64, device=self.device)
-        dist.all_reduce_sum(counts)
-        sharing = dist.world_size() // self.layout.dp_world
-        return counts / sharing if sharing > 1 else counts
+        return dist.all_reduce_slices(counts, self.layout.dp_world)
 
     def _sync(self, last: bool):
         """Reduce gradients only after the last micro-batch of the step (DDP's no_sync, FSDP's equivalent)."""
@@ -98,8 +98,11 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages: tdist.Pr
     """Clip to `max_norm` (0: measure only); returns the global norm before clipping.
 
     Sharded gradients (DTensors, under FSDP or tensor parallel) give their norm over every shard:
-    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout. Under
-    pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
+    DTensor's norm reduces across the mesh, so each parameter counts once whatever its layout. A
+    replicated weight under tensor parallel (a norm's gain) has the same gradient on every tp rank,
+    counted once; where sequence parallel leaves it a per-rank partial sum (Partial), the norm sums the
+    parts first. Under TP x FSDP every parameter is a DTensor on the same 2-D mesh, so the norms stack.
+    Under pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
     """
     grads = [p.grad for p in params if p.grad is not None]
     total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
