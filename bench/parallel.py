@@ -70,9 +70,12 @@ def train(base: Path, root: Path, name: str, procs: int, layout: list[str], step
         cmd = [sys.executable, "-m", "lmforge", *args]
     log(f"{name}: {' '.join(layout) or 'one process'}")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [x for x in r.stderr.splitlines() if "LmforgeError" in x or "error:" in x.lower()]
-        return {"procs": procs, "layout": layout, "refused": (lines[-1] if lines else r.stderr[-500:]).strip()}
+    if r.returncode != 0:  # lmforge's own refusal ("lmforge pretrain: error: ..."), or a crash
+        refusal = [x for x in r.stderr.splitlines() if x.startswith("lmforge ") and " error: " in x]
+        if refusal:
+            return {"procs": procs, "layout": layout, "refused": refusal[-1].strip()}
+        crash = [x for x in r.stderr.splitlines() if "Error" in x and "ChildFailedError" not in x]
+        return {"procs": procs, "layout": layout, "failed": (crash[-1] if crash else r.stderr[-500:]).strip()}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [m for m in rows if "tokens_per_s" in m]
     state = next(m["state_mb"] for m in rows if "state_mb" in m)
@@ -110,8 +113,8 @@ def main() -> None:
         Path(a.out).write_text(text + "\n")
     print(text)
     for k, r in results.items():
-        if "refused" in r:
-            log(f"{k:<14} refused: {r['refused']}")
+        if "refused" in r or "failed" in r:
+            log(f"{k:<14} {'refused' if 'refused' in r else 'FAILED'}: {r.get('refused') or r['failed']}")
         else:
             log(f"{k:<14} {r['tokens_per_s']:>9,.0f} tok/s ({r.get('tokens_per_s_vs_single', 1):.2f}x)  "
                 f"state {r['state_mb_per_process']:>7.1f} MB/process ({r.get('state_vs_ddp', float('nan')):.2f}x DDP)"

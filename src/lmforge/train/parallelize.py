@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
+from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ffn_dim
 
@@ -288,7 +289,9 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], layout: Layout, pc: Pa
     kw: dict = {"mesh": mesh}
     if pc.mixed_precision and device.type == "cuda" and amp is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
-    if pc.fsdp_cpu_offload:
+    if pc.fsdp_cpu_offload and device.type == "cpu":  # FSDP2's offload needs an accelerator to offload from
+        log("parallel.fsdp_cpu_offload: training on the CPU, the state is in host memory already; nothing to offload")
+    elif pc.fsdp_cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for i, block in enumerate(blocks):
         reshard = pc.fsdp_reshard_after_forward and i < len(blocks) - 1
