@@ -46,6 +46,7 @@ from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json,
 from lmforge.model.spec import build_model
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.dist import barrier
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -178,11 +179,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
     main, tag = _is_main(), _shared_tag()
     target = AtomicDir(path, tag)
     with (target if main else contextlib.nullcontext(target.tmp)) as tmp, _disk_full_as_enospc(path.parent):
-        _barrier()  # the main rank has made the folder
+        barrier()  # the main rank has made the folder
         if not main:  # the others write their shards (dcp.save waits for the main rank's part in it)
             if shards is not None:
                 shards(tmp)
-            _barrier()
+            barrier()
             return path
         write_model_config(tmp, m.cfg, tokenizer_dir)
         save_weights = getattr(m, "save_weights", None)
@@ -205,17 +206,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer_dir: str | 
         _fault_point("mid-save", path.name)
         if trainer_state is not None:  # written last: its presence marks a resumable checkpoint
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
-        _barrier()  # every rank's shards are written
+        barrier()  # every rank's shards are written
     return path
 
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _shared_tag() -> str:

@@ -319,10 +319,10 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     if not last_eval and state["eval_every"]:
         last_eval = _evaluate(objective, train_model, layout)
     if sample_fn is not None and (not tc.sample_every or step % tc.sample_every):
-        text = _sample(sample_fn, model, d.is_main, layout)
-    if sample_fn is not None and d.is_main and (not tc.sample_every or step % tc.sample_every):
-        last_eval = {**last_eval, "sample": text}
-        console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
+        text = _sample(sample_fn, model, d.is_main, layout)  # every rank takes part
+        if d.is_main:
+            last_eval = {**last_eval, "sample": text}
+            console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
     if last_path is None:
         last_path = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
     elapsed = max(time.perf_counter() - t_start, 1e-9)
