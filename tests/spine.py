@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from lmforge.config import load_config
@@ -63,3 +65,55 @@ def lmforge(*args: str, env: dict | None = None, timeout: int = 300, torchrun: i
     else:
         cmd = [sys.executable, "-m", "lmforge", *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# Runs several CLI commands one after the other in one (torchrun) launch: starting Python, torch and
+# gloo costs more than a tiny model's ten steps, so tests that need many short runs share launches.
+# Rank 0 marks where each job's output starts and what it returned; a job's error is reported and the
+# next job runs (the process group stays up between jobs).
+BATCH_DRIVER = """
+import json, os, sys, traceback
+from lmforge.cli import _run
+from lmforge.errors import LmforgeError
+main = os.environ.get("RANK", "0") == "0"
+for label, argv in json.loads(sys.argv[1]):
+    if main:
+        print(f"@@@ job {label}", file=sys.stderr, flush=True)
+    try:
+        code = _run(argv[0], argv[1:])
+    except LmforgeError as e:
+        print(f"lmforge {argv[0]}: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    if main:
+        print(f"@@@ rc {code}", file=sys.stderr, flush=True)
+"""
+
+
+def lmforge_batch(jobs: dict[str, list[str]], torchrun: int = 0, timeout: int = 900) -> dict[str, tuple[int, str]]:
+    """Each job's (return code, stderr), for jobs {label: [command, key=value, ...]} run in one launch.
+
+    A job the launch never reached (an earlier one hung or killed the launch) gets return code -1 and the
+    launch's last output, so each test still fails with the reason."""
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    launch = [sys.executable] if not torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={torchrun}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = Path(tmp) / "batch_driver.py"
+        driver.write_text(BATCH_DRIVER)
+        try:
+            r = subprocess.run([*launch, str(driver), json.dumps(list(jobs.items()))], env=env, capture_output=True,
+                               text=True, timeout=timeout)
+            err = r.stderr
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            err += f"\n(the launch timed out after {timeout} s)"
+    out: dict[str, tuple[int, str]] = {}
+    for part in err.split("@@@ job ")[1:]:
+        label, _, body = part.partition("\n")
+        text, _, rc = body.rpartition("@@@ rc ")
+        out[label] = (int(rc.split()[0]), text) if rc else (-1, body)
+    return {label: out.get(label, (-1, err[-3000:])) for label in jobs}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, prepared_run
+from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run
 
 STEPS = 10
 COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_every=5", "train.micro_batch=2", "train.batch_tokens=256"]
@@ -29,16 +29,63 @@ def base_run(tmp_path_factory) -> Path:
     return prepared_run(tmp_path_factory.mktemp("spine"))
 
 
+# Two stages a rank (interleaved, ZBV, DualPipeV) need 4 layers and at least 4 micro-batches a step.
+PP_MODEL = ["model.n_layer=4", "train.eval_every=5", "train.micro_batch=4"]
+SCHEDULES = ["1f1b", "gpipe", "interleaved_1f1b", "zbv", "dualpipev"]
+V_SCHEDULES = ("zbv", "dualpipev")  # stage 0 and the last stage on one rank: tied embeddings train too
+
+
+def _tied(tied: bool) -> str:
+    return f"model.tie_embeddings={str(tied).lower()}"
+
+
+# The one-process references: AdamW, Muon, and the pipeline tests' 4-layer model untied and tied.
+REFS = {"adamw": [], "muon": ["train.optimizer=muon"], "pp_untied": [*PP_MODEL, _tied(False)],
+        "pp_tied": [*PP_MODEL, _tied(True)],
+        "offload_alone": ["parallel.fsdp_cpu_offload=true"]}  # not a reference: FSDP2 on one process
+# Each layout, by its number of processes. Every job of one size runs in one launch (tests/spine.py
+# lmforge_batch): the process start-up, not the ten tiny steps, is what costs.
+LAYOUTS = {
+    2: {"fsdp": [],  # dp_shard=-1 takes both processes
+        "ddp": ["parallel.dp_replicate=2"],
+        "tp": ["parallel.tp=2", "train.eval_every=10"],
+        "muon_fsdp": ["train.optimizer=muon"],
+        "muon_tp": ["train.optimizer=muon", "parallel.tp=2"],
+        **{f"pp_{s}": [*PP_MODEL, _tied(s in V_SCHEDULES), "parallel.pp=2", f"parallel.pp_schedule={s}"]
+           for s in SCHEDULES},
+        "pp_tied_1f1b": [*PP_MODEL, _tied(True), "parallel.pp=2"]},  # refused: the head is on another rank
+    4: {"hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+        "tp_fsdp": ["parallel.tp=2", "parallel.dp_shard=2", "train.eval_every=10"],  # 2-D: FSDP2 on dp_shard
+        # Two pipelines side by side, each stage FSDP2-sharded over its data-parallel pair.
+        "pp_fsdp": [*PP_MODEL, _tied(False), "parallel.pp=2", "parallel.dp_shard=2"],
+        "pp_dualpipev_dp": [*PP_MODEL, _tied(False), "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                            "parallel.dp_replicate=2"]},
+}
+
+
+def _pretrain(run: Path, extra: list[str]) -> list[str]:
+    return ["pretrain", f"run_dir={run}", *COMMON, *extra]
+
+
 @pytest.fixture(scope="module")
 def single(base_run, tmp_path_factory) -> dict[str, Path]:
-    """The reference runs, one process each: AdamW, and Muon."""
+    root = tmp_path_factory.mktemp("single")
+    runs = {name: copy_run(base_run, root / name) for name in REFS}
+    for name, (rc, err) in lmforge_batch({n: _pretrain(runs[n], REFS[n]) for n in REFS}).items():
+        assert rc == 0, err[-3000:]
+        (runs[name] / "stderr.log").write_text(err)  # the sample drawn at the end is printed there
+    return runs
+
+
+@pytest.fixture(scope="module")
+def layouts(base_run, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
+    """Every layout's run: (run folder, return code, stderr)."""
+    root = tmp_path_factory.mktemp("layouts")
     out = {}
-    for name, extra in (("adamw", []), ("muon", ["train.optimizer=muon"])):
-        run = copy_run(base_run, tmp_path_factory.mktemp("single") / name)
-        r = lmforge("pretrain", f"run_dir={run}", *COMMON, *extra)
-        assert r.returncode == 0, r.stderr
-        (run / "stderr.log").write_text(r.stderr)  # the sample drawn at the end is printed there
-        out[name] = run
+    for procs, jobs in LAYOUTS.items():
+        runs = {name: copy_run(base_run, root / name) for name in jobs}
+        done = lmforge_batch({n: _pretrain(runs[n], jobs[n]) for n in jobs}, torchrun=procs)
+        out.update({n: (runs[n], *done[n]) for n in jobs})
     return out
 
 
@@ -63,28 +110,29 @@ def assert_golden(run: Path, ref: Path, atol: float = 1e-5, embed_atol: float = 
         assert diff <= tol + 1e-5 * wb[k].abs().max().item(), f"{k}: max difference {diff:.2e}"
 
 
-@pytest.mark.parametrize("name,procs,layout", [
-    ("fsdp", 2, []),  # dp_shard=-1 takes both processes
-    ("ddp", 2, ["parallel.dp_replicate=2"]),
-    ("hsdp", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
-    ("tp", 2, ["parallel.tp=2", "train.eval_every=10"]),
-    ("tp_fsdp", 4, ["parallel.tp=2", "parallel.dp_shard=2", "train.eval_every=10"]),  # 2-D: FSDP2 on dp_shard
-])
-def test_layout_matches_one_process(name, procs, layout, base_run, single, tmp_path):
-    run = copy_run(base_run, tmp_path / name)
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *layout, torchrun=procs)
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.parametrize("name", ["fsdp", "ddp", "hsdp", "tp", "tp_fsdp"])
+def test_layout_matches_one_process(name, layouts, single):
+    run, rc, err = layouts[name]
+    assert rc == 0, err[-3000:]
     want = {"fsdp": "dp_shard 2", "ddp": "dp_replicate 2", "hsdp": "dp_replicate 2, dp_shard 2", "tp": "tp 2",
             "tp_fsdp": "dp_shard 2, tp 2"}[name]
-    assert f"({want})" in r.stderr
+    assert f"({want})" in err
     assert_golden(run, single["adamw"])
     if name.startswith("tp"):
         # Clipping is on (train.grad_clip=1): the norm over vocab-, head- and sequence-parallel gradients,
         # replicated norm gains counted once, must be the one process's. So must the sample all ranks draw
         # together, and the validation loss (vocab-parallel) that of the same weights on one process.
         assert _column(run, "grad_norm") == pytest.approx(_column(single["adamw"], "grad_norm"), rel=1e-5)
-        assert _sample(r.stderr) == _sample((single["adamw"] / "stderr.log").read_text())
+        assert _sample(err) == _sample((single["adamw"] / "stderr.log").read_text())
         assert _column(run, "val_loss") == pytest.approx([_val_loss(run)], rel=1e-5)
+
+
+def test_cpu_offload_on_one_process_is_fsdp_on_one_process(single):
+    """The fit planner's layout for a model larger than one GPU: FSDP2 on a one-process group, its offload
+    policy on CUDA. On a CPU there is nothing to offload, and the run equals the plain one."""
+    err = (single["offload_alone"] / "stderr.log").read_text()
+    assert "(one process, FSDP2 (parallel.fsdp_cpu_offload))" in err and "nothing to offload" in err
+    assert_golden(single["offload_alone"], single["adamw"])
 
 
 # Run under torchrun with 2 processes: the plan really shards, and a tensor-parallel model's loss, gradients,
@@ -186,6 +234,11 @@ def test_tp_refuses_what_it_cannot_split():
         check_supported(Layout(pp=2, tp=2), "lm")
     for objective in ("lm", "sft", "dpo", "rm", "grpo"):
         check_supported(Layout(dp_shard=2, tp=2), objective)
+    check_supported(Layout(pp=2, dp_shard=2, dp_world=2), "lm")
+    tied = Transformer(load_config(overrides=["model.vocab_size=128", "model.n_layer=2"]).model)
+    with pytest.raises(LmforgeError, match=r"model.tie_embeddings=true with parallel.pp=2 and data parallel"):
+        parallelize_decoder(tied, Layout(pp=2, dp_shard=2, dp_world=2), load_config().parallel, load_config().train,
+                            torch.device("cpu"), None)
 
     class Adapted(torch.nn.Module):  # what LoRA's wrapper looks like to parallelize
         def __init__(self):
@@ -222,13 +275,12 @@ def _val_loss(run: Path) -> float:
     return objective.evaluate(model)["val_loss"]
 
 
-@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"]], ids=["fsdp", "tp"])
-def test_muon_under_fsdp_equals_one_process(layout, base_run, single, tmp_path):
+@pytest.mark.parametrize("name", ["muon_fsdp", "muon_tp"])
+def test_muon_under_fsdp_equals_one_process(name, layouts, single):
     """Newton-Schulz needs whole matrices: each rank gathers the momentum of a sharded matrix (FSDP's rows,
     tensor parallel's heads or hidden units), orthogonalises it, and keeps its own part of the update."""
-    run = copy_run(base_run, tmp_path / "muon")
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "train.optimizer=muon", *layout, torchrun=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run, rc, err = layouts[name]
+    assert rc == 0, err[-3000:]
     assert_golden(run, single["muon"])
 
 
@@ -253,10 +305,10 @@ def test_resume_between_tp_and_one_process(base_run, single, tmp_path):
     run = copy_run(base_run, tmp_path / "tp_moved")
     r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.tp=2", torchrun=2, env={"LMFORGE_FAULT": "step:6"})
     assert r.returncode != 0 and (run / "checkpoints" / "step_000005" / "trainer_state.json").is_file()
-    # The layout is part of the run's remembered config (RUN/lmforge.yaml): one process says tp=1.
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.tp=1", "train.save_every=2",
-                env={"LMFORGE_FAULT": "step:9"})
+    # The run remembers tp=2 (RUN/lmforge.yaml); a restart on one process, which it cannot fit, takes the default.
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "train.save_every=2", env={"LMFORGE_FAULT": "step:9"})
     assert r.returncode != 0 and "written by 2 processes" in r.stderr, r.stderr[-3000:]
+    assert "remembers the layout tp 2, which does not fit 1 process(es)" in r.stderr
     r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.tp=2", torchrun=2)
     assert r.returncode == 0 and "step_000008" in r.stderr and "(tp 2)" in r.stderr, r.stderr[-3000:]
     assert_golden(run, single["adamw"])
@@ -277,47 +329,40 @@ def test_kill_inside_a_sharded_save_resumes_from_the_previous_one(base_run, sing
 
 # --- pipeline parallel ------------------------------------------------------------------------------
 
-# Two stages a rank (interleaved, ZBV, DualPipeV) need 4 layers and at least 4 micro-batches a step.
-PP_MODEL = ["model.n_layer=4", "train.eval_every=5", "train.micro_batch=4"]
-
-
-@pytest.fixture(scope="module")
-def single_pp(base_run, tmp_path_factory) -> dict[bool, Path]:
-    """One-process references for the pipeline tests, with untied and tied embeddings."""
-    out = {}
-    for tied in (False, True):
-        run = copy_run(base_run, tmp_path_factory.mktemp("single_pp") / f"tied{tied}")
-        r = lmforge("pretrain", f"run_dir={run}", *COMMON, *PP_MODEL, f"model.tie_embeddings={str(tied).lower()}")
-        assert r.returncode == 0, r.stderr
-        out[tied] = run
-    return out
-
-
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved_1f1b", "zbv", "dualpipev"])
-def test_pipeline_schedules_match_one_process(schedule, base_run, single_pp, tmp_path):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipeline_schedules_match_one_process(schedule, layouts, single):
     """Each schedule on 2 processes, stages split by layers (two per rank for interleaved, ZBV and DualPipeV),
     equals one process: training losses, validation losses and the consolidated weights. The V schedules keep
     stage 0 and the last stage on one rank, so they train tied embeddings too."""
-    tied = schedule in ("zbv", "dualpipev")
-    run = copy_run(base_run, tmp_path / schedule)
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *PP_MODEL, f"model.tie_embeddings={str(tied).lower()}",
-                "parallel.pp=2", f"parallel.pp_schedule={schedule}", torchrun=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "(pp 2)" in r.stderr
+    run, rc, err = layouts[f"pp_{schedule}"]
+    assert rc == 0, err[-3000:]
+    assert "(pp 2)" in err
+    ref = single["pp_tied" if schedule in V_SCHEDULES else "pp_untied"]
     # Micro-batches of one sequence (against four per backward pass in the reference) sum the embedding's
     # gradient in another order. Measured: one row (a token whose gradient nearly cancels, where AdamW's division
     # by the gradient's size magnifies rounding) drifts by 2e-5 at step 5 and 5e-5 at step 10; every other
     # weight, that row's neighbours included, stays within 4e-6.
-    assert_golden(run, single_pp[tied], embed_atol=1.5e-4)
-    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    ref = [json.loads(x) for x in (single_pp[tied] / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert [v["val_loss"] for v in val] == pytest.approx([v["val_loss"] for v in ref], rel=1e-5) and len(val) == 2
+    assert_golden(run, ref, embed_atol=1.5e-4)
+    assert _column(run, "val_loss") == pytest.approx(_column(ref, "val_loss"), rel=1e-5)
+    assert len(_column(run, "val_loss")) == 2
 
 
-def test_pipeline_refuses_what_it_cannot_train(base_run, tmp_path):
-    run = copy_run(base_run, tmp_path / "tied")
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *PP_MODEL, "parallel.pp=2", torchrun=2)
-    assert r.returncode != 0 and "model.tie_embeddings=false" in r.stderr and "dualpipev" in r.stderr
+@pytest.mark.parametrize("name", ["pp_fsdp", "pp_dualpipev_dp"])
+def test_pipeline_with_data_parallel_matches_one_process(name, layouts, single):
+    """4 processes: two pipelines of 2 stages (1F1B; DualPipeV's two stages a rank), each reading half the
+    global batch, their stages sharded by FSDP2 (dp_replicate alone shards too under pipeline parallel).
+    Gradient clipping sums the stages' norms of sharded gradients; the weights are gathered per stage."""
+    run, rc, err = layouts[name]
+    assert rc == 0, err[-3000:]
+    assert ("(pp 2, dp_shard 2)" if name == "pp_fsdp" else "(pp 2, dp_replicate 2)") in err
+    assert_golden(run, single["pp_untied"], embed_atol=1.5e-4)
+    assert _column(run, "val_loss") == pytest.approx(_column(single["pp_untied"], "val_loss"), rel=1e-5)
+    assert _column(run, "grad_norm") == pytest.approx(_column(single["pp_untied"], "grad_norm"), rel=1e-5)
+
+
+def test_pipeline_refuses_what_it_cannot_train(layouts):
+    _, rc, err = layouts["pp_tied_1f1b"]
+    assert rc != 0 and "model.tie_embeddings=false" in err and "dualpipev" in err
 
 
 # --- every objective under FSDP2 ----------------------------------------------------------------------
@@ -334,8 +379,6 @@ STAGES = {  # a quarter of the records held out: each stage is evaluated once, a
     "grpo": ["grpo.group_size=2", "grpo.max_new_tokens=4", "grpo.beta=0.1", "grpo.rewards=[{root}/reward.py:distinct]"],
 }
 REWARD = "def distinct(completions, examples, **info):\n    return [float(len(set(c))) for c in completions]\n"
-DRIVER = ("import json, sys\nfrom lmforge.cli import _run\n"
-          "for name, argv in json.loads(sys.argv[1]):\n    _run(name, argv)\n")
 
 
 @pytest.fixture(scope="module")
@@ -349,35 +392,24 @@ def post_root(tmp_path_factory) -> Path:
                                      for q, a in qa])
     write_jsonl(root / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": a[:-2] + "9."} for q, a in qa])
     write_jsonl(root / "rl.jsonl", [{"prompt": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(12)])
-    (root / "driver.py").write_text(DRIVER)
     (root / "reward.py").write_text(REWARD)
     return root
 
 
-def _jobs(root: Path, run: str, layout: tuple[str, ...] = ()) -> list:
+def _jobs(root: Path, run: str, layout: tuple[str, ...] = ()) -> dict[str, list[str]]:
     data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "rm": "pairs.jsonl", "grpo": "rl.jsonl"}
     base = root / "base" / "step_000000"
-    return [(s, [f"run_dir={root / run / s}", f"{s}.data=[{root / data[s]}]", f"{s}.init_from={base}", *POST,
-                 *(a.format(root=root) for a in extra), *layout]) for s, extra in STAGES.items()]
-
-
-def _drive(root: Path, run: str, procs: int = 1, layout: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Every post-training stage, one after the other, in one (torchrun) launch."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("LMFORGE_FAULT", None)
-    launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={procs}"]
-    r = subprocess.run([*launch, str(root / "driver.py"), json.dumps(_jobs(root, run, layout))],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return {f"{run}/{s}": [s, f"run_dir={root / run / s}", f"{s}.data=[{root / data[s]}]", f"{s}.init_from={base}",
+                           *POST, *(a.format(root=root) for a in extra), *layout] for s, extra in STAGES.items()}
 
 
 @pytest.fixture(scope="module")
-def post_single(post_root) -> str:
-    """The one-process run of every stage, which each layout's run is held to."""
-    _drive(post_root, "one")
-    return "one"
+def post_runs(post_root) -> dict[str, tuple[int, str]]:
+    """Every post-training stage on one process (the reference), then under FSDP2 and under TP in one
+    2-process launch: each job's (return code, stderr), labelled run/stage."""
+    out = lmforge_batch(_jobs(post_root, "one"))
+    out.update(lmforge_batch({**_jobs(post_root, "two"), **_jobs(post_root, "tp", ("parallel.tp=2",))}, torchrun=2))
+    return out
 
 
 def _stage_losses(root: Path, run: str, stage: str, key: str = "loss") -> list[float]:
@@ -385,13 +417,20 @@ def _stage_losses(root: Path, run: str, stage: str, key: str = "loss") -> list[f
     return [json.loads(line)[key] for line in rows if f'"{key}"' in line]
 
 
-def test_every_objective_trains_under_fsdp(post_root, post_single):
+def _ran(post_runs: dict, run: str, want: str) -> None:
+    for stage in STAGES:
+        for label in ("one", run):
+            rc, err = post_runs[f"{label}/{stage}"]
+            assert rc == 0, err[-3000:]
+        assert want in post_runs[f"{run}/{stage}"][1], stage
+
+
+def test_every_objective_trains_under_fsdp(post_root, post_runs):
     """SFT, DPO and the reward model match one process; GRPO samples per rank (its rollouts differ by design)
     and must train to finite losses, its rollouts gathered on every rank without deadlock."""
-    two = _drive(post_root, "two", procs=2)
-    assert two.stderr.count("(dp_shard 2)") == len(STAGES)
+    _ran(post_runs, "two", "(dp_shard 2)")
     for stage in ("sft", "dpo", "rm"):
-        a, b = _stage_losses(post_root, post_single, stage), _stage_losses(post_root, "two", stage)
+        a, b = _stage_losses(post_root, "one", stage), _stage_losses(post_root, "two", stage)
         assert len(a) == len(b) == 4
         assert a == pytest.approx(b, rel=1e-5), stage
     g = _stage_losses(post_root, "two", "grpo")
@@ -399,21 +438,20 @@ def test_every_objective_trains_under_fsdp(post_root, post_single):
     assert (post_root / "two" / "grpo" / "grpo" / "checkpoints" / "step_000004" / "model.safetensors").is_file()
 
 
-def test_every_objective_trains_under_tp(post_root, post_single):
+def test_every_objective_trains_under_tp(post_root, post_runs):
     """Under parallel.tp=2 both ranks read the same data and sample the same rollouts (GRPO's sampler is seeded
     by the data-parallel rank, the logits are whole on both), so every stage matches one process: SFT's loss
     and DPO's / GRPO's per-token log-probs are vocab-parallel, the reward model's score head is replicated."""
-    tp = _drive(post_root, "tp", procs=2, layout=("parallel.tp=2",))
-    assert tp.stderr.count("(tp 2)") == len(STAGES)
+    _ran(post_runs, "tp", "(tp 2)")
     for stage in STAGES:
         # Gradients agree to ~1e-7 at the first step; the reward model's few pairs at lr 3e-3 swing its gradient
         # norm (0.4, 2.1, 0.7, 1.6) and amplify that to ~5e-5 by step 4, while its loss stays within 1e-5.
         for key, rel in (("loss", 1e-5), ("grad_norm", 2e-4)):
-            a, b = _stage_losses(post_root, post_single, stage, key), _stage_losses(post_root, "tp", stage, key)
+            a, b = _stage_losses(post_root, "one", stage, key), _stage_losses(post_root, "tp", stage, key)
             assert len(a) == len(b) == 4
             assert b == pytest.approx(a, rel=rel, abs=1e-6), (stage, key)
         if stage != "grpo":  # evaluation too, its sums counted once although both ranks evaluate the same rows
-            a, b = _stage_val(post_root, post_single, stage), _stage_val(post_root, "tp", stage)
+            a, b = _stage_val(post_root, "one", stage), _stage_val(post_root, "tp", stage)
             assert a.keys() == b.keys() and "val_loss" in a
             assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-4, abs=1e-6), stage
 

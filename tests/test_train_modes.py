@@ -142,3 +142,28 @@ def test_compile_matches_eager(base_run, tmp_path):
     assert list(cache.rglob("*.so")), "inductor compiled nothing"
     assert len(runs["compiled"]) == 4
     assert runs["compiled"] == pytest.approx(runs["eager"], abs=1e-4, rel=0)
+
+
+def test_gradient_clipping_scales_the_gradients_to_the_limit():
+    """The norm is measured before clipping and the gradients come out at most `max_norm` long, their
+    directions kept; under the limit they are left as they are (0 measures only)."""
+    from lmforge.train.step import clip_grad_norm
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2))]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p) * 3
+    before = [p.grad.clone() for p in params[:2]]
+    want = torch.cat([g.flatten() for g in before]).norm()
+    norm = clip_grad_norm(params, 1.0)
+    assert norm.item() == pytest.approx(want.item(), rel=1e-6) and want > 1
+    after = torch.cat([p.grad.flatten() for p in params[:2]])
+    assert after.norm().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(after, torch.cat([g.flatten() for g in before]) / want)
+    assert clip_grad_norm(params, 5.0).item() == pytest.approx(1.0, rel=1e-5)  # under the limit: unchanged
+    assert torch.cat([p.grad.flatten() for p in params[:2]]).norm().item() == pytest.approx(1.0, rel=1e-5)
+    for p in params[:2]:
+        p.grad.mul_(10)
+    assert clip_grad_norm(params, 0.0).item() == pytest.approx(10.0, rel=1e-5)  # 0: measured, not clipped
+    assert torch.cat([p.grad.flatten() for p in params[:2]]).norm().item() == pytest.approx(10.0, rel=1e-5)

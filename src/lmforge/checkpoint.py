@@ -238,15 +238,18 @@ def full_model_state(model: nn.Module, stages: dist.ProcessGroup | None = None) 
     """The model's whole state dict on the main rank (None on the others): gathered from every rank's
     shards under FSDP, or from every pipeline stage's part (`stages`: their group), each rank calling it;
     None when the module holds it all (save_checkpoint reads the module itself)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     model = unwrap(model)
     if stages is not None:  # each rank holds some layers, under their full names
+        part = model.state_dict()
+        if _sharded(model):  # FSDP2 on the stages: whole on every rank of this stage's data-parallel group
+            part = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         parts: list = [None] * dist.get_world_size(stages)
-        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.state_dict().items()}, group=stages)
+        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in part.items()}, group=stages)
         return {k: v for part in parts for k, v in part.items()} if _is_main() else None
     if not _sharded(model):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if _is_main() else None
 

@@ -224,7 +224,26 @@ def config_from_args(items: list[str]):
         # Older versions saved a fresh start into the run's config, so every restart started afresh
         # again; a fresh start is asked for on the command line, never inherited.
         cfg.train.resume = "auto"
+    if remembered and not any(k.startswith("parallel.") for k in keys):
+        _fit_remembered_layout(cfg, recipe)
     return cfg
+
+
+def _fit_remembered_layout(cfg: schema.Config, saved: str) -> None:
+    """A run remembers its layout, so a restart on as many processes keeps it; a restart on another number
+    (a tp=2 run resumed on one process) takes the default layout instead of refusing to start. The
+    checkpoint is resharded on load either way. A layout given on the command line is never replaced."""
+    pc, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    fixed = pc.pp * pc.dp_replicate * pc.cp * pc.tp
+    fits = world % fixed == 0 if pc.dp_shard == -1 else fixed * pc.dp_shard == world
+    if not fits:
+        from lmforge.console import log
+
+        sizes = ", ".join(f"{k} {getattr(pc, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+                          if getattr(pc, k) > 1)
+        cfg.parallel = schema.ParallelConfig()
+        log(f"{saved} remembers the layout {sizes}, which does not fit {world} process(es): this launch "
+            "uses the default (parallel.dp_shard=-1); give parallel.* keys to choose another")
 
 
 def _run(name: str, argv: list[str]) -> int:

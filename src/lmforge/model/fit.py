@@ -72,6 +72,8 @@ class Layout:
         out = [f"parallel.dp_replicate={self.dp_replicate}", f"parallel.dp_shard={self.dp_shard}"] \
             if self.world > 1 else []
         out += [f"parallel.{k}={getattr(self, k)}" for k in ("tp", "pp", "cp") if getattr(self, k) > 1]
+        if self.pp > 1:  # the embedding and the head sit in different stages (FSDP2 shards each stage alone)
+            out.append("model.tie_embeddings=false")
         if self.cpu_offload:
             out.append("parallel.fsdp_cpu_offload=true")
         if self.activation_checkpointing:

@@ -49,10 +49,11 @@ class Layout:
     mesh: object | None = None  # torch.distributed.DeviceMesh over the dims of size > 1; None on one process
     dp_rank: int = 0  # which slice of the global batch this rank reads
     dp_world: int = 1  # how many slices the global batch is cut into (dp_replicate * dp_shard)
+    offload_alone: bool = False  # one process, FSDP2 all the same: its CPU offload is what fits the model
 
     @property
     def fsdp(self) -> bool:
-        return self.dp_shard > 1
+        return self.dp_shard > 1 or self.offload_alone
 
     @property
     def ddp(self) -> bool:
@@ -60,7 +61,8 @@ class Layout:
 
     def describe(self) -> str:
         parts = [f"{k} {getattr(self, k)}" for k in MESH_DIMS if getattr(self, k) > 1]
-        return ", ".join(parts) or "one process"
+        alone = "one process, FSDP2 (parallel.fsdp_cpu_offload)" if self.offload_alone else "one process"
+        return ", ".join(parts) or alone
 
 
 def resolve_sizes(pc: ParallelConfig, world: int) -> dict[str, int]:
@@ -84,9 +86,18 @@ def resolve_sizes(pc: ParallelConfig, world: int) -> dict[str, int]:
 def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device) -> Layout:
     sizes = resolve_sizes(pc, world)
     layout = Layout(**sizes, dp_world=sizes["dp_replicate"] * sizes["dp_shard"])
-    if world == 1:
-        return layout
     from torch.distributed.device_mesh import init_device_mesh
+
+    if world == 1:
+        if pc.fsdp_cpu_offload:  # a model larger than the GPU trains on one with its state in host memory
+            import torch.distributed as tdist
+
+            if not tdist.is_initialized():
+                tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=tdist.HashStore(),
+                                         rank=0, world_size=1)
+            layout.mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("dp_shard",))
+            layout.offload_alone = True
+        return layout
 
     dims = [d for d in MESH_DIMS if sizes[d] > 1]
     mesh = init_device_mesh(device.type, tuple(sizes[d] for d in dims), mesh_dim_names=tuple(dims))
@@ -112,9 +123,6 @@ def check_supported(layout: Layout, objective: str) -> None:
     if layout.pp > 1 and objective != "lm":
         raise LmforgeError(f"parallel.pp={layout.pp}: pipeline parallel trains pretraining only; {objective} needs "
                            "the whole model per rank (per-sequence scores, generation): use parallel.dp_shard (FSDP2)")
-    if layout.pp > 1 and layout.dp_world > 1:
-        raise LmforgeError(f"parallel.pp={layout.pp} with data parallel (dp_replicate x dp_shard = {layout.dp_world}): "
-                           "data parallel across pipelines is not available yet; give every process to the pipeline")
     if layout.tp > 1 and layout.dp_replicate > 1 and layout.dp_shard == 1:
         # DDP wraps a whole module of plain tensors; with TP the replicas are FSDP's to reduce.
         raise LmforgeError(f"parallel.tp={layout.tp} with parallel.dp_replicate={layout.dp_replicate} needs "
@@ -127,6 +135,10 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     """The decoder family's parallelize: its blocks are `model.model.layers` (under LoRA, the base model's)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     pipe = None
+    if layout.pp > 1 and layout.dp_world > 1 and model.cfg.tie_embeddings:
+        raise LmforgeError(f"model.tie_embeddings=true with parallel.pp={layout.pp} and data parallel: the embedding "
+                           "and the head belong to two pipeline stages, which FSDP2 shards as two units, and a "
+                           "weight cannot be in both; set model.tie_embeddings=false")
     if layout.pp > 1:  # first: the later steps apply to this rank's stages only
         from lmforge.train.pipeline import build_pipeline
 
@@ -142,8 +154,10 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
         apply_activation_checkpointing(blocks)
     if tc.compile:
         apply_compile(blocks)
-    if layout.fsdp:
-        apply_fsdp(model, blocks, layout, pc, device, amp)
+    if pipe is not None and layout.dp_world > 1:  # the stages are what the schedule calls: each is a root
+        apply_fsdp(pipe.stages, blocks, layout, pc, device, amp)
+    elif layout.fsdp:
+        apply_fsdp([model], blocks, layout, pc, device, amp)
     return pipe or model
 
 
@@ -273,18 +287,21 @@ def apply_compile(blocks: list[nn.Module]) -> None:
         block.compile()
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], layout: Layout, pc: ParallelConfig,
+def apply_fsdp(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, pc: ParallelConfig,
                device: torch.device, amp: torch.dtype | None) -> None:
-    """FSDP2 (ZeRO-3): each block one unit, then the root (embeddings, final norm, head).
+    """FSDP2 (ZeRO-3): each block one unit, then each root (embeddings, final norm, head): the model, or
+    under pipeline parallel each of this rank's stages (torch's pipeline schedules drive FSDP's gradient
+    sync per micro-batch when a stage's module is an FSDP unit).
 
     With dp_replicate > 1 as well, the mesh is 2-D and FSDP2 shards within a replica and replicates
-    across them (HSDP). The last block is not resharded after forward: backward needs it at once.
+    across them (HSDP); under pipeline parallel, dp_replicate alone shards too (data parallel across
+    pipelines is always FSDP2 there). The last block is not resharded after forward: backward needs it at once.
     Mixed precision (CUDA, bf16): parameters gathered in bf16, gradients reduced in fp32, master
     weights and optimizer state kept in fp32.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    dims = tuple(d for d in ("dp_replicate", "dp_shard") if getattr(layout, d) > 1)
+    dims = tuple(d for d in ("dp_replicate", "dp_shard") if getattr(layout, d) > 1) or ("dp_shard",)
     mesh = layout.mesh[dims]
     kw: dict = {"mesh": mesh}
     if pc.mixed_precision and device.type == "cuda" and amp is not None:
@@ -297,8 +314,9 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], layout: Layout, pc: Pa
         reshard = pc.fsdp_reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **kw)
         _RESHARD[block] = reshard
-    fully_shard(model, reshard_after_forward=pc.fsdp_reshard_after_forward, **kw)
-    _RESHARD[model] = False  # FSDP2 keeps the root gathered after forward: backward needs it first
+    for root in roots:
+        fully_shard(root, reshard_after_forward=pc.fsdp_reshard_after_forward, **kw)
+        _RESHARD[root] = False  # FSDP2 keeps the root gathered after forward: backward needs it first
 
 
 # Each FSDP unit's reshard_after_forward, to put back after `gathered`.
@@ -318,7 +336,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    roots = model.pipe.stages if hasattr(model, "pipe") else [model]  # PipelineLM: the stages hold the units
+    units = list({id(m): m for r in roots for m in r.modules() if isinstance(m, FSDPModule)}.values())
     if not units:
         yield
         return

@@ -135,6 +135,8 @@ class Pipeline:
 
     def loss_fn(self, h: Tensor, target: Tensor) -> Tensor:
         last = next(s for s in self.stages if s.last)
+        if hasattr(last, "unshard"):  # FSDP2 on the stage: the head is used here, after its forward resharded it
+            last.unshard()
         with repeatable_backward():
             return cross_entropy_sum(last, h, target, self.loss_chunk) * self.scale
 

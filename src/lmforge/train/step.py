@@ -104,15 +104,21 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages: tdist.Pr
     parts first. Under TP x FSDP every parameter is a DTensor on the same 2-D mesh, so the norms stack.
     Under pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in with_grad]
     total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
              else torch.zeros((), device=params[0].device if params else "cpu"))
     if stages is not None:
-        sq = total.float() ** 2
+        sq = (total.full_tensor() if hasattr(total, "full_tensor") else total).float() ** 2
         tdist.all_reduce(sq, group=stages)
         total = sq.sqrt()
+        if max_norm > 0 and grads:  # a plain norm (summed over stages) scales gradients of any kind as a number
+            coef = min(1.0, max_norm / (total.item() + 1e-6))
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return total
     if max_norm > 0 and grads:  # a DTensor norm scales DTensor gradients on its own mesh
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach=True)  # parameters, not grads
     return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
