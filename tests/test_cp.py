@@ -1,10 +1,25 @@
-"""Context parallel on CPU with gloo: the ring attention against plain attention over the whole sequence."""
+"""Context parallel (parallel.cp) on CPU with gloo: the ring attention against plain attention over the whole
+sequence, and pretraining under cp against the single-process run on the same global batch (golden losses
+and final weights, as tests/test_parallel.py holds every other layout to)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from spine import TINY, copy_run, lmforge, prepared_run
+
+STEPS = 20
+# test_parallel's settings, longer: 4 micro-batches of 2 x 32 tokens a step, each sequence in 4 chunks of 8
+# under parallel.cp=2; validation at steps 10 and 20.
+COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_every=5", "train.micro_batch=2", "train.batch_tokens=256",
+          "train.eval_every=10"]
 
 # Run under torchrun with 4 processes: rings of 4 (the whole world) and of 2 (two pairs), each rank holding
 # its head and tail chunks. The ring's output and the gradients of q, k and v equal plain causal attention's
@@ -90,3 +105,98 @@ def test_ring_attention_equals_attention_over_the_whole_sequence(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                         str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("ring ok") == 4, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    return prepared_run(tmp_path_factory.mktemp("spine"))
+
+
+@pytest.fixture(scope="module")
+def single(base_run, tmp_path_factory) -> Path:
+    """The reference: one process, the same global batch."""
+    run = copy_run(base_run, tmp_path_factory.mktemp("single") / "one")
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON)
+    assert r.returncode == 0, r.stderr
+    (run / "stderr.log").write_text(r.stderr)  # the sample drawn at the end is printed there
+    return run
+
+
+def _rows(run: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m[key] for m in rows if key in m}
+
+
+def _sample(stderr: str) -> str:
+    """The text sampled at the end of a run (printed between its header and the last line)."""
+    return stderr.split(f"sample at step {STEPS}:", 1)[1].rsplit("done", 1)[0].strip()
+
+
+def _val_loss(run: Path) -> float:
+    """The validation loss of a run's final weights, evaluated here on one process."""
+    from lmforge.checkpoint import load_model
+    from lmforge.train.objectives import LMObjective
+
+    model = load_model(run / "checkpoints" / f"step_{STEPS:06d}").eval()
+    objective = LMObjective(run / "data", seq_len=32, micro_batch=2, seed=0)
+    objective.setup(model, torch.device("cpu"), 0, 1, 1)
+    return objective.evaluate(model)["val_loss"]
+
+
+def test_cp_matches_one_process_across_layouts_and_resumes(base_run, single, tmp_path):
+    """parallel.cp=2 alone (FSDP2 over the cp ranks) for steps 1-12, killed and resumed from step 10 under
+    cp=2 x dp_shard=2 (FSDP2 over the flattened dp_shard x cp ranks), killed at 17 and finished from step 15
+    under cp=2 x tp=2: losses step by step, gradient norms (clipping is on), validation losses, the final
+    weights and the end-of-run sample (rank 0 alone, through the plain kernel) equal the one-process run's."""
+    run = copy_run(base_run, tmp_path / "cp")
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.cp=2", torchrun=2, env={"LMFORGE_FAULT": "step:12"})
+    assert r.returncode != 0 and "(cp 2)" in r.stderr, r.stderr[-3000:]
+    assert (run / "checkpoints" / "step_000010" / "trainer_state.json").is_file()
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.cp=2", "parallel.dp_shard=2", torchrun=4,
+                env={"LMFORGE_FAULT": "step:17"})
+    assert r.returncode != 0 and "(dp_shard 2, cp 2)" in r.stderr and "written by 2 processes" in r.stderr, \
+        r.stderr[-3000:]
+    assert (run / "checkpoints" / "step_000015" / "trainer_state.json").is_file()
+    # The run remembers dp_shard=2 (RUN/lmforge.yaml): -1 gives it what cp x tp leave, one.
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=-1",
+                torchrun=4)
+    assert r.returncode == 0 and "step_000015" in r.stderr and "(cp 2, tp 2)" in r.stderr, r.stderr[-3000:]
+
+    for key in ("loss", "grad_norm", "val_loss"):
+        a, b = _rows(run, key), _rows(single, key)
+        assert a.keys() == b.keys() and len(a) == (2 if key == "val_loss" else STEPS), key
+        assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5), key
+    wa = load_file(run / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors")
+    wb = load_file(single / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        diff = (wa[k] - wb[k]).abs().max().item()
+        assert diff <= 1e-5 + 1e-5 * wb[k].abs().max().item(), f"{k}: max difference {diff:.2e}"
+    assert _rows(run, "val_loss")[STEPS] == pytest.approx(_val_loss(run), rel=1e-5)
+    assert _sample(r.stderr) == _sample((single / "stderr.log").read_text())
+
+
+def test_cp_refuses_what_it_does_not_cover():
+    from lmforge.config import load_config
+    from lmforge.errors import LmforgeError
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.parallelize import Layout, apply_cp, check_supported
+
+    for layout in (Layout(cp=2), Layout(cp=2, dp_shard=2), Layout(cp=2, dp_replicate=2), Layout(cp=2, tp=2),
+                   Layout(cp=2, dp_replicate=2, tp=2)):
+        check_supported(layout, "lm")
+    for objective in ("sft", "dpo", "rm", "grpo"):
+        why = rf"parallel.cp=2: context parallel trains pretraining only; {objective} needs whole sequences"
+        with pytest.raises(LmforgeError, match=why):
+            check_supported(Layout(cp=2), objective)
+    with pytest.raises(LmforgeError, match=r"parallel.cp=2 with parallel.pp=2: context parallel inside pipeline"):
+        check_supported(Layout(cp=2, pp=2), "lm")
+    cfg = load_config(overrides=["model.vocab_size=128", "model.n_layer=1"]).model
+    blocks = list(Transformer(cfg).model.layers)
+    with pytest.raises(LmforgeError, match=r"train.seq_len=36 must be a multiple of 2 x parallel.cp = 8"):
+        apply_cp(blocks, Layout(cp=4), cfg, 36, torch.device("cpu"))
+    with pytest.raises(LmforgeError, match=r"parallel.cp=2 on cuda: the ring attention is written for the CPU"):
+        apply_cp(blocks, Layout(cp=2), cfg, 32, torch.device("cuda"))
+    dropout = load_config(overrides=["model.vocab_size=128", "model.n_layer=1", "model.dropout=0.1"]).model
+    with pytest.raises(LmforgeError, match=r"parallel.cp=2 with model.dropout=0.1"):
+        apply_cp(blocks, Layout(cp=2), dropout, 32, torch.device("cpu"))
