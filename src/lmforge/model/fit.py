@@ -46,7 +46,7 @@ class Layout:
 
     @property
     def fsdp(self) -> bool:
-        return self.dp_shard > 1 or self.cpu_offload
+        return self.dp_shard > 1 or self.cp > 1 or self.cpu_offload  # the trainer shards over dp_shard x cp
 
     @property
     def name(self) -> str:
@@ -260,7 +260,7 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
                     layout: Layout | None = None, loss_chunk: int = 0) -> dict[str, int]:
     """Bytes one GPU needs to train `cfg` at `batch` x `seq_len` per process under `layout`.
 
-    weights / grads / optimizer: the fp32 master state, sharded over dp_shard x tp (DDP also keeps
+    weights / grads / optimizer: the fp32 master state, sharded over dp_shard x cp x tp (DDP also keeps
     gradient buckets as large as the gradients, which it all-reduces from). copies: the 16-bit and
     all-gathered weight copies a step holds (`_copies`). activations: `_activations`. loss_chunk:
     `_loss_chunk`. With a pipeline, the worse of the first stage (embedding, pp micro-batches in
@@ -281,7 +281,7 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
 def _stage_memory(cfg: ModelConfig, params: Params, layout: Layout, first: bool, last: bool, batch: int,
                   seq_len: int, precision: str, optimizer: str, loss_chunk: int) -> dict[str, int]:
     layers, extra = _stage(params, layout, first, last)
-    state = _state(params, layers, extra, optimizer, layout.dp_shard * layout.tp)
+    state = _state(params, layers, extra, optimizer, layout.dp_shard * layout.cp * layout.tp)
     if layout.dp_replicate > 1 and not layout.fsdp:
         state["grads"] *= 2  # DDP's buckets (gradient_as_bucket_view=False, PyTorch's default)
     held, seqs = _in_flight(layout, batch, first)

@@ -9,6 +9,7 @@ outside (train/parallelize.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,9 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.fuse_qkv = True
+        # A replacement for the attention kernel, set from outside: attend(q, k, v) -> output, called for
+        # plain causal attention over the whole input (no mask, no cache), in place of SDPA.
+        self.attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     @property
     def qkv(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -160,6 +164,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.attend is not None and mask is None and cache is None:
+            return self.o_proj(self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = self.n_kv_head != self.n_head

@@ -62,10 +62,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_slices(t: torch.Tensor, slices: int) -> torch.Tensor:
-    """In place, the sum over the `slices` data-parallel slices of what each rank added for its own.
+    """In place, the sum over the `slices` distinct parts of the data of what each rank added for its own.
 
-    Ranks that read the same slice (the tensor-parallel ranks of one data-parallel rank) all add it, so
-    the sum over every rank is divided by how many share one."""
+    The parts are the data-parallel slices, each cut into context-parallel parts of its sequences. Ranks
+    that read the same part (the tensor-parallel ranks of one) all add it, so the sum over every rank is
+    divided by how many share one."""
     all_reduce_sum(t)
     sharing = world_size() // slices
     return t.div_(sharing) if sharing > 1 else t

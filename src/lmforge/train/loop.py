@@ -1,10 +1,10 @@
 """The one training loop. Pretraining, SFT, DPO, reward modelling and GRPO all run through `train`.
 
-Follow one step: the objective hands this rank its micro-batches; the loss of each is a sum over
-units (tokens, pairs, ...) divided by the global batch's unit count, so accumulation and ranks are
-weighted exactly; DDP averages gradients over ranks (hence the `* world`); then clip, step,
-schedule. Checkpoints hold everything that decides the next step — weights, optimizer, step,
-data position, RNG states — so a resumed run continues bit for bit.
+Follow one step (train/step.py): the objective hands this rank its micro-batches; the loss of each
+is a sum over units (tokens, pairs, ...) divided by the global batch's unit count, so accumulation
+and ranks are weighted exactly; then clip, step, schedule. Checkpoints hold everything that decides
+the next step — weights, optimizer, step, data position, RNG states — so a resumed run continues bit
+for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.spec import spec_for
 from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
+from lmforge.train.context import SequenceSplit
 from lmforge.train.metrics import MetricsSink
 from lmforge.train.mfu import MatmulCeiling
 from lmforge.train.objectives import Objective
@@ -150,6 +151,8 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     check_supported(layout, objective.name)
     model.to(device)
     accum = _accumulation(tc, layout.dp_world)
+    if layout.cp > 1:  # the cp ranks of a data-parallel rank read the same batches, each its part of them
+        objective.split = SequenceSplit(layout.cp_rank, layout.cp)
     objective.setup(model, device, layout.dp_rank, layout.dp_world, accum)
     state = {"step": 0, "tokens": 0, "generated_tokens": 0, "total_steps": tc.max_steps if tc.max_minutes <= 0 else 0,
              "elapsed": 0.0, "eval_every": tc.eval_every}

@@ -18,12 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.loader import LMBatches, TokenWindows
+from lmforge.train.context import SequenceSplit
 
 
 class Objective:
     """Base class: subclasses implement `next_batches`, `count`, `loss`; the rest is optional."""
 
     name = "objective"
+    # Context parallel (set by the trainer before setup): this rank's part of every sequence. Only the
+    # objectives that cut their sequences by it are trained under parallel.cp (parallelize.check_supported).
+    split: SequenceSplit | None = None
 
     def setup(self, model: nn.Module, device: torch.device, rank: int, world: int, accum: int) -> None:
         """Called once by the loop before training (e.g. to build a reference model)."""
@@ -94,8 +98,11 @@ class LMObjective(Objective):
         self.use_stream(LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed))
 
     def next_batches(self, model):
-        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                for x, y in self.stream.next_step()]
+        """(inputs, labels) micro-batches; under context parallel (inputs, labels, positions) of this rank's
+        part of each sequence, so that counts and tokens are this rank's own."""
+        batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                   for x, y in self.stream.next_step()]
+        return [self.split.cut(x, y) for x, y in batches] if self.split else batches
 
     def count(self, batch) -> float:
         return float(batch[1].numel())
@@ -104,8 +111,9 @@ class LMObjective(Objective):
         return float(batch[0].numel())  # windows of the token stream: no padding
 
     def loss(self, model, batch):
-        x, y = batch
-        loss = model(x, labels=y, loss_chunk=self.loss_chunk)
+        x, y = batch[:2]
+        positions = batch[2] if len(batch) > 2 else None
+        loss = model(x, labels=y, positions=positions, loss_chunk=self.loss_chunk)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -119,11 +127,15 @@ class LMObjective(Objective):
         for i in idx:
             x, y = self.val.batch(range(i, min(i + self.micro_batch, n)))
             x, y = x.to(self.device), y.to(self.device)
-            total[0] += m(x, labels=y, loss_chunk=self.loss_chunk).double()
+            positions = None
+            if self.split:
+                x, y, positions = self.split.cut(x, y)
+            total[0] += m(x, labels=y, positions=positions, loss_chunk=self.loss_chunk).double()
             total[1] += y.numel()
         from lmforge.train.dist import all_reduce_slices
 
-        all_reduce_slices(total, self.world)  # tensor-parallel ranks count once
+        # Tensor-parallel ranks count once; context-parallel ranks each add their part of the sequences.
+        all_reduce_slices(total, self.world * (self.split.size if self.split else 1))
         loss = (total[0] / total[1].clamp_min(1)).item()
         out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         bpt = bytes_per_token(self.val.manifest)

@@ -1,6 +1,7 @@
-"""Parallelism applied to a model from outside it: the device mesh, then TP, activation checkpointing,
-per-block compile and FSDP2, in that order (torchtitan's order; each later step wraps what the
-earlier one produced). DDP, for `parallel.dp_replicate` alone, is applied by the trainer.
+"""Parallelism applied to a model from outside it: the device mesh, then TP, context parallel's ring
+attention, activation checkpointing, per-block compile and FSDP2, in that order (torchtitan's order;
+each later step wraps what the earlier one produced). DDP, for `parallel.dp_replicate` alone, is
+applied by the trainer.
 
 The model file never mentions any of this. What a step needs to know of a family is where its blocks
 are (`model.model.layers`), which the spec's parallelize function passes in, and for tensor parallel
@@ -50,10 +51,18 @@ class Layout:
     dp_rank: int = 0  # which slice of the global batch this rank reads
     dp_world: int = 1  # how many slices the global batch is cut into (dp_replicate * dp_shard)
     offload_alone: bool = False  # one process, FSDP2 all the same: its CPU offload is what fits the model
+    cp_rank: int = 0  # which part of each sequence of its slice this rank holds (context parallel)
+
+    @property
+    def data_parts(self) -> int:
+        """How many distinct parts of the global batch the ranks hold: every data-parallel slice cut into
+        cp parts of each sequence. Ranks beyond that (tensor parallel) hold the same tokens as others."""
+        return self.dp_world * self.cp
 
     @property
     def fsdp(self) -> bool:
-        return self.dp_shard > 1 or self.offload_alone
+        # Context-parallel ranks compute different gradients of the same weights: FSDP reduces them too.
+        return self.dp_shard > 1 or self.cp > 1 or self.offload_alone
 
     @property
     def ddp(self) -> bool:
@@ -106,24 +115,29 @@ def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device
     if dp_dims:
         coords = {d: mesh[d].get_local_rank() for d in dp_dims}
         layout.dp_rank = coords.get("dp_replicate", 0) * sizes["dp_shard"] + coords.get("dp_shard", 0)
+    if "cp" in dims:
+        layout.cp_rank = mesh["cp"].get_local_rank()
+        if "dp_shard" in dims:  # FSDP shards over both (see apply_fsdp)
+            mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
     return layout
 
 
 def check_supported(layout: Layout, objective: str) -> None:
     """Refuse, with the reason, the layouts this version does not train."""
-    unsupported = [(k, getattr(layout, k)) for k in ("cp",) if getattr(layout, k) > 1]
-    if unsupported:
-        k, v = unsupported[0]
-        raise LmforgeError(f"parallel.{k}={v}: not available yet; parallel.dp_shard (FSDP2), parallel.dp_replicate "
-                           "(DDP, or HSDP with dp_shard), parallel.tp (tensor parallel) and parallel.pp "
-                           "(pretraining) are")
+    if layout.cp > 1 and objective != "lm":
+        raise LmforgeError(f"parallel.cp={layout.cp}: context parallel trains pretraining only; {objective} needs "
+                           "whole sequences on each rank (padded rows, per-sequence scores, generation): use "
+                           "parallel.dp_shard (FSDP2) or parallel.tp")
+    if layout.cp > 1 and layout.pp > 1:
+        raise LmforgeError(f"parallel.cp={layout.cp} with parallel.pp={layout.pp}: context parallel inside "
+                           "pipeline stages is not available yet; use one or the other")
     if layout.pp > 1 and layout.tp > 1:
         raise LmforgeError(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}: tensor parallel inside pipeline "
                            "stages is not available yet; use one or the other")
     if layout.pp > 1 and objective != "lm":
         raise LmforgeError(f"parallel.pp={layout.pp}: pipeline parallel trains pretraining only; {objective} needs "
                            "the whole model per rank (per-sequence scores, generation): use parallel.dp_shard (FSDP2)")
-    if layout.tp > 1 and layout.dp_replicate > 1 and layout.dp_shard == 1:
+    if layout.tp > 1 and layout.dp_replicate > 1 and not layout.fsdp:
         # DDP wraps a whole module of plain tensors; with TP the replicas are FSDP's to reduce.
         raise LmforgeError(f"parallel.tp={layout.tp} with parallel.dp_replicate={layout.dp_replicate} needs "
                            "parallel.dp_shard > 1 as well (HSDP x TP); for data parallelism beside TP use "
@@ -150,6 +164,8 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
                                "with parallel.dp_shard (FSDP2) or on one process")
         check_tp_sizes(model.cfg, layout.tp)
         apply_tp(model, layout.mesh["tp"])
+    if layout.cp > 1:
+        apply_cp(blocks, layout, model.cfg, tc.seq_len, device)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if tc.compile:
@@ -266,6 +282,28 @@ class Replicated(ParallelStyle):
         return distribute_module(module, device_mesh, None, inputs, output)
 
 
+def apply_cp(blocks: list[nn.Module], layout: Layout, cfg: ModelConfig, seq_len: int, device: torch.device) -> None:
+    """Context parallel: every block's attention becomes the ring over the `cp` ranks (train/context.py).
+
+    The objective hands each rank its part of every sequence, with the tokens' global positions."""
+    from lmforge.train.context import RingAttention
+
+    cp = layout.cp
+    if device.type != "cpu":
+        raise LmforgeError(f"parallel.cp={cp} on {device.type}: the ring attention is written for the CPU "
+                           "kernel and not yet for CUDA's; on CUDA use parallel.dp_shard or parallel.tp")
+    if seq_len % (2 * cp):
+        raise LmforgeError(f"train.seq_len={seq_len} must be a multiple of 2 x parallel.cp = {2 * cp}: each rank "
+                           "holds two equal chunks of every sequence (one early, one late, so the causal work "
+                           "is the same on every rank)")
+    if cfg.dropout > 0:
+        raise LmforgeError(f"parallel.cp={cp} with model.dropout={cfg.dropout}: the ring attention has no "
+                           "attention dropout; set model.dropout=0")
+    ring = RingAttention(layout.mesh["cp"].get_group())
+    for block in blocks:
+        block.self_attn.attend = ring
+
+
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
     """Recompute each block in backward, keeping only its input.
 
@@ -295,13 +333,20 @@ def apply_fsdp(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, 
 
     With dp_replicate > 1 as well, the mesh is 2-D and FSDP2 shards within a replica and replicates
     across them (HSDP); under pipeline parallel, dp_replicate alone shards too (data parallel across
-    pipelines is always FSDP2 there). The last block is not resharded after forward: backward needs it at once.
+    pipelines is always FSDP2 there). Context-parallel ranks are shards of the same replica (as torchtitan
+    has it): the weights are sharded over dp_shard x cp and the gradient reduction averages over them
+    (hence the loss scale of train/step.py). The last block is not resharded after forward: backward
+    needs it at once.
     Mixed precision (CUDA, bf16): parameters gathered in bf16, gradients reduced in fp32, master
     weights and optimizer state kept in fp32.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    dims = tuple(d for d in ("dp_replicate", "dp_shard") if getattr(layout, d) > 1) or ("dp_shard",)
+    if layout.cp > 1:
+        shard = "dp_shard_cp" if layout.dp_shard > 1 else "cp"
+        dims = ("dp_replicate", shard) if layout.dp_replicate > 1 else (shard,)
+    else:
+        dims = tuple(d for d in ("dp_replicate", "dp_shard") if getattr(layout, d) > 1) or ("dp_shard",)
     mesh = layout.mesh[dims]
     kw: dict = {"mesh": mesh}
     if pc.mixed_precision and device.type == "cuda" and amp is not None:

@@ -2,8 +2,10 @@
 
 The loss of each micro-batch is a sum over units (tokens, pairs, ...) divided by the unit count of
 the whole global batch, so accumulation and ranks are weighted exactly. Data-parallel gradient
-reduction (DDP's all-reduce, FSDP's reduce-scatter) averages over the data-parallel ranks, hence the
-`* dp_world`; ranks that hold the same data (tensor parallel) count their units once.
+reduction (DDP's all-reduce, FSDP's reduce-scatter) averages over the ranks that hold distinct parts
+of the batch: the data-parallel ranks and, under context parallel, the ranks holding parts of the same
+sequences; hence the `* data_parts`. Ranks that hold the same tokens (tensor parallel) count their
+units once.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Stepper:
             batches = self.objective.next_batches(self.model)  # GRPO's rollouts score log-probs too
             counts = self._counts(batches)
             n_units = counts[0].float()
-            scale = self.layout.dp_world / n_units
+            scale = self.layout.data_parts / n_units
             if self.pipe is not None:
                 self.pipe.scale = scale
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -77,13 +79,13 @@ class Stepper:
     def _counts(self, batches: list) -> Tensor:
         """Units, real tokens and generated tokens of the global batch: one all-reduce.
 
-        Every rank adds its own; ranks that share a data-parallel slice (tensor parallel) would count
-        it several times, so the sum is divided by how many share one.
+        Every rank adds its own; ranks that hold the same tokens (tensor parallel) would count them
+        several times, so the sum is divided by how many share them.
         """
         ob = self.objective
         counts = torch.tensor([sum(ob.count(b) for b in batches), sum(ob.tokens(b) for b in batches),
                                ob.generated_tokens()], dtype=torch.float64, device=self.device)
-        return dist.all_reduce_slices(counts, self.layout.dp_world)
+        return dist.all_reduce_slices(counts, self.layout.data_parts)
 
     def _sync(self, last: bool):
         """Reduce gradients only after the last micro-batch of the step (DDP's no_sync, FSDP's equivalent)."""
