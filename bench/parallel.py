@@ -1,6 +1,6 @@
 """Parallel layouts on CPU processes: tokens/s and per-process memory of each, against one process, in one run.
 
-    python bench/parallel.py [--procs 2] [--steps 30] [--out bench/results/cpu-2core/parallel.json]
+    python bench/parallel.py [--steps 30] [--out bench/results/cpu-2core/parallel.json]
 
 Each layout trains the same model on the same data and global batch through the real CLI
 (`torchrun -m lmforge pretrain parallel.*=...`). Per layout: tokens/s (median of the logged
@@ -36,6 +36,7 @@ LAYOUTS = {
     "fsdp2_offload": (2, ["parallel.fsdp_cpu_offload=true"]),
     "tp": (2, ["parallel.tp=2"]),
     "pp": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "cp": (2, ["parallel.cp=2"]),
 }
 MODEL = ["model.n_layer=4", "model.n_embd=256", "model.n_head=8", "model.n_kv_head=4", "model.max_seq_len=256",
          "model.tie_embeddings=false"]

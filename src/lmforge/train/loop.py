@@ -218,18 +218,10 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
 
     # --- the loop -------------------------------------------------------------------------------
     step = first_step = state["step"]
-    t_start = time.perf_counter()
-    elapsed0 = state["elapsed"]
-    window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
-    tokens0 = state["tokens"], state["generated_tokens"]
-    acc = {}
-    once: dict = {}  # figures logged with the first metrics row only
+    clock = _Budget(tc, accum, state)
+    meter = _Meter(state, flops_tok, ceiling, device, layout.tp)
     last_eval: dict = {}
     last_path = None
-    budget_s = tc.max_minutes * 60
-    train_s = 0.0  # seconds spent in training steps since the warm-up step
-    fit_times: list[float] = []  # seconds into a time budget at which its step count is fitted again
-    last_fit = (0.0, 0)  # train_s and step at the last fit
     log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es) "
         f"({layout.describe()}), "
         f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
@@ -242,63 +234,22 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             total = state["total_steps"]
             if total and step >= total:
                 break
-            t_step = time.perf_counter()
             set_lr(optimizer, lr_factor(step, total or max(step + 1, tc.max_steps), tc))
+            t_step = time.perf_counter()
             result = stepper.step()
-            n_units, n_tokens, n_generated = result.units, result.tokens, result.generated
-            train_s += time.perf_counter() - t_step
             step += 1
             state["step"] = step
-            state["tokens"] += n_tokens
-            state["generated_tokens"] += n_generated
-            window["tokens"] += n_tokens
-            window["generated"] += n_generated
+            clock.stepped(step, time.perf_counter() - t_step)
+            meter.add(result)
             if step - first_step == 1:
                 folder.started(has_checkpoint=ckpt.latest_checkpoint(ckpt_dir, resumable=True) is not None)
                 # What sharding saves, measured: this rank's weights, gradients and optimizer state.
-                once = {"state_mb": round(state_bytes(model, optimizer) / 2**20, 2)}
-                log(f"weights, gradients and optimizer state: {once['state_mb']:,.1f} MB per process")
-            for k, v in result.metrics.items():
-                acc[k] = acc.get(k, 0.0) + v
-            acc["_units"] = acc.get("_units", 0.0) + n_units
-            acc["_gnorm"] = acc.get("_gnorm", 0.0) + result.grad_norm.float()
-            acc["_steps"] = acc.get("_steps", 0) + 1
-
-            # A time budget fixes the step count once the step time is known (saved, so resume agrees).
-            # The first step is left out (allocator and kernel warm-up) and ten are timed: over five,
-            # one slow step on a shared machine left a quarter of the budget unused. Steps keep getting
-            # faster for a while after that (a 5-minute quickstart ended 40-60 s early), so the count
-            # is fitted again a quarter and half-way into the budget, from the steps since the last fit.
-            if step - first_step == 1:
-                train_s, last_fit = 0.0, (0.0, step)
-            first_fit = budget_s and not state["total_steps"] and step - first_step >= 11
-            if first_fit or (fit_times and time.perf_counter() - t_start >= fit_times[0]):
-                state["total_steps"], state["eval_every"], per_step = _fit_budget(
-                    tc, (train_s - last_fit[0]) / (step - last_fit[1]), accum, step,
-                    budget_s - (time.perf_counter() - t_start), None if first_fit else state["eval_every"])
-                log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step"
-                    + (")" if first_fit else ", re-measured)")
-                    + (f"; validation every {state['eval_every']} steps"
-                       if first_fit and state["eval_every"] != tc.eval_every else ""))
-                fit_times = [budget_s / 4, budget_s / 2] if first_fit else fit_times[1:]
-                last_fit = (train_s, step)
-            elif budget_s and state["total_steps"] > step and elapsed0 + time.perf_counter() - t_start >= budget_s:
-                state["total_steps"] = step  # the machine slowed down after the last fit: the budget is a limit
-                log(f"time budget {tc.max_minutes:g} min spent at step {step}; finishing here")
+                meter.once = {"state_mb": round(state_bytes(model, optimizer) / 2**20, 2)}
+                log(f"weights, gradients and optimizer state: {meter.once['state_mb']:,.1f} MB per process")
 
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
-                row = _reduce_metrics(acc, layout.tp)
-                acc = {}
-                dt = max(time.perf_counter() - window["t"], 1e-9)
-                elapsed = elapsed0 + time.perf_counter() - t_start
-                row.update({"lr": optimizer.param_groups[0]["lr"],
-                            **_throughput(state, window, dt, flops_tok, ceiling, device),
-                            "total_steps": total,
-                            "eta_s": round((total - step) * (elapsed - elapsed0) / max(step - first_step, 1), 1)})
-                window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
-                row.update(once)
-                once = {}
+                row = meter.row(step, total, optimizer.param_groups[0]["lr"], clock.eta_s(step, total))
                 sink.log(step, row)
                 progress.update(step, total, row, row["eta_s"])
             if state["eval_every"] and (step % state["eval_every"] == 0 or step == total):
@@ -311,7 +262,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
                 if d.is_main:
                     sink.log(step, {"sample": text})
                     progress.note(step, {"sample": text})
-            state["elapsed"] = elapsed0 + time.perf_counter() - t_start
+            state["elapsed"] = clock.elapsed()
             if step == total or (tc.save_every and step % tc.save_every == 0):
                 last_path = save(step)
             _fault(step)
@@ -328,8 +279,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             console.print(f"[cyan]sample at step {step}:[/]\n{escape(text)}")  # generated text is not markup
     if last_path is None:
         last_path = ckpt.latest_checkpoint(ckpt_dir, resumable=True)
-    elapsed = max(time.perf_counter() - t_start, 1e-9)
-    tps, gps = (state["tokens"] - tokens0[0]) / elapsed, (state["generated_tokens"] - tokens0[1]) / elapsed
+    tps, gps = meter.rates_since_start(clock.elapsed() - clock.elapsed0)
     mfu = ceiling.mfu(_model_flops(flops_tok, tps, gps)) if ceiling else 0.0
     return TrainResult(step, last_path, last_eval, tps, mfu, gps)
 
@@ -395,6 +345,96 @@ def _fit_budget(tc, train_step_s: float, accum: int, step: int, left_s: float,
     if eval_every != tc.eval_every:
         total, per_step = fit(eval_every)
     return total, eval_every, per_step
+
+
+class _Budget:
+    """The run's clock, and `train.max_minutes`: a time budget fixes the step count once the step time is
+    known, in `state["total_steps"]` (saved, so a resumed run agrees).
+
+    The first step is left out (allocator and kernel warm-up) and ten are timed: over five, one slow
+    step on a shared machine left a quarter of the budget unused. Steps keep getting faster for a while
+    after that (a 5-minute quickstart ended 40-60 s early), so the count is fitted again a quarter and
+    half-way into the budget, from the steps since the last fit.
+    """
+
+    def __init__(self, tc, accum: int, state: dict):
+        self.tc, self.accum, self.state = tc, accum, state
+        self.t_start = time.perf_counter()
+        self.elapsed0 = state["elapsed"]  # seconds trained before this launch (a resumed run)
+        self.first_step = state["step"]
+        self.budget_s = tc.max_minutes * 60
+        self.train_s = 0.0  # seconds spent in training steps since the warm-up step
+        self.fit_times: list[float] = []  # seconds into the budget at which the step count is fitted again
+        self.last_fit = (0.0, 0)  # train_s and step at the last fit
+
+    def elapsed(self) -> float:
+        """Seconds trained in all, this launch and the ones before it."""
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def eta_s(self, step: int, total: int) -> float:
+        return round((total - step) * (self.elapsed() - self.elapsed0) / max(step - self.first_step, 1), 1)
+
+    def stepped(self, step: int, step_s: float) -> None:
+        """After each step, which took `step_s` seconds: fit the step count to the budget when it is time."""
+        tc, state = self.tc, self.state
+        self.train_s += step_s
+        if step - self.first_step == 1:
+            self.train_s, self.last_fit = 0.0, (0.0, step)
+        since = time.perf_counter() - self.t_start
+        first_fit = self.budget_s and not state["total_steps"] and step - self.first_step >= 11
+        if first_fit or (self.fit_times and since >= self.fit_times[0]):
+            state["total_steps"], state["eval_every"], per_step = _fit_budget(
+                tc, (self.train_s - self.last_fit[0]) / (step - self.last_fit[1]), self.accum, step,
+                self.budget_s - since, None if first_fit else state["eval_every"])
+            log(f"time budget {tc.max_minutes:g} min -> {state['total_steps']} steps ({per_step:.2f}s/step"
+                + (")" if first_fit else ", re-measured)")
+                + (f"; validation every {state['eval_every']} steps"
+                   if first_fit and state["eval_every"] != tc.eval_every else ""))
+            self.fit_times = [self.budget_s / 4, self.budget_s / 2] if first_fit else self.fit_times[1:]
+            self.last_fit = (self.train_s, step)
+        elif self.budget_s and state["total_steps"] > step and self.elapsed() >= self.budget_s:
+            state["total_steps"] = step  # the machine slowed down after the last fit: the budget is a limit
+            log(f"time budget {tc.max_minutes:g} min spent at step {step}; finishing here")
+
+
+class _Meter:
+    """What the metrics rows report: the steps' summed metrics since the last row, token counts (kept in
+    `state`, saved with it) and rates, MFU and memory."""
+
+    def __init__(self, state: dict, flops_tok: float, ceiling: MatmulCeiling | None, device: torch.device,
+                 sharing: int):
+        self.state, self.flops_tok, self.ceiling, self.device, self.sharing = state, flops_tok, ceiling, device, sharing
+        self.tokens0 = state["tokens"], state["generated_tokens"]
+        self.acc: dict = {}
+        self.window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
+        self.once: dict = {}  # figures logged with the next row only
+
+    def add(self, result) -> None:
+        self.state["tokens"] += result.tokens
+        self.state["generated_tokens"] += result.generated
+        self.window["tokens"] += result.tokens
+        self.window["generated"] += result.generated
+        acc = self.acc
+        for k, v in result.metrics.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc["_units"] = acc.get("_units", 0.0) + result.units
+        acc["_gnorm"] = acc.get("_gnorm", 0.0) + result.grad_norm.float()
+        acc["_steps"] = acc.get("_steps", 0) + 1
+
+    def row(self, step: int, total: int, lr: float, eta_s: float) -> dict:
+        row = _reduce_metrics(self.acc, self.sharing)
+        dt = max(time.perf_counter() - self.window["t"], 1e-9)
+        row.update({"lr": lr, **_throughput(self.state, self.window, dt, self.flops_tok, self.ceiling, self.device),
+                    "total_steps": total, "eta_s": eta_s, **self.once})
+        self.acc, self.once = {}, {}
+        self.window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
+        return row
+
+    def rates_since_start(self, seconds: float) -> tuple[float, float]:
+        """Trained and generated tokens per second over this launch."""
+        seconds = max(seconds, 1e-9)
+        return ((self.state["tokens"] - self.tokens0[0]) / seconds,
+                (self.state["generated_tokens"] - self.tokens0[1]) / seconds)
 
 
 def _evaluate(objective: Objective, model: nn.Module, layout: Layout) -> dict:
