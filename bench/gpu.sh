@@ -35,7 +35,7 @@ CHECKS_DIR="$(mktemp -d)"
 trap 'rm -rf "$CHECKS_DIR"' EXIT
 LOG="$RESULTS/gpu.log"
 : >"$LOG"
-CHECKS=(autocast fused_adamw flash_sdpa compile fsdp2 fsdp2_offload ddp bench_small bench_small_compile)
+CHECKS=(autocast fused_adamw flash_sdpa cp_blocks compile fsdp2 fsdp2_offload ddp bench_small bench_small_compile)
 
 gpus() {  # CUDA devices torch sees; no torch import (seconds) where there is no NVIDIA device at all
   [ "${GPU_SH_DEVICE:-}" = cpu ] && { echo 0; return; }
@@ -94,7 +94,7 @@ echo "bench/gpu.sh: $N CUDA device(s); results in $RESULTS" | tee -a "$LOG"
 if [ "$N" -gt 0 ]; then
   skip_unwanted "${CHECKS[@]}"
   in_process=()
-  for c in autocast fused_adamw flash_sdpa; do wanted "$c" && in_process+=("$c"); done
+  for c in autocast fused_adamw flash_sdpa cp_blocks; do wanted "$c" && in_process+=("$c"); done
   [ "${#in_process[@]}" -gt 0 ] && attempt 120 "${in_process[@]}" -- \
     "$PY" bench/gpu_checks.py run "${in_process[@]}" --dir "$CHECKS_DIR"
   wanted compile && attempt 180 compile -- "$PY" bench/gpu_checks.py run compile --dir "$CHECKS_DIR"
@@ -115,9 +115,9 @@ if [ "$N" -gt 0 ]; then
     --dir "$CHECKS_DIR" -- --config small --device cuda --precision bf16 --no-memory train.compile=true
 else
   record SKIP "no CUDA" "${CHECKS[@]}"
-  skip_unwanted cpu_autocast cpu_fused_adamw cpu_flash_sdpa cpu_fsdp2 cpu_bench_tiny
+  skip_unwanted cpu_autocast cpu_fused_adamw cpu_flash_sdpa cpu_cp_blocks cpu_fsdp2 cpu_bench_tiny
   smoke=()
-  for c in autocast fused_adamw flash_sdpa; do wanted "cpu_$c" && smoke+=("$c"); done
+  for c in autocast fused_adamw flash_sdpa cp_blocks; do wanted "cpu_$c" && smoke+=("$c"); done
   [ "${#smoke[@]}" -gt 0 ] && attempt 60 "${smoke[@]/#/cpu_}" -- \
     "$PY" bench/gpu_checks.py run "${smoke[@]}" --device cpu --dir "$CHECKS_DIR"
   wanted cpu_fsdp2 && attempt 60 cpu_fsdp2 -- \

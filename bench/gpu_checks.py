@@ -152,6 +152,28 @@ def check_flash_sdpa(device: torch.device) -> Result:
                    "on flash alone", figures
 
 
+def check_cp_blocks(device: torch.device) -> Result:
+    """Context parallel's ring off a CPU computes each block with PyTorch ops (train/context.py
+    `_math_block`): its output, log-sum-exp and gradients from them, against SDPA over the same block
+    (causal, grouped-query) in fp32, forward and backward."""
+    from lmforge.train import context
+
+    b, h, hkv, t, d = (2, 12, 4, 1024, 64) if device.type == "cuda" else (2, 4, 2, 64, 16)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, t, d, device=device, generator=g)
+    k, v, dout = (torch.randn(b, n, t, d, device=device, generator=g) for n in (hkv, hkv, h))
+    out, lse = context._math_block(q, k, v, True)
+    grads = context._math_block_backward(dout, q, k, v, out, lse, True)
+    qq, kk, vv = (z.clone().requires_grad_() for z in (q, k, v))
+    ref = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+    ref.backward(dout)
+    err = [(a.float() - r.float()).abs().max().item() for a, r in zip((out, *grads), (ref, qq.grad, kk.grad, vv.grad))]
+    figures = {"max_abs_err_out_dq_dk_dv": err, "shape": [b, h, hkv, t, d]}
+    if max(err) > 1e-3:
+        return "FAIL", f"the ring's block differs from SDPA by up to {max(err):.1e}", figures
+    return "PASS", f"output and gradients within {max(err):.1e} of SDPA", figures
+
+
 def model_under(device: torch.device, backend) -> float:
     """The model's bf16 training loss (forward and backward) with SDPA held to one backend."""
     from torch.nn.attention import sdpa_kernel
@@ -302,7 +324,8 @@ def check_ddp(device: torch.device) -> Result:
 
 CHECKS: dict[str, Callable[[torch.device], Result]] = {
     "autocast": check_autocast, "fused_adamw": check_fused_adamw, "flash_sdpa": check_flash_sdpa,
-    "compile": check_compile, "fsdp2": check_fsdp2, "fsdp2_offload": check_fsdp2_offload, "ddp": check_ddp,
+    "cp_blocks": check_cp_blocks, "compile": check_compile, "fsdp2": check_fsdp2,
+    "fsdp2_offload": check_fsdp2_offload, "ddp": check_ddp,
 }
 DISTRIBUTED = {"fsdp2", "fsdp2_offload", "ddp"}  # run under torchrun
 

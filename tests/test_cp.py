@@ -40,7 +40,9 @@ rings = {4: dist.group.WORLD, 2: pairs[rank // 2]}
 for size, group in rings.items():
     split = SequenceSplit(dist.get_rank(group), size)
     ring = RingAttention(group)
-    for h, hkv, d in ((4, 4, 8), (4, 2, 8), (6, 2, 5)):  # plain, grouped-query, an odd head size
+    cases = [(r, h, hkv, d) for r in (ring, RingAttention(group, math=True))  # the CPU kernel; PyTorch's ops
+             for h, hkv, d in ((4, 4, 8), (4, 2, 8), (6, 2, 5))]  # plain, grouped-query, an odd head size
+    for r, h, hkv, d in cases:
         torch.manual_seed(h * 10 + hkv + d)  # the same whole tensors on every rank
         q, k, v = torch.randn(2, h, 32, d), torch.randn(2, hkv, 32, d), torch.randn(2, hkv, 32, d)
         dout = torch.randn(2, h, 32, d)
@@ -49,11 +51,12 @@ for size, group in rings.items():
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != h)
         pos = split.positions(32)
         ql, kl, vl = (t.detach()[:, :, pos].clone().requires_grad_() for t in (q, k, v))
-        out = ring(ql, kl, vl)
+        out = r(ql, kl, vl)
         out.backward(dout[:, :, pos])
         torch.testing.assert_close(out, want.detach()[:, :, pos], rtol=1e-5, atol=1e-5)
         for name, a, b in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
-            torch.testing.assert_close(a.grad, b.grad[:, :, pos], rtol=1e-5, atol=1e-5, msg=f"{size} {h} {hkv} {name}")
+            torch.testing.assert_close(a.grad, b.grad[:, :, pos], rtol=1e-5, atol=1e-5,
+                                       msg=f"{size} {r.math} {h} {hkv} {name}")
     # bf16 (train.precision=bf16 on a CPU): the ring merges in fp32, close to the kernel over the whole sequence
     q, k, v = (torch.randn(2, 4, 32, 8).bfloat16() for _ in range(3))
     pos = split.positions(32)
@@ -96,6 +99,29 @@ for size, group in rings.items():
                 torch.testing.assert_close(cp(x[:, :9], cache=c), ref(x[:, :9], cache=ref.new_cache(2, 16)))
 print("ring ok")
 """
+
+
+@pytest.mark.parametrize("h,hkv,d,causal", [(4, 4, 8, True), (4, 2, 8, False), (6, 2, 5, True)])
+def test_the_blocks_in_pytorch_ops_equal_the_cpu_kernel(h, hkv, d, causal):
+    """What the ring runs per block off a CPU: output, log-sum-exp and, from a merged output and log-sum-exp
+    (here the block's own), the gradients equal the CPU flash kernel's and plain attention's."""
+    from lmforge.train.context import _flash, _flash_backward, _math_block, _math_block_backward
+
+    torch.manual_seed(h + hkv + d)
+    q, k, v = torch.randn(2, h, 16, d), torch.randn(2, hkv, 12 if not causal else 16, d), None
+    v = torch.randn_like(k)
+    dout = torch.randn(2, h, 16, d)
+    out, lse = _math_block(q, k, v, causal)
+    want_out, want_lse = _flash(q, k, v, 0.0, causal)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    got = _math_block_backward(dout, q, k, v, want_out, want_lse, causal)
+    want = _flash_backward(dout, q, k, v, want_out, want_lse, 0.0, causal)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=h != hkv).backward(dout)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, want, (qq.grad, kk.grad, vv.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_ring_attention_equals_attention_over_the_whole_sequence(tmp_path):
@@ -195,8 +221,6 @@ def test_cp_refuses_what_it_does_not_cover():
     blocks = list(Transformer(cfg).model.layers)
     with pytest.raises(LmforgeError, match=r"train.seq_len=36 must be a multiple of 2 x parallel.cp = 8"):
         apply_cp(blocks, Layout(cp=4), cfg, 36, torch.device("cpu"))
-    with pytest.raises(LmforgeError, match=r"parallel.cp=2 on cuda: the ring attention is written for the CPU"):
-        apply_cp(blocks, Layout(cp=2), cfg, 32, torch.device("cuda"))
     dropout = load_config(overrides=["model.vocab_size=128", "model.n_layer=1", "model.dropout=0.1"]).model
     with pytest.raises(LmforgeError, match=r"parallel.cp=2 with model.dropout=0.1"):
         apply_cp(blocks, Layout(cp=2), dropout, 32, torch.device("cpu"))

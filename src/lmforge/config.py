@@ -94,7 +94,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "zbv", "dualpipev", "gpipe"] = "1f1b"  # pipeline schedule
     pp_microbatches: int = 0  # micro-batches per pipeline step; 0: train.micro_batch split into single sequences
-    cp: int = 1  # context parallel (pretraining, CPU): each sequence split across this many processes, ring attention
+    cp: int = 1  # context parallel (pretraining): each sequence split across this many processes, ring attention
     fsdp_cpu_offload: bool = False  # keep FSDP's parameters, gradients and optimizer state in CPU memory
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory, one more gather)
     mixed_precision: bool = True  # on CUDA under bf16: FSDP gathers bf16 parameters, reduces gradients in fp32

@@ -14,6 +14,8 @@ runs the ring again with the merged output and log-sum-exp, and each block's key
 travel on with it until they reach the rank that owns the block.
 
 torch's own `context_parallel` has no sharding rule for the CPU kernel (torch 2.13), hence this ring.
+On other devices each block is computed with PyTorch's own ops (`_math_block`: the same output,
+log-sum-exp and gradients, tested against the CPU kernel), which hold a block pair's scores at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,50 @@ from torch import Tensor
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+
+def _math_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    """One block's attention output and log-sum-exp (B, H, Tq) in fp32 with plain ops, any device."""
+    rep = q.shape[1] // k.shape[1]
+    kx, vx = (t.float().repeat_interleave(rep, dim=1) for t in (k, v))
+    s = _scores(q, kx, causal)
+    lse = s.logsumexp(-1)
+    return (torch.exp(s - lse.unsqueeze(-1)) @ vx).to(q.dtype), lse
+
+
+def _math_block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's share of dq, dk, dv given the merged output and log-sum-exp (flash attention's backward:
+    dS = P * (dP - rowsum(dO * O)), P = exp(S - lse))."""
+    rep = q.shape[1] // k.shape[1]
+    kx, vx = (t.float().repeat_interleave(rep, dim=1) for t in (k, v))
+    do = dout.float()
+    p = torch.exp(_scores(q, kx, causal) - lse.unsqueeze(-1))
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vx.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
+    scale = q.shape[-1] ** -0.5
+    dq, dk = scale * ds @ kx, scale * ds.transpose(-1, -2) @ q.float()
+    if rep > 1:  # a key head's gradient is the sum over the query heads that share it
+        b, _, t, d = dk.shape
+        dk, dv = (g.view(b, -1, rep, t, d).sum(2) for g in (dk, dv))
+    return dq, dk, dv
+
+
+def _scores(q: Tensor, kx: Tensor, causal: bool) -> Tensor:
+    s = (q.float() @ kx.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:  # a chunk with itself: query i sees keys 0..i
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _kernels(q: Tensor, math: bool) -> tuple:
+    """(block forward, block backward): the CPU flash kernel on a CPU, PyTorch's ops elsewhere (or if asked)."""
+    if q.device.type == "cpu" and not math:
+        return (lambda q, k, v, causal: _flash(q, k, v, 0.0, causal),
+                lambda do, q, k, v, o, lse, causal: _flash_backward(do, q, k, v, o, lse, 0.0, causal))
+    return _math_block, _math_block_backward
+
 
 # Tags keep the blocks and their gradients apart when both are in flight to the same rank (a ring of two).
 _BLOCK_TAG, _GRAD_TAG = 1, 2
@@ -57,12 +103,13 @@ class RingAttention:
     (fewer key heads: grouped-query attention, which the kernel handles), in the SequenceSplit's order.
     """
 
-    def __init__(self, group: dist.ProcessGroup):
+    def __init__(self, group: dist.ProcessGroup, math: bool = False):
         self.group = group
+        self.math = math  # PyTorch's ops for the blocks even on a CPU (what other devices use)
 
     @torch.compiler.disable  # point-to-point sends inside: a compiled block runs this part eagerly
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _Ring.apply(q, k, v, self.group)
+        return _Ring.apply(q, k, v, self.group, self.math)
 
 
 class _Shift:
@@ -95,8 +142,9 @@ class _Ring(torch.autograd.Function):
     lies after b); a block from a later rank is seen whole by the tail query chunk b only."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, math: bool) -> Tensor:
         rank, size = dist.get_rank(group), dist.get_world_size(group)
+        block_fn, _ = _kernels(q, math)
         half = q.shape[2] // 2
         block = torch.stack([k, v])  # one message a step
         out = lse = None
@@ -105,25 +153,26 @@ class _Ring(torch.autograd.Function):
             src = (rank - step) % size
             kb, vb = block[0], block[1]
             if step == 0:
-                o, lse_o = _flash(q, kb, vb, 0.0, True)
+                o, lse_o = block_fn(q, kb, vb, True)
                 out, lse = o.float(), lse_o.clone()
             elif src < rank:
-                o, lse_o = _flash(q, kb[:, :, :half], vb[:, :, :half], 0.0, False)
+                o, lse_o = block_fn(q, kb[:, :, :half], vb[:, :, :half], False)
                 _merge(out, lse, o, lse_o)
             else:
-                o, lse_o = _flash(q[:, :, half:], kb, vb, 0.0, False)
+                o, lse_o = block_fn(q[:, :, half:], kb, vb, False)
                 _merge(out[:, :, half:], lse[:, :, half:], o, lse_o)
             if shift is not None:
                 block = shift.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group = group
+        ctx.group, ctx.math = group, math
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         q, k, v, out, lse = ctx.saved_tensors
         group = ctx.group
+        _, backward_fn = _kernels(q, ctx.math)
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         half = q.shape[2] // 2
         dout = dout.contiguous()
@@ -136,18 +185,18 @@ class _Ring(torch.autograd.Function):
             kb, vb = block[0], block[1]
             dblock = torch.zeros_like(block, dtype=torch.float32)
             if step == 0:
-                gq, gk, gv = _flash_backward(dout, q, kb, vb, out, lse, 0.0, True)
+                gq, gk, gv = backward_fn(dout, q, kb, vb, out, lse, True)
                 dq += gq
                 dblock[0] += gk
                 dblock[1] += gv
             elif src < rank:
-                gq, gk, gv = _flash_backward(dout, q, kb[:, :, :half], vb[:, :, :half], out, lse, 0.0, False)
+                gq, gk, gv = backward_fn(dout, q, kb[:, :, :half], vb[:, :, :half], out, lse, False)
                 dq += gq
                 dblock[0, :, :, :half] += gk
                 dblock[1, :, :, :half] += gv
             else:
-                gq, gk, gv = _flash_backward(dout[:, :, half:], q[:, :, half:], kb, vb, out[:, :, half:],
-                                             lse[:, :, half:], 0.0, False)
+                gq, gk, gv = backward_fn(dout[:, :, half:], q[:, :, half:], kb, vb, out[:, :, half:],
+                                         lse[:, :, half:], False)
                 dq[:, :, half:] += gq
                 dblock[0] += gk
                 dblock[1] += gv
@@ -157,4 +206,4 @@ class _Ring(torch.autograd.Function):
             if shift is not None:
                 block = shift.wait()
         dkv = grads.wait()  # after a full turn: this rank's own block, with every rank's share
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None

@@ -285,13 +285,15 @@ class Replicated(ParallelStyle):
 def apply_cp(blocks: list[nn.Module], layout: Layout, cfg: ModelConfig, seq_len: int, device: torch.device) -> None:
     """Context parallel: every block's attention becomes the ring over the `cp` ranks (train/context.py).
 
-    The objective hands each rank its part of every sequence, with the tokens' global positions."""
+    The objective hands each rank its part of every sequence, with the tokens' global positions. On a
+    CPU the ring's blocks run the flash kernel; on CUDA, PyTorch's own ops (each block pair's scores are
+    held at once, so a rank's attention memory grows with (seq_len / cp)^2, not linearly as flash's)."""
     from lmforge.train.context import RingAttention
 
     cp = layout.cp
     if device.type != "cpu":
-        raise LmforgeError(f"parallel.cp={cp} on {device.type}: the ring attention is written for the CPU "
-                           "kernel and not yet for CUDA's; on CUDA use parallel.dp_shard or parallel.tp")
+        log(f"parallel.cp={cp} on {device.type}: the ring attention computes its blocks with PyTorch ops "
+            "(no flash kernel yet), so attention memory grows with the square of seq_len / cp")
     if seq_len % (2 * cp):
         raise LmforgeError(f"train.seq_len={seq_len} must be a multiple of 2 x parallel.cp = {2 * cp}: each rank "
                            "holds two equal chunks of every sequence (one early, one late, so the causal work "
