@@ -162,6 +162,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     saved, rng = _load_weights(resume_from, model, device) if resume_from is not None else ({}, {})
     inner = ckpt.unwrap(model)
     flops_tok = inner.flops_per_token(tc.seq_len)
+    n_params = inner.num_params()  # the whole model's, before a pipeline stage keeps only its layers
     # Measured before compiling, while nothing else of ours runs (inductor starts worker processes).
     ceiling = MatmulCeiling(device, amp) if d.is_main else None
 
@@ -222,7 +223,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     meter = _Meter(state, flops_tok, ceiling, device, layout.tp)
     last_eval: dict = {}
     last_path = None
-    log(f"training {objective.name}: {inner.num_params() / 1e6:.2f}M parameters, {d.world} process(es) "
+    log(f"training {objective.name}: {n_params / 1e6:.2f}M parameters, {d.world} process(es) "
         f"({layout.describe()}), "
         f"micro-batches of {tc.micro_batch} x {tc.seq_len} ({accum} accumulated), precision {amp or torch.float32}, "
         f"device {device}"
