@@ -1,10 +1,12 @@
 """Parallel training on CPU with gloo: each layout against the single-process run on the same global batch.
 
 Golden losses, as torchtitan tests them: the same tiny model, data and global batch, trained by one
-process and by FSDP2, DDP and HSDP, must give the same losses step by step and the same final
-weights (to float tolerance: only the order of the reductions differs). Checkpoints written by one
-layout resume on another (4 -> 2 -> 1 processes), and a kill inside a sharded save leaves the
-previous checkpoint to resume from. Every objective runs under FSDP2.
+process and by FSDP2, DDP, HSDP, TP, TP x FSDP, every pipeline schedule and pipelines with FSDP2 on
+their stages, must give the same losses step by step and the same final weights after 20 steps (to
+float tolerance: only the order of the reductions differs). Checkpoints written by one layout resume
+on another (4 -> 2 -> 1 processes, tp 2 -> 1 -> 2), and a kill inside a sharded save leaves the
+previous checkpoint to resume from. Every objective runs under FSDP2 and under TP. Context parallel
+has its own file, tests/test_cp.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run
 
-STEPS = 10
+STEPS = 20  # as the issue's golden tests: 20 steps of each layout against one process
 COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_every=5", "train.micro_batch=2", "train.batch_tokens=256"]
 
 
@@ -48,14 +50,14 @@ REFS = {"adamw": [], "muon": ["train.optimizer=muon"], "pp_untied": [*PP_MODEL, 
 LAYOUTS = {
     2: {"fsdp": [],  # dp_shard=-1 takes both processes
         "ddp": ["parallel.dp_replicate=2"],
-        "tp": ["parallel.tp=2", "train.eval_every=10"],
+        "tp": ["parallel.tp=2", f"train.eval_every={STEPS}"],
         "muon_fsdp": ["train.optimizer=muon"],
         "muon_tp": ["train.optimizer=muon", "parallel.tp=2"],
         **{f"pp_{s}": [*PP_MODEL, _tied(s in V_SCHEDULES), "parallel.pp=2", f"parallel.pp_schedule={s}"]
            for s in SCHEDULES},
         "pp_tied_1f1b": [*PP_MODEL, _tied(True), "parallel.pp=2"]},  # refused: the head is on another rank
     4: {"hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
-        "tp_fsdp": ["parallel.tp=2", "parallel.dp_shard=2", "train.eval_every=10"],  # 2-D: FSDP2 on dp_shard
+        "tp_fsdp": ["parallel.tp=2", "parallel.dp_shard=2", f"train.eval_every={STEPS}"],  # 2-D: FSDP2 on dp_shard
         # Two pipelines side by side, each stage FSDP2-sharded over its data-parallel pair.
         "pp_fsdp": [*PP_MODEL, _tied(False), "parallel.pp=2", "parallel.dp_shard=2"],
         "pp_dualpipev_dp": [*PP_MODEL, _tied(False), "parallel.pp=2", "parallel.pp_schedule=dualpipev",
@@ -98,7 +100,7 @@ def weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
 
 
-def assert_golden(run: Path, ref: Path, atol: float = 1e-5, embed_atol: float = 1e-5) -> None:
+def assert_golden(run: Path, ref: Path, atol: float = 1e-5) -> None:
     a, b = losses(run), losses(ref)
     assert sorted(a) == list(range(1, STEPS + 1)) and a.keys() == b.keys()
     assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5)
@@ -106,8 +108,7 @@ def assert_golden(run: Path, ref: Path, atol: float = 1e-5, embed_atol: float = 
     assert wa.keys() == wb.keys()
     for k in wa:
         diff = (wa[k] - wb[k]).abs().max().item()
-        tol = embed_atol if k == "model.embed_tokens.weight" else atol
-        assert diff <= tol + 1e-5 * wb[k].abs().max().item(), f"{k}: max difference {diff:.2e}"
+        assert diff <= atol + 1e-5 * wb[k].abs().max().item(), f"{k}: max difference {diff:.2e}"
 
 
 @pytest.mark.parametrize("name", ["fsdp", "ddp", "hsdp", "tp", "tp_fsdp"])
@@ -338,13 +339,11 @@ def test_pipeline_schedules_match_one_process(schedule, layouts, single):
     assert rc == 0, err[-3000:]
     assert "(pp 2)" in err
     ref = single["pp_tied" if schedule in V_SCHEDULES else "pp_untied"]
-    # Micro-batches of one sequence (against four per backward pass in the reference) sum the embedding's
-    # gradient in another order. Measured: one row (a token whose gradient nearly cancels, where AdamW's division
-    # by the gradient's size magnifies rounding) drifts by 2e-5 at step 5 and 5e-5 at step 10; every other
-    # weight, that row's neighbours included, stays within 4e-6.
-    assert_golden(run, ref, embed_atol=1.5e-4)
+    # Micro-batches of one sequence (against four per backward pass in the reference) sum the gradients in
+    # another order; measured at step 20, every weight within 3.2e-6 of the reference.
+    assert_golden(run, ref)
     assert _column(run, "val_loss") == pytest.approx(_column(ref, "val_loss"), rel=1e-5)
-    assert len(_column(run, "val_loss")) == 2
+    assert len(_column(run, "val_loss")) == STEPS // 5
 
 
 @pytest.mark.parametrize("name", ["pp_fsdp", "pp_dualpipev_dp"])
@@ -355,7 +354,7 @@ def test_pipeline_with_data_parallel_matches_one_process(name, layouts, single):
     run, rc, err = layouts[name]
     assert rc == 0, err[-3000:]
     assert ("(pp 2, dp_shard 2)" if name == "pp_fsdp" else "(pp 2, dp_replicate 2)") in err
-    assert_golden(run, single["pp_untied"], embed_atol=1.5e-4)
+    assert_golden(run, single["pp_untied"])
     assert _column(run, "val_loss") == pytest.approx(_column(single["pp_untied"], "val_loss"), rel=1e-5)
     assert _column(run, "grad_norm") == pytest.approx(_column(single["pp_untied"], "grad_norm"), rel=1e-5)
 
