@@ -50,3 +50,22 @@ def test_preset_then_explicit_keys_win(tmp_path):
     assert (gpt2.norm, gpt2.pos, gpt2.mlp, gpt2.bias) == ("layernorm", "learned", "gelu", True)
     with pytest.raises(Exception, match="unknown model preset 'huge'"):
         load_config(overrides=["model.preset=huge"])
+
+
+def test_a_remembered_layout_is_kept_fitted_or_replaced_whole(tmp_path, monkeypatch):
+    """A run's lmforge.yaml remembers its parallel section. Restarted on as many processes with no parallel.*
+    keys, the layout is kept; on a number it cannot fill, the default is taken; parallel.* keys given replace
+    the remembered section whole rather than merging into it (pp 2 given to a pp 2 x dp_shard 2 run)."""
+    from lmforge.cli import config_from_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lmforge.yaml").write_text("parallel:\n  pp: 2\n  dp_shard: 2\n  pp_schedule: dualpipev\n")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    kept = config_from_args([f"run_dir={run}"]).parallel
+    assert (kept.pp, kept.dp_shard, kept.pp_schedule) == (2, 2, "dualpipev")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fallback = config_from_args([f"run_dir={run}"]).parallel
+    assert (fallback.pp, fallback.dp_shard, fallback.pp_schedule) == (1, -1, "1f1b")
+    given = config_from_args([f"run_dir={run}", "parallel.pp=2"]).parallel
+    assert (given.pp, given.dp_shard, given.pp_schedule) == (2, -1, "1f1b")

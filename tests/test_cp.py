@@ -183,10 +183,11 @@ def test_cp_matches_one_process_across_layouts_and_resumes(base_run, single, tmp
     assert r.returncode != 0 and "(dp_shard 2, cp 2)" in r.stderr and "written by 2 processes" in r.stderr, \
         r.stderr[-3000:]
     assert (run / "checkpoints" / "step_000015" / "trainer_state.json").is_file()
-    # The run remembers dp_shard=2 (RUN/lmforge.yaml): -1 gives it what cp x tp leave, one.
-    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=-1",
-                torchrun=4)
+    # The run remembers dp_shard 2 (RUN/lmforge.yaml); the parallel.* keys given replace that layout whole, so
+    # dp_shard takes what cp x tp leave, one.
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, "parallel.cp=2", "parallel.tp=2", torchrun=4)
     assert r.returncode == 0 and "step_000015" in r.stderr and "(cp 2, tp 2)" in r.stderr, r.stderr[-3000:]
+    assert "remembers another parallel section" in r.stderr
 
     for key in ("loss", "grad_norm", "val_loss"):
         a, b = _rows(run, key), _rows(single, key)

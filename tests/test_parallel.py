@@ -364,6 +364,63 @@ def test_pipeline_refuses_what_it_cannot_train(layouts):
     assert rc != 0 and "model.tie_embeddings=false" in err and "dualpipev" in err
 
 
+def test_pipeline_resume_on_other_layouts(base_run, single, tmp_path):
+    """Killed as two pipelines of FSDP2-sharded stages on 4 processes, resumed as one pipeline on 2 and killed
+    again, finished on one process: each rank's optimizer state is keyed by its own parameters' names, so the
+    stages' states reshard onto other stages' ranks and onto the whole model, and the run continues as the
+    uninterrupted one."""
+    run = copy_run(base_run, tmp_path / "pp_moved")
+    untied = [*PP_MODEL, _tied(False)]
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *untied, "parallel.pp=2", "parallel.dp_shard=2", torchrun=4,
+                env={"LMFORGE_FAULT": "step:7"})
+    assert r.returncode != 0 and (run / "checkpoints" / "step_000005" / "trainer_state.json").is_file()
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *untied, "parallel.pp=2", "train.save_every=2", torchrun=2,
+                env={"LMFORGE_FAULT": "step:9"})
+    assert r.returncode != 0 and "written by 4 processes" in r.stderr and "(pp 2)" in r.stderr, r.stderr[-3000:]
+    assert "remembers another parallel section" in r.stderr  # pp 2 x dp_shard 2: the keys given replace it
+    r = lmforge("pretrain", f"run_dir={run}", *COMMON, *untied)
+    assert r.returncode == 0 and "step_000008" in r.stderr, r.stderr[-3000:]
+    assert_golden(run, single["pp_untied"])
+
+
+def test_optimizer_state_keyed_by_group_index_still_loads(tmp_path):
+    """Checkpoints written before the optimizer state was keyed per parameter name kept the param groups by
+    index (param_groups.0.lr): they resume as before, and the current format round-trips the same state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from lmforge import checkpoint as ckpt
+    from lmforge.config import ModelConfig
+    from lmforge.model.spec import build_model
+
+    def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, max_seq_len=16))
+        opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() > 1]},
+                                 {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
+                                lr=1e-3)
+        return model, opt
+
+    model, opt = trained()
+    x = torch.randint(0, 64, (2, 8))
+    model(x, labels=x).backward()
+    opt.step()
+    old, new = tmp_path / "old", tmp_path / "new"
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(old / "optimizer"), no_dist=True)
+    ckpt.save_optimizer(model, opt, new / "optimizer")
+    keys = dcp.FileSystemReader(old / "optimizer").read_metadata().state_dict_metadata
+    assert "optimizer.param_groups.0.params" in keys
+    want = opt.state_dict()
+    for folder in (old, new):
+        fresh, fresh_opt = trained()
+        ckpt.load_optimizer(fresh, fresh_opt, folder)
+        got = fresh_opt.state_dict()
+        assert [{k: v for k, v in g.items() if k != "initial_lr"} for g in got["param_groups"]] == want["param_groups"]
+        for i, st in want["state"].items():
+            torch.testing.assert_close(got["state"][i]["exp_avg"], st["exp_avg"], rtol=0, atol=0)
+            torch.testing.assert_close(got["state"][i]["exp_avg_sq"], st["exp_avg_sq"], rtol=0, atol=0)
+
+
 # --- every objective under FSDP2 ----------------------------------------------------------------------
 
 POST = ["train.progress=false", "train.seq_len=48", "train.micro_batch=2", "train.batch_tokens=192",

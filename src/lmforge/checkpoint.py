@@ -33,6 +33,7 @@ import signal
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,9 @@ from lmforge.model.spec import build_model
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.dist import barrier
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -254,13 +258,24 @@ def full_model_state(model: nn.Module, stages: dist.ProcessGroup | None = None) 
     return sd if _is_main() else None
 
 
+def _flat_options() -> StateDictOptions:
+    """Optimizer state keyed per parameter (state.FQN.exp_avg, param_groups.FQN.lr), not per group index.
+
+    Keyed by group index, the groups' parameter lists are one key each that every rank writes and
+    torch.distributed.checkpoint saves once, from one rank: under pipeline parallel each rank holds other
+    parameters, and the others read back a list naming none of theirs (their groups lose every key)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Every rank writes its shard of the optimizer state, keyed by parameter name, so a run resumes on
     another number of processes or another layout (torch.distributed.checkpoint reshards on load)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    osd = get_optimizer_state_dict(unwrap(model), optimizer)
+    osd = get_optimizer_state_dict(unwrap(model), optimizer, options=_flat_options())
     with warnings.catch_warnings(), _dcp_errors():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
@@ -296,14 +311,17 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
     # The schedule scales each group's base rate (set_lr's initial_lr), which the state dict leaves out:
     # the groups as this run's config built them keep theirs.
     base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
-    osd = get_optimizer_state_dict(inner, optimizer)
     try:
+        # Checkpoints written before the state was keyed per parameter keep their groups by index.
+        by_index = "optimizer.param_groups.0.params" in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        options = None if by_index else _flat_options()
+        osd = get_optimizer_state_dict(inner, optimizer, options=options)
         with warnings.catch_warnings(), _dcp_errors():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"optimizer": osd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     except (Exception, LmforgeError) as e:  # a missing or damaged shard, or another model's state
         raise LmforgeError(f"{folder}: the optimizer state cannot be read ({e})") from None
-    set_optimizer_state_dict(inner, optimizer, osd)
+    set_optimizer_state_dict(inner, optimizer, osd, options=options)
     for group, lr in zip(optimizer.param_groups, base):
         group["initial_lr"] = lr
 

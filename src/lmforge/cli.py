@@ -224,26 +224,51 @@ def config_from_args(items: list[str]):
         # Older versions saved a fresh start into the run's config, so every restart started afresh
         # again; a fresh start is asked for on the command line, never inherited.
         cfg.train.resume = "auto"
-    if remembered and not any(k.startswith("parallel.") for k in keys):
-        _fit_remembered_layout(cfg, recipe)
+    if remembered:
+        given = [o for o in overrides if o.split("=", 1)[0].strip().startswith("parallel.")]
+        if given:
+            _replace_remembered_layout(cfg, recipe, given)
+        else:
+            _fit_remembered_layout(cfg, recipe)
     return cfg
+
+
+def _sizes(pc: schema.ParallelConfig) -> str:
+    named = [f"{k} {getattr(pc, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp") if getattr(pc, k) > 1]
+    return ", ".join(named) or "the default: data parallel over every process"
 
 
 def _fit_remembered_layout(cfg: schema.Config, saved: str) -> None:
     """A run remembers its layout, so a restart on as many processes keeps it; a restart on another number
     (a tp=2 run resumed on one process) takes the default layout instead of refusing to start. The
-    checkpoint is resharded on load either way. A layout given on the command line is never replaced."""
-    pc, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
-    fixed = pc.pp * pc.dp_replicate * pc.cp * pc.tp
-    fits = world % fixed == 0 if pc.dp_shard == -1 else fixed * pc.dp_shard == world
-    if not fits:
+    checkpoint is resharded on load either way."""
+    from lmforge.train.parallelize import resolve_sizes  # imports torch: only on this path
+
+    try:
+        resolve_sizes(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+    except LmforgeError:
         from lmforge.console import log
 
-        sizes = ", ".join(f"{k} {getattr(pc, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-                          if getattr(pc, k) > 1)
+        log(f"{saved} remembers the layout {_sizes(cfg.parallel)}, which does not fit "
+            f"{os.environ.get('WORLD_SIZE', '1')} process(es): this launch uses the default "
+            "(parallel.dp_shard=-1); give parallel.* keys to choose another")
         cfg.parallel = schema.ParallelConfig()
-        log(f"{saved} remembers the layout {sizes}, which does not fit {world} process(es): this launch "
-            "uses the default (parallel.dp_shard=-1); give parallel.* keys to choose another")
+
+
+def _replace_remembered_layout(cfg: schema.Config, saved: str, given: list[str]) -> None:
+    """parallel.* keys on the command line replace the remembered layout whole: `parallel.pp=2` on a run that
+    remembers pp 2 x dp_shard 2 means one pipeline on this launch, not pp 2 merged with a dp_shard 2 that
+    no longer fits. The keys not given take their defaults."""
+    merged = cfg.parallel
+    cfg.parallel = schema.ParallelConfig()
+    for item in given:
+        key, value = item.split("=", 1)
+        schema.set_key(cfg, key.strip(), value.strip())
+    if cfg.parallel != merged:
+        from lmforge.console import log
+
+        log(f"{saved} remembers another parallel section; this launch takes the parallel.* keys given and the "
+            f"defaults for the rest (layout: {_sizes(cfg.parallel)})")
 
 
 def _run(name: str, argv: list[str]) -> int:
