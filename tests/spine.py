@@ -10,8 +10,12 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.config import load_config
+
+if TYPE_CHECKING:
+    from lmforge.model.transformer import Transformer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A ~200 kB corpus of real Python: enough for a 512-token BPE and a few hundred steps.
@@ -23,6 +27,38 @@ CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "json/__init__.py", "textw
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=64",
         "train.seq_len=32", "train.micro_batch=4", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_every=0",
         "train.log_every=1", "train.progress=false", "train.keep_last=5"]
+
+
+# Each family variant of the decoder the parallel plans cover, as overrides of one tiny model (the
+# torchrun check scripts of tests/test_parallel.py and tests/test_cp.py build them with tiny_model).
+VARIANTS = {"llama": [],
+            "qwen3": ["model.qk_norm=true", "model.tie_embeddings=false", "model.attn_qkv_bias=true",
+                      "model.logit_softcap=30"],
+            "gpt2": ["model.arch=gpt2", "model.norm=layernorm", "model.pos=learned", "model.mlp=gelu",
+                     "model.bias=true"]}
+
+
+def tiny_model(variant: str) -> tuple[Transformer, Transformer]:
+    """Two copies of one variant's 2-layer, 64-wide model with the same weights: (reference, to transform)."""
+    import torch
+
+    from lmforge.model.transformer import Transformer
+
+    cfg = load_config(overrides=["model.vocab_size=128", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+                                 "model.n_kv_head=2", "model.max_seq_len=64", *VARIANTS[variant]]).model
+    torch.manual_seed(0)
+    ref, other = Transformer(cfg), Transformer(cfg)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def run_check(script: Path, procs: int) -> subprocess.CompletedProcess:
+    """A check script under torchrun on `procs` CPU processes, able to import this module."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={procs}", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def make_corpus(dst: Path) -> Path:

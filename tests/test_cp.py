@@ -5,15 +5,12 @@ and final weights, as tests/test_parallel.py holds every other layout to)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, prepared_run
+from spine import TINY, copy_run, lmforge, prepared_run, run_check
 
 STEPS = 20
 # test_parallel's settings, longer: 4 micro-batches of 2 x 32 tokens a step, each sequence in 4 chunks of 8
@@ -27,8 +24,7 @@ COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_every=5", "train.micro_
 CP_CHECK = """
 import torch, torch.distributed as dist
 import torch.nn.functional as F
-from lmforge.config import load_config
-from lmforge.model.transformer import Transformer
+from spine import VARIANTS, tiny_model
 from lmforge.train.context import RingAttention, SequenceSplit
 from lmforge.train.parallelize import apply_activation_checkpointing
 
@@ -65,15 +61,8 @@ for size, group in rings.items():
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, pos], rtol=2e-2,
                                atol=2e-2)
 
-    variants = {"llama": [], "qwen3": ["model.qk_norm=true", "model.tie_embeddings=false"],
-                "gpt2": ["model.arch=gpt2", "model.norm=layernorm", "model.pos=learned", "model.mlp=gelu",
-                         "model.bias=true"]}
-    for name, extra in variants.items():
-        cfg = load_config(overrides=["model.vocab_size=128", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-                                     "model.n_kv_head=2", "model.max_seq_len=64", *extra]).model
-        torch.manual_seed(0)
-        ref, cp = Transformer(cfg), Transformer(cfg)
-        cp.load_state_dict(ref.state_dict())
+    for name in VARIANTS:
+        ref, cp = tiny_model(name)
         for block in cp.model.layers:
             block.self_attn.attend = ring
         if name == "qwen3":  # the ring runs again when backward recomputes a block
@@ -127,9 +116,7 @@ def test_the_blocks_in_pytorch_ops_equal_the_cpu_kernel(h, hkv, d, causal):
 def test_ring_attention_equals_attention_over_the_whole_sequence(tmp_path):
     script = tmp_path / "cp_check.py"
     script.write_text(CP_CHECK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                        str(script)], env=env, capture_output=True, text=True, timeout=300)
+    r = run_check(script, 4)
     assert r.returncode == 0 and r.stdout.count("ring ok") == 4, r.stderr[-3000:]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run
+from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run, run_check
 
 STEPS = 20  # as the issue's golden tests: 20 steps of each layout against one process
 COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_every=5", "train.micro_batch=2", "train.batch_tokens=256"]
@@ -142,22 +142,13 @@ TP_CHECK = """
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from lmforge.config import load_config
-from lmforge.model.transformer import Transformer
+from spine import VARIANTS, tiny_model
 from lmforge.train.parallelize import apply_activation_checkpointing, apply_tp, loss_context, Layout
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-variants = {"llama": [],
-            "qwen3": ["model.qk_norm=true", "model.tie_embeddings=false", "model.attn_qkv_bias=true",
-                      "model.logit_softcap=30"],
-            "gpt2": ["model.arch=gpt2", "model.norm=layernorm", "model.pos=learned", "model.mlp=gelu",
-                     "model.bias=true"]}
-for name, extra in variants.items():
-    cfg = load_config(overrides=["model.vocab_size=128", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-                                 "model.n_kv_head=2", "model.max_seq_len=64", *extra]).model
-    torch.manual_seed(0)
-    ref, tp = Transformer(cfg), Transformer(cfg)
-    tp.load_state_dict(ref.state_dict())
+for name in VARIANTS:
+    ref, tp = tiny_model(name)
+    cfg = ref.cfg
     apply_tp(tp, mesh["tp"])
     if name == "qwen3":
         apply_activation_checkpointing(list(tp.model.layers))
@@ -209,9 +200,7 @@ def test_tp_plan_shards_and_matches_the_plain_model(tmp_path):
     Qwen3 (QK-norm, untied, qkv bias, softcap, activation checkpointing) and GPT-2 (learned positions)."""
     script = tmp_path / "tp_check.py"
     script.write_text(TP_CHECK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], env=env, capture_output=True, text=True, timeout=300)
+    r = run_check(script, 2)
     assert r.returncode == 0 and r.stdout.count("tp plan ok") == 2, r.stderr[-3000:]
 
 
