@@ -119,7 +119,10 @@ def test_muon_trains_through_the_loop(base_run, fp32, tmp_path):
 
     dcp_to_torch_save(run / "checkpoints" / "step_000010" / "optimizer", tmp_path / "opt.pt")
     state = torch.load(tmp_path / "opt.pt", weights_only=False)["optimizer"]
-    assert "muon" in {g.get("kind") for g in state["param_groups"]}
+    # Keyed per parameter: param_groups.<name>.kind says which optimizer each matrix had.
+    kinds = {name: v for name, v in state.items() if name.startswith("param_groups.") and name.endswith(".kind")}
+    assert kinds["param_groups.model.layers.0.mlp.up_proj.weight.kind"] == "muon", kinds
+    assert kinds["param_groups.model.norm.weight.kind"] == "adamw", kinds
 
 
 def test_compile_matches_eager(base_run, tmp_path):

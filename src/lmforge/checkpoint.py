@@ -302,6 +302,8 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
     folder = Path(path) / OPTIMIZER_SHARDS
     if not folder.is_dir():
         state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+        # Written when an empty parameter group (LoRA's vectors) was still kept: this run leaves it out.
+        state["param_groups"] = [g for g in state["param_groups"] if g["params"]]
         optimizer.load_state_dict(state)
         return
     import torch.distributed.checkpoint as dcp
