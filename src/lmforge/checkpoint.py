@@ -78,8 +78,8 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
     With the checkpoint's tokenizer it also carries the bos / eos / pad ids.
     """
     out: dict = {}
-    if cfg.arch == "llama" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" and cfg.pos == "rope" \
-            and not cfg.logit_softcap:
+    if cfg.arch == "llama" and cfg.attention == "mha" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
+            and cfg.pos == "rope" and not cfg.logit_softcap:
         from lmforge.model.transformer import ffn_dim
 
         head_dim = model_head_dim(cfg)
@@ -413,7 +413,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if cfg.pos == "rope":  # non-persistent buffers were left empty by to_empty()
         from lmforge.model.transformer import rope_cache
 
-        cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
     if dtype is not None:

@@ -141,7 +141,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     has_tok = (src / "tokenizer.json").is_file()

@@ -133,7 +133,8 @@ def param_counts(cfg: ModelConfig) -> Params:
                                                      if cfg.pos == "learned" else [])
         _params_cache[key] = Params(
             block=size(layer.parameters()), block_matrices=size(p for p in layer.parameters() if p.dim() == 2),
-            qkv=size(m.weight for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+            # MLA (model/mla.py) has no fused q/k/v product, so no concatenated copy of them
+            qkv=size(m.weight for m in getattr(layer.self_attn, "qkv", ())),
             embed=size(embed), head=model.lm_head.weight.numel(), final_norm=size(model.model.norm.parameters()),
             n_layer=cfg.n_layer, tied=cfg.tie_embeddings)
     return _params_cache[key]

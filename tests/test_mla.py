@@ -1,0 +1,155 @@
+"""Multi-head latent attention (model/mla.py): against a plain reference, its latent cache, its config keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from infer_helpers import one_thread  # noqa: F401 (fixture)
+
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.config import ConfigError, ModelConfig, load_config
+from lmforge.infer.engine import generate_ids
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.mla import LatentCache, kv_cache_bytes_per_token, mla_dims
+from lmforge.model.presets import model_config
+from lmforge.model.transformer import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MLA = dict(attention="mla", vocab_size=128, n_layer=2, n_embd=64, n_head=4, max_seq_len=64, kv_lora_rank=24,
+           qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=20)
+
+
+def mla_model(seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**MLA, **kw}))
+    with torch.no_grad():  # non-trivial norm gains, so a misplaced latent norm is caught
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+            else:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def rope_ref(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE written out: pairs (i, i + D/2) turned by pos * theta^(-2i/D)."""
+    D = x.shape[-1]
+    freq = theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D)
+    ang = pos[:, None].double() * freq[None]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    a, b = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def attention_ref(attn, x: torch.Tensor, theta: float) -> torch.Tensor:
+    """DeepSeek-V2's equations, one head at a time, with an explicit causal softmax."""
+    d = attn.dims
+    B, T, _ = x.shape
+    if d.q_lora:
+        q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight, 1e-6) @ attn.q_b_proj.weight.T
+    else:
+        q = x @ attn.q_proj.weight.T
+    kv = x @ attn.kv_a_proj_with_mqa.weight.T
+    c, k_r = rms(kv[..., :d.kv_lora], attn.kv_a_layernorm.weight, 1e-6), kv[..., d.kv_lora:]
+    pos = torch.arange(T)
+    k_r = rope_ref(k_r, pos, theta)
+    heads = []
+    for h in range(attn.n_head):
+        qh = q[..., h * d.qk:(h + 1) * d.qk]
+        q_nope, q_rope = qh[..., :d.nope], rope_ref(qh[..., d.nope:], pos, theta)
+        wk = attn.kv_b_proj.weight[h * (d.nope + d.v):h * (d.nope + d.v) + d.nope]
+        wv = attn.kv_b_proj.weight[h * (d.nope + d.v) + d.nope:(h + 1) * (d.nope + d.v)]
+        scores = (q_nope @ (c @ wk.T).transpose(1, 2) + q_rope @ k_r.transpose(1, 2)) / math.sqrt(d.qk)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        heads.append(scores.softmax(-1) @ (c @ wv.T))
+    return torch.cat(heads, dim=-1) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("q_lora", [0, 16])
+def test_attention_equals_the_reference(q_lora):
+    model = mla_model(q_lora_rank=q_lora)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 11, 64)
+    rope = (model.rope_cos[:11], torch.cat([-model.rope_sin[:11, :4], model.rope_sin[:11, 4:]], -1))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, rope, None, None), attention_ref(attn, x, 10000.0), atol=1e-5, rtol=1e-4)
+    names = set(model.state_dict())
+    want = {"q_a_proj", "q_a_layernorm", "q_b_proj"} if q_lora else {"q_proj"}
+    for n in want | {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}:
+        assert f"model.layers.1.self_attn.{n}.weight" in names
+
+
+def test_latent_cache_equals_full_recompute_and_holds_only_latents():
+    model = mla_model(q_lora_rank=16)
+    x = torch.randint(0, 128, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(3, 32)
+        parts = [model(x[:, :9], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(9, 20)]
+    assert isinstance(cache, LatentCache)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+    # per layer and position: the 24-wide latent and the 8-wide RoPE key, nothing per head
+    assert cache.nbytes() == 2 * 3 * 32 * (24 + 8) * 4
+    assert kv_cache_bytes_per_token(model.cfg, 4) == 2 * (24 + 8) * 4
+
+
+def test_cached_greedy_equals_uncached_greedy_in_a_padded_batch():
+    model = mla_model(seed=3)
+    prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [3]]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0)
+    for prompt, got in zip(prompts, generate_ids(model, prompts, params)):
+        ids, want = list(prompt), []
+        for _ in range(10):  # no cache: the whole sequence again at every step
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(nxt)
+            want.append(nxt)
+        assert got == want
+
+
+def test_cache_bytes_against_gqa_of_a_similar_budget():
+    mla, gqa = model_config("mla-small"), model_config("small", n_kv_head=4)
+    with torch.device("meta"):
+        n_mla, n_gqa = (Transformer(ModelConfig(**{**vars(c), "vocab_size": 50304})).num_params() for c in (mla, gqa))
+    assert abs(n_mla - n_gqa) / n_gqa < 0.1  # within 10% in parameters
+    # bf16, all 12 layers: (256 + 32) x 2 B = 576 B a layer, against 2 x 4 heads x 64 x 2 B = 1024 B
+    assert kv_cache_bytes_per_token(mla) == 12 * 576
+    assert kv_cache_bytes_per_token(gqa) == 12 * 1024
+
+
+def test_checkpoint_keeps_the_mla_keys(tmp_path):
+    model = mla_model(q_lora_rank=16)
+    loaded = load_model(save_checkpoint(tmp_path / "ckpt", model))
+    assert mla_dims(loaded.cfg) == mla_dims(model.cfg) and loaded.cfg.attention == "mla"
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_mla_keys_derive_from_the_head_width():
+    cfg = load_config(overrides=["model.attention=mla", "model.n_embd=256", "model.n_head=4"]).model
+    d = mla_dims(cfg)
+    assert (d.kv_lora, d.q_lora, d.nope, d.rope, d.v) == (256, 0, 64, 32, 64)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.attention=mla", "model.qk_rope_head_dim=7"], "model.qk_rope_head_dim"),
+    (["model.attention=mla", "model.n_embd=24", "model.n_head=4"], "model.qk_rope_head_dim"),  # 24/4/2 = 3
+    (["model.attention=mla", "model.kv_lora_rank=-1"], "model.kv_lora_rank"),
+    (["model.attention=mla", "model.n_kv_head=2"], "model.n_kv_head"),
+    (["model.attention=mla", "model.head_dim=32"], "model.head_dim"),
+    (["model.attention=mla", "model.qk_norm=true"], "model.qk_norm"),
+    (["model.attention=mla", "model.arch=gpt2"], "model.pos"),
+    (["model.kv_lora_rank=64"], "model.kv_lora_rank"),  # an MLA key without attention=mla
+    (["model.attention=gqa"], "model.attention"),
+])
+def test_bad_mla_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=overrides)
