@@ -153,3 +153,13 @@ def test_mla_keys_derive_from_the_head_width():
 def test_bad_mla_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("key", ["tp", "cp"])
+def test_tensor_and_context_parallel_are_refused(key):
+    from lmforge.errors import LmforgeError
+    from lmforge.train.parallelize import Layout, parallelize_decoder
+
+    cfg = load_config()
+    with pytest.raises(LmforgeError, match=rf"parallel\.{key}=2 with model\.attention=mla"):
+        parallelize_decoder(mla_model(), Layout(**{key: 2}), cfg.parallel, cfg.train, torch.device("cpu"), None)
