@@ -163,3 +163,76 @@ def test_tensor_and_context_parallel_are_refused(key):
     cfg = load_config()
     with pytest.raises(LmforgeError, match=rf"parallel\.{key}=2 with model\.attention=mla"):
         parallelize_decoder(mla_model(), Layout(**{key: 2}), cfg.parallel, cfg.train, torch.device("cpu"), None)
+
+
+# --- Hugging Face: DeepseekV3ForCausalLM, every layer dense --------------------------------------------
+
+def assert_same_as_hf(ours: Transformer, theirs) -> None:
+    x = torch.randint(0, 128, (2, 15), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), atol=1e-4, rtol=1e-4)
+    prompt = [5, 17, 42, 7, 100, 3]
+    out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                          do_sample=False, max_new_tokens=8)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0)
+    assert out[0, 6:].tolist() == generate_ids(ours, [prompt], params)[0]
+
+
+@pytest.mark.parametrize("kw", [dict(q_lora_rank=16), dict(tie_embeddings=False, rope_theta=50000.0)])
+def test_export_loads_as_deepseek_v3_with_equal_logits(tmp_path, kw):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.export.hf import export_hf
+
+    model = mla_model(**kw)
+    out = export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in theirs.model.layers)
+    assert_same_as_hf(model, theirs)
+
+
+def test_import_of_a_deepseek_v3_folder(tmp_path):
+    """A transformers-built DeepSeek-V3 (interleaved RoPE, as released) imports with its logits, and exports back."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    hf_cfg = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24,
+                              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=20,
+                              first_k_dense_replace=2, n_routed_experts=4, n_group=1, topk_group=1,
+                              num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                              rope_interleave=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.2) if p.dim() == 1 else p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "src")
+    ours = load_model(import_hf(tmp_path / "src", tmp_path / "ckpt"))
+    assert ours.cfg.attention == "mla" and mla_dims(ours.cfg).q_lora == 16 and ours.cfg.norm_eps == 1e-5
+    assert_same_as_hf(ours, theirs)
+    back = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "ckpt", tmp_path / "hf")).eval()
+    assert back.config.rope_interleave is False
+    assert_same_as_hf(ours, back)
+
+    import json
+
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    for change, key in ((dict(first_k_dense_replace=1), "first_k_dense_replace"),
+                        (dict(attention_bias=True), "attention_bias"),
+                        (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling")):
+        (tmp_path / "src" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(Exception, match=key):
+            import_hf(tmp_path / "src", tmp_path / "bad")
+
+
+def test_export_refuses_what_deepseek_v3_cannot_represent(tmp_path):
+    from lmforge.errors import LmforgeError
+    from lmforge.export.hf import export_hf
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", mla_model(logit_softcap=30.0))
+    with pytest.raises(LmforgeError, match=r"model\.logit_softcap"):
+        export_hf(ckpt, tmp_path / "out")

@@ -192,3 +192,42 @@ class MLAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, kc, kc[..., :d.kv_lora], attn_mask=mask, scale=self.scale)
         y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def deepseek_config(cfg: ModelConfig, intermediate_size: int) -> dict:
+    """transformers' DeepseekV3 config.json for an MLA model: every layer dense (first_k_dense_replace =
+    n_layer, so the routed-expert keys describe nothing built), RoPE in halves (rope_interleave false),
+    no multi-token-prediction layers."""
+    d = mla_dims(cfg)
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": intermediate_size, "moe_intermediate_size": intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+        "first_k_dense_replace": cfg.n_layer, "n_routed_experts": 1, "n_shared_experts": 1,
+        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "kv_lora_rank": d.kv_lora, "q_lora_rank": d.q_lora or None, "qk_rope_head_dim": d.rope,
+        "qk_nope_head_dim": d.nope, "v_head_dim": d.v, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_scaling": None,
+        "rope_interleave": False, "attention_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "num_nextn_predict_layers": 0,
+        "torch_dtype": "float32", "use_cache": True,
+    }
+
+
+def deinterleave_rope_rows(weights: dict[str, Tensor], dims: MLADims, n_head: int) -> dict[str, Tensor]:
+    """DeepSeek's interleaved RoPE pairs (x0, x1), (x2, x3), ... as lmforge's halves: the rope rows of the
+    query and of kv_a_proj_with_mqa reordered evens first, then odds. Rotating the reordered vector by
+    halves gives exactly what transformers' interleaved rotation gives, so every score is unchanged."""
+    perm = torch.cat([torch.arange(0, dims.rope, 2), torch.arange(1, dims.rope, 2)])
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            w = w.view(n_head, dims.qk, -1).clone()
+            w[:, dims.nope:] = w[:, dims.nope:][:, perm]
+            out[name] = w.view(n_head * dims.qk, -1)
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            w = w.clone()
+            w[dims.kv_lora:] = w[dims.kv_lora:][perm]
+            out[name] = w
+    return out
