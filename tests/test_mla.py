@@ -20,6 +20,7 @@ from lmforge.export.gguf import gguf_arch
 from lmforge.export.hf import export_hf
 from lmforge.export.hf_import import import_hf
 from lmforge.infer.engine import generate_ids
+from lmforge.infer.quant import quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.mla import LatentCache, kv_cache_bytes_per_token, mla_dims
 from lmforge.model.presets import model_config
@@ -278,3 +279,28 @@ def test_kill_and_resume_is_bit_exact(base_run, tmp_path):
     b = load_file(killed / "checkpoints" / "step_000016" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(straight) == losses(killed)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_mla_decodes_as_it_recomputes(mode):
+    """The absorbed decode reads kv_b_proj's matrix; a quantized kv_b_proj must give the same as recomputing."""
+    model = quantize_model(mla_model(seed=2, kv_lora_rank=32), mode)
+    assert type(model.model.layers[0].self_attn.kv_b_proj).__name__ != "Linear"
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 12)
+        parts = [model(x[:, :5], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_model_info_shows_the_latent_cache(capsys):
+    from lmforge.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["model", "info", "mla-small"])
+    assert e.value.code == 0
+    assert "KV cache                 6.8 KiB per token" in capsys.readouterr().out  # "small": 36.0 KiB
+    with pytest.raises(SystemExit):  # the planner offers no tensor-parallel layout for MLA
+        cli_main(["model", "info", "mla-small", "--gpus", "8", "--gpu-mem", "16GB"])
+    assert "TP 2" not in capsys.readouterr().out

@@ -333,8 +333,8 @@ def candidate_layouts(n_gpus: int, cfg: ModelConfig, batch: int, gpus_per_node: 
     from lmforge.model.transformer import ffn_dim
 
     splits = (cfg.n_head, cfg.n_kv_head or cfg.n_head, ffn_dim(cfg), cfg.vocab_size)
-    for tp in (2, 4, 8):
-        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits):
+    for tp in (2, 4, 8):  # MLA has no tensor-parallel plan (train/parallelize.py check_attention)
+        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits) and cfg.attention != "mla":
             base.append(Layout(tp=tp, dp_shard=n_gpus // tp))
     for pp in sorted({2, 4, n_gpus}):
         if 1 < pp <= min(cfg.n_layer, batch) and n_gpus % pp == 0:

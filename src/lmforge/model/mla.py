@@ -117,15 +117,13 @@ class LatentCache:
         return sum(c.numel() * c.element_size() for c in self.c if c is not None)
 
 
-def effective_weight(linear: nn.Module, in_features: int) -> Tensor:
-    """The (out, in) matrix a bias-free linear layer applies: its weight when plain, else read off
-    its outputs for the unit vectors (a quantized or adapter-wrapped layer computes what it holds)."""
+def effective_weight(linear: nn.Module, like: Tensor) -> Tensor:
+    """The (out, in) matrix a bias-free linear layer applies, in like's dtype and device: its weight when
+    plain, else read off its outputs for the unit vectors (a quantized or adapter-wrapped layer computes
+    with what it holds, whatever that is)."""
     if type(linear) is nn.Linear:
-        return linear.weight
-    p = next(linear.parameters(), None)
-    eye = torch.eye(in_features, dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32,
-                    device=p.device if p is not None else "cpu")
-    return linear(eye).T
+        return linear.weight.to(like.dtype)
+    return linear(torch.eye(linear.in_features, dtype=like.dtype, device=like.device)).T
 
 
 class MLAttention(nn.Module):
@@ -184,7 +182,7 @@ class MLAttention(nn.Module):
         """Attention over the cached [latent | k_r] rows c (B, S, r + rope), kv_b_proj folded into q and out."""
         d = self.dims
         B, H, T, _ = q_nope.shape
-        w = effective_weight(self.kv_b_proj, d.kv_lora).view(H, d.nope + d.v, d.kv_lora).to(q_nope.dtype)
+        w = effective_weight(self.kv_b_proj, q_nope).view(H, d.nope + d.v, d.kv_lora)
         w_uk, w_uv = w.split([d.nope, d.v], dim=1)  # (H, nope, r), (H, v, r)
         q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
         kc = c.unsqueeze(1).to(q.dtype).expand(-1, H, -1, -1)  # one latent "head", read by every head (no copy)
