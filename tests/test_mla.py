@@ -10,7 +10,7 @@ import pytest
 import torch
 from infer_helpers import one_thread  # noqa: F401 (fixture)
 from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, prepared_run
+from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run
 from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from lmforge.checkpoint import latest_checkpoint, load_model, save_checkpoint
@@ -304,3 +304,20 @@ def test_model_info_shows_the_latent_cache(capsys):
     with pytest.raises(SystemExit):  # the planner offers no tensor-parallel layout for MLA
         cli_main(["model", "info", "mla-small", "--gpus", "8", "--gpu-mem", "16GB"])
     assert "TP 2" not in capsys.readouterr().out
+
+
+def test_fsdp_and_pipeline_match_one_process(base_run, tmp_path):
+    """MLA's blocks under FSDP2 and in pipeline stages, on 2 gloo processes, follow the one-process run."""
+    common = [*MLA_TINY, "train.max_steps=8", "train.save_every=8", "train.micro_batch=2", "train.batch_tokens=256",
+              "model.tie_embeddings=false"]
+    jobs = {"fsdp": ["parallel.dp_shard=2"], "pp": ["parallel.pp=2"]}
+    runs = {n: copy_run(base_run, tmp_path / n) for n in ("single", *jobs)}
+    r = lmforge("pretrain", f"run_dir={runs['single']}", *common)
+    assert r.returncode == 0, r.stderr
+    done = lmforge_batch({n: ["pretrain", f"run_dir={runs[n]}", *common, *extra] for n, extra in jobs.items()},
+                         torchrun=2)
+    want = losses(runs["single"])
+    for name in jobs:
+        assert done[name][0] == 0, done[name][1][-3000:]
+        got = losses(runs[name])
+        assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), rel=1e-5)
