@@ -115,6 +115,7 @@ def test_cached_greedy_equals_uncached_greedy_in_a_padded_batch():
     model = mla_model(seed=3)
     prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [3]]
     params = SamplingParams(max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0)
+    wants = []
     for prompt, got in zip(prompts, generate_ids(model, prompts, params)):
         ids, want = list(prompt), []
         for _ in range(10):  # no cache: the whole sequence again at every step
@@ -123,6 +124,13 @@ def test_cached_greedy_equals_uncached_greedy_in_a_padded_batch():
             ids.append(nxt)
             want.append(nxt)
         assert got == want
+        wants.append(want)
+    # a row that stops early leaves the cache (LatentCache.select); the others go on unchanged
+    stop = wants[0][2]
+    stopped = generate_ids(model, prompts, params, stop_ids={stop})
+    for want, got in zip(wants, stopped):
+        assert got == (want[:want.index(stop) + 1] if stop in want else want)
+    assert len({len(g) for g in stopped}) > 1  # rows did finish at different steps
 
 
 def test_cache_bytes_against_gqa_of_a_similar_budget():
