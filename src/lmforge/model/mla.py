@@ -18,8 +18,9 @@ Two ways to compute the same attention, chosen by what is at hand:
   (q_nope W_uk, one (nope x r) product per head and new token) and its value half into the output,
   so attention runs directly over the cached latents, as one shared key/value "head" of width
   r + rope. Re-expanding instead would push every cached latent through kv_b_proj at every step:
-  S x r x H (nope + v) multiply-adds per layer and token, against H (r + rope) per cached token
-  here; for DeepSeek-V3's widths the absorbed step is about 50x fewer FLOPs at any context length.
+  r H (nope + v) multiply-adds per cached token and layer, against H (2r + rope) here (scores over
+  r + rope, values over r); for DeepSeek-V3's widths 16.8 M against 139 k, over 100x fewer once the
+  context is long, for a fixed H r (nope + v) per new token to fold the weights in.
 
 RoPE uses lmforge's rotate-half layout. DeepSeek's released weights are interleaved
 (`rope_interleave`); import permutes the rope rows of q_b_proj / q_proj and kv_a_proj_with_mqa
