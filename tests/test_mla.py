@@ -162,6 +162,7 @@ def test_mla_keys_derive_from_the_head_width():
     (["model.attention=mla", "model.qk_rope_head_dim=7"], "model.qk_rope_head_dim"),
     (["model.attention=mla", "model.n_embd=24", "model.n_head=4"], "model.qk_rope_head_dim"),  # 24/4/2 = 3
     (["model.attention=mla", "model.kv_lora_rank=-1"], "model.kv_lora_rank"),
+    (["model.attention=mla", "model.n_embd=100", "model.n_head=3"], "model.kv_lora_rank"),  # nothing to derive from
     (["model.attention=mla", "model.n_kv_head=2"], "model.n_kv_head"),
     (["model.attention=mla", "model.head_dim=32"], "model.head_dim"),
     (["model.attention=mla", "model.qk_norm=true"], "model.qk_norm"),

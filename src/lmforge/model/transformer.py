@@ -232,7 +232,8 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer by the stages)")
-        if not cfg.head_dim and cfg.n_embd % cfg.n_head:  # an explicit head_dim need not divide n_embd
+        # An explicit head_dim need not divide n_embd, nor need MLA's explicit widths (config.check_model).
+        if cfg.attention == "mha" and not cfg.head_dim and cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd={cfg.n_embd} is not divisible by model.n_head={cfg.n_head}")
         n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.n_head % n_kv:
