@@ -71,15 +71,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
-    """The transformers config.json: llama, qwen2 when only q/k/v have biases, qwen3 with QK-norm.
+    """The transformers config.json: llama, qwen2 when only q/k/v have biases, qwen3 with QK-norm, deepseek_v3
+    for multi-head latent attention.
 
     Written into every checkpoint, so a checkpoint folder loads in transformers as it is; variants
     transformers cannot represent get only the `lmforge` section (export says which key is why).
     With the checkpoint's tokenizer it also carries the bos / eos / pad ids.
     """
     out: dict = {}
-    if cfg.arch == "llama" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" and cfg.pos == "rope" \
-            and not cfg.logit_softcap:
+    if cfg.arch == "llama" and cfg.attention == "mha" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
+            and cfg.pos == "rope" and not cfg.logit_softcap:
         from lmforge.model.transformer import ffn_dim
 
         head_dim = model_head_dim(cfg)
@@ -115,6 +116,12 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
             out.pop("mlp_bias")
         elif cfg.qk_norm:
             out.pop("mlp_bias")
+    elif cfg.arch == "llama" and cfg.attention == "mla" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
+            and not cfg.logit_softcap:
+        from lmforge.model.mla import deepseek_config
+        from lmforge.model.transformer import ffn_dim
+
+        out = deepseek_config(cfg, ffn_dim(cfg))
     if tok is not None:
         out.update(token_ids(tok))
     out["lmforge"] = {k: v for k, v in vars(cfg).items()}
@@ -415,7 +422,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if cfg.pos == "rope":  # non-persistent buffers were left empty by to_empty()
         from lmforge.model.transformer import rope_cache
 
-        cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
     if dtype is not None:

@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = ""  # tiny | small | medium | large | xl | gpt2-*; explicit keys override it
+    preset: str = ""  # tiny | small | medium | large | xl | gpt2-* | mla-*; explicit keys override it
     # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
     arch: Literal["llama", "gpt2"] = "llama"
     vocab_size: int = 0  # 0: take it from the tokenizer, padded up to `pad_vocab_to`
@@ -83,6 +83,14 @@ class ModelConfig:
     zero_init_out: bool = False  # zero-init the output projections of attention and MLP
     init_std: float = 0.02  # standard deviation of the initial weights
     dropout: float = 0.0  # attention dropout while training
+    # mha: multi-head / grouped-query attention | mla: DeepSeek-V2/V3 multi-head latent attention (model/mla.py)
+    attention: Literal["mha", "mla"] = "mha"
+    # MLA only (0: derived from d = n_embd / n_head, as noted):
+    kv_lora_rank: int = 0  # width of the compressed key/value latent, the cached part (0: 4 d)
+    q_lora_rank: int = 0  # width of the compressed query; 0: no query compression, a plain q_proj
+    qk_rope_head_dim: int = 0  # per-head query/key width that carries RoPE, shared by all heads' keys (0: d / 2)
+    qk_nope_head_dim: int = 0  # per-head query/key width without positions (0: d)
+    v_head_dim: int = 0  # per-head value width (0: d)
 
 
 @dataclass
@@ -489,7 +497,8 @@ RULES: dict[type, dict[str, tuple]] = {
     ModelConfig: {"vocab_size": _NONNEG, "pad_vocab_to": _NONNEG, "n_layer": _POS, "n_embd": _POS, "n_head": _POS,
                   "n_kv_head": _NONNEG, "head_dim": _NONNEG, "ffn_dim": _NONNEG, "norm_eps": _POS,
                   "rope_theta": _POS, "max_seq_len": _POS, "logit_softcap": _NONNEG, "init_std": _POS,
-                  "dropout": _FRACTION},
+                  "dropout": _FRACTION, "kv_lora_rank": _NONNEG, "q_lora_rank": _NONNEG,
+                  "qk_rope_head_dim": _NONNEG, "qk_nope_head_dim": _NONNEG, "v_head_dim": _NONNEG},
     TrainConfig: {"seq_len": _POS, "micro_batch": _POS, "batch_tokens": _NONNEG,
                   "max_minutes": _NONNEG, "lr": _POS, "min_lr_ratio": _UNIT, "warmup_steps": _NONNEG,
                   "decay_fraction": _UNIT, "weight_decay": _NONNEG, "beta1": _FRACTION, "beta2": _FRACTION,
@@ -526,6 +535,14 @@ def _check_ranges(obj: Any, key: Callable[[str], str]) -> None:
 def check_model(m: ModelConfig, prefix: str = "model.") -> None:
     """The model section's ranges and the shape rules the attention needs."""
     _check_ranges(m, lambda k: prefix + k)
+    if m.attention == "mla":
+        _check_mla(m, prefix)
+        return
+    mla_keys = [k for k in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+                if getattr(m, k)]
+    if mla_keys:
+        raise ConfigError(f"{prefix}{mla_keys[0]}={getattr(m, mla_keys[0])} is a multi-head latent attention "
+                          f"setting; it needs {prefix}attention=mla", prefix + mla_keys[0])
     if not m.head_dim and m.n_embd % m.n_head:
         raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}: each head gets "
                           f"n_embd / n_head dimensions (or set {prefix}head_dim)", prefix + "n_embd")
@@ -540,6 +557,33 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
             f"{prefix}n_embd / {prefix}n_head = {m.n_embd} / {m.n_head} = {width}"
         raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
                           prefix + ("head_dim" if m.head_dim else "n_embd"))
+
+
+def _check_mla(m: ModelConfig, prefix: str) -> None:
+    """What multi-head latent attention needs; the derived widths are model/mla.py's mla_dims."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{prefix}{key}={getattr(m, key)} with {prefix}attention=mla: {why}", prefix + key)
+
+    derived = [k for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim") if not getattr(m, k)]
+    if derived and m.n_embd % m.n_head:
+        raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}, so "
+                          f"{prefix}{derived[0]}=0 cannot be derived from the head width; set it", prefix + derived[0])
+    rope = m.qk_rope_head_dim or (m.n_embd // m.n_head) // 2
+    if rope % 2 or rope == 0:
+        key = "qk_rope_head_dim"
+        what = f"{prefix}{key}={m.qk_rope_head_dim}" if m.qk_rope_head_dim else \
+            f"{prefix}{key}=0 derives n_embd / n_head / 2 = {rope}"
+        raise ConfigError(f"{what}: the RoPE width must be even and positive (RoPE rotates pairs of dimensions)",
+                          prefix + key)
+    if m.pos != "rope":
+        raise bad("pos", "MLA carries positions in its RoPE part (model.qk_rope_head_dim); use model.pos=rope")
+    if (m.n_kv_head or m.n_head) != m.n_head:
+        raise bad("n_kv_head", "every head reads the one shared latent, there are no key/value heads; set 0")
+    if m.head_dim:
+        raise bad("head_dim", "MLA's widths are model.qk_nope_head_dim, qk_rope_head_dim and v_head_dim; set 0")
+    for key in ("qk_norm", "bias", "attn_qkv_bias"):
+        if getattr(m, key):
+            raise bad(key, "not part of DeepSeek's MLA (its latents have their own RMSNorms, and no biases)")
 
 
 def _check_train(t: TrainConfig, key: Callable[[str], str]) -> None:

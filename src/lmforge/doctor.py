@@ -467,7 +467,8 @@ class Fit:
     def smaller_preset(self, n_params: int, keep: str) -> list[str]:
         t, m = self.cfg.train, self.cfg.model
         smaller = sorted(((_preset_params(self.cfg, name), name) for name, values in PRESETS.items()
-                          if values.get("arch", "llama") == m.arch), reverse=True)
+                          if values.get("arch", "llama") == m.arch
+                          and values.get("attention", "mha") == m.attention), reverse=True)
         for n, name in smaller:
             if n >= n_params:
                 continue

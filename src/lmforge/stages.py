@@ -170,6 +170,7 @@ def cmd_model(argv: list[str]) -> int:
 
     from lmforge.config import load_config
     from lmforge.model.fit import Layout, parse_memory, plan, training_memory
+    from lmforge.model.mla import kv_cache_bytes_per_token, mla_dims
     from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS
     from lmforge.model.transformer import Transformer
 
@@ -198,12 +199,14 @@ def cmd_model(argv: list[str]) -> int:
     seq = a.seq_len or cfg.model.max_seq_len
     n = model.num_params()
     m = cfg.model
+    kv = f"latent attention, latent {mla_dims(m).kv_lora}" if m.attention == "mla" else f"{m.n_kv_head or m.n_head} kv"
     print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
-          f"({m.n_kv_head or m.n_head} kv), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
+          f"({kv}), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
           f"context {m.max_seq_len}, vocab {m.vocab_size}")
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
+    print(f"KV cache          {kv_cache_bytes_per_token(m) / 1024:10.1f} KiB per token (generation, 16-bit)")
     if gpu_bytes:
         result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
                       a.gpus_per_node)

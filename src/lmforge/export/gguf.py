@@ -59,6 +59,9 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if not spec_for(cfg).gguf_names or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.pos != "rope":
         problems.append(f"model.arch={cfg.arch} / mlp={cfg.mlp} / norm={cfg.norm} / pos={cfg.pos}: GGUF export "
                         "covers the Llama family (SwiGLU, RMSNorm, RoPE)")
+    if cfg.attention == "mla":
+        problems.append("model.attention=mla: GGUF export writes llama.cpp's llama/qwen graphs, not its deepseek2 "
+                        "graph (export to Hugging Face and convert that with llama.cpp's convert_hf_to_gguf.py)")
     if cfg.logit_softcap:
         problems.append(f"model.logit_softcap={cfg.logit_softcap}: llama.cpp's llama/qwen graphs have no soft-capping")
     if cfg.bias:

@@ -1,4 +1,4 @@
-"""Import a local Hugging Face Llama / Qwen2 / Qwen3 folder as an lmforge checkpoint.
+"""Import a local Hugging Face Llama / Qwen2 / Qwen3 / dense DeepSeek-V3 folder as an lmforge checkpoint.
 
 The tensor names are already ours, so importing is reading config.json into a ModelConfig,
 checking every tensor against the model that config describes, and writing a checkpoint
@@ -18,8 +18,9 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.mla import deinterleave_rope_rows, mla_dims
 
-SUPPORTED = ("llama", "qwen2", "qwen3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "deepseek_v3")
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -48,6 +49,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise LmforgeError(f"{where}: hidden_act='{hf['hidden_act']}' is not supported (SwiGLU uses silu)")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if mt == "deepseek_v3":
+        return _deepseek_config(hf, where)
     head_dim = hf.get("head_dim") or 0
     if not isinstance(head_dim, int) or head_dim < 0 or head_dim % 2:
         raise LmforgeError(f"{where}: head_dim={head_dim!r} must be a positive even integer (RoPE rotates pairs)")
@@ -75,6 +78,31 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         n_embd=n_embd, n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=head_dim,
         ffn_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         pos="rope", rope_theta=_rope_theta(hf, where), qk_norm=qk_norm, bias=bias, attn_qkv_bias=attn_qkv_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _deepseek_config(hf: dict, where: str) -> ModelConfig:
+    """DeepSeek-V3 with every layer dense: multi-head latent attention (model/mla.py) and a SwiGLU MLP."""
+    n_layer = hf["num_hidden_layers"]
+    first_dense = hf.get("first_k_dense_replace", 3)
+    if first_dense is None or first_dense < n_layer:
+        raise LmforgeError(f"{where}: first_k_dense_replace={first_dense} < num_hidden_layers={n_layer}: the later "
+                           "layers are mixture-of-experts, which lmforge's MLA model does not have (dense only)")
+    if hf.get("attention_bias"):
+        raise LmforgeError(f"{where}: attention_bias=true is not supported (lmforge's MLA has no biases)")
+    for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise LmforgeError(f"{where}: '{key}' is missing or not a positive integer")
+    if hf["qk_rope_head_dim"] % 2:
+        raise LmforgeError(f"{where}: qk_rope_head_dim={hf['qk_rope_head_dim']} must be even (RoPE rotates pairs)")
+    return ModelConfig(
+        preset="", arch="llama", attention="mla", vocab_size=hf["vocab_size"], pad_vocab_to=1, n_layer=n_layer,
+        n_embd=hf["hidden_size"], n_head=hf["num_attention_heads"], ffn_dim=hf["intermediate_size"], mlp="swiglu",
+        norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), pos="rope", rope_theta=_rope_theta(hf, where),
+        kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank") or 0,
+        qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"], v_head_dim=hf["v_head_dim"],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
     )
@@ -129,6 +157,12 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         expected.pop("lm_head.weight")
         weights.pop("lm_head.weight", None)  # some saves include the tied copy
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.attention == "mla":
+        # Multi-token-prediction modules sit after the last layer; transformers skips them too.
+        weights = {k: v for k, v in weights.items()
+                   if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= cfg.n_layer)}
+        if hf.get("rope_interleave", True):  # transformers' default, and DeepSeek's released weights
+            weights = deinterleave_rope_rows(weights, mla_dims(cfg), cfg.n_head)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise LmforgeError(f"{src}: weights do not match config.json: missing {missing[:5]}, "
@@ -141,7 +175,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    cos, sin = rope_cache(model.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     has_tok = (src / "tokenizer.json").is_file()

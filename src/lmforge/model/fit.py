@@ -133,7 +133,8 @@ def param_counts(cfg: ModelConfig) -> Params:
                                                      if cfg.pos == "learned" else [])
         _params_cache[key] = Params(
             block=size(layer.parameters()), block_matrices=size(p for p in layer.parameters() if p.dim() == 2),
-            qkv=size(m.weight for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+            # MLA (model/mla.py) has no fused q/k/v product, so no concatenated copy of them
+            qkv=size(m.weight for m in getattr(layer.self_attn, "qkv", ())),
             embed=size(embed), head=model.lm_head.weight.numel(), final_norm=size(model.model.norm.parameters()),
             n_layer=cfg.n_layer, tied=cfg.tie_embeddings)
     return _params_cache[key]
@@ -332,8 +333,8 @@ def candidate_layouts(n_gpus: int, cfg: ModelConfig, batch: int, gpus_per_node: 
     from lmforge.model.transformer import ffn_dim
 
     splits = (cfg.n_head, cfg.n_kv_head or cfg.n_head, ffn_dim(cfg), cfg.vocab_size)
-    for tp in (2, 4, 8):
-        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits):
+    for tp in (2, 4, 8):  # MLA has no tensor-parallel plan (train/parallelize.py check_attention)
+        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits) and cfg.attention != "mla":
             base.append(Layout(tp=tp, dp_shard=n_gpus // tp))
     for pp in sorted({2, 4, n_gpus}):
         if 1 < pp <= min(cfg.n_layer, batch) and n_gpus % pp == 0:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.model import cpu_kernels as kernels
 from lmforge.model.loss import IGNORE, cross_entropy_sum, token_logprobs
+from lmforge.model.mla import LatentCache, MLAttention, mla_dims
 
 
 def padded_vocab(n: int, multiple: int) -> int:
@@ -204,7 +205,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.n_embd)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = MLAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
@@ -231,7 +232,8 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer by the stages)")
-        if not cfg.head_dim and cfg.n_embd % cfg.n_head:  # an explicit head_dim need not divide n_embd
+        # An explicit head_dim need not divide n_embd, nor need MLA's explicit widths (config.check_model).
+        if cfg.attention == "mha" and not cfg.head_dim and cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd={cfg.n_embd} is not divisible by model.n_head={cfg.n_head}")
         n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.n_head % n_kv:
@@ -242,8 +244,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.head_dim = head_dim(cfg)
+        self.rope_dim = mla_dims(cfg).rope if cfg.attention == "mla" else self.head_dim  # the width RoPE rotates
         if cfg.pos == "rope":
-            cos, sin = rope_cache(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_cache(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -260,7 +263,7 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.pos == "rope":  # buffers are not saved; recompute after to_empty()/meta init
-            cos, sin = rope_cache(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            cos, sin = rope_cache(self.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -346,9 +349,10 @@ class Transformer(nn.Module):
         return cross_entropy_sum(self, h, labels, loss_chunk)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+                  device: torch.device | str | None = None) -> KVCache | LatentCache:
         p = self.lm_head.weight
-        return KVCache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device)
+        cache = LatentCache if self.cfg.attention == "mla" else KVCache  # MLA keeps only latents
+        return cache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device)
 
     # --- accounting -------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -364,4 +368,9 @@ class Transformer(nn.Module):
         n = self.num_params(exclude_embeddings=True)
         if self.cfg.tie_embeddings:  # the head matmul still runs with tied weights
             n += self.lm_head.weight.numel()
-        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_head * self.head_dim * seq_len
+        if self.cfg.attention == "mla":  # scores over nope + rope dimensions, values of v_head_dim
+            dims = mla_dims(self.cfg)
+            width = dims.qk + dims.v
+        else:
+            width = 2 * self.head_dim
+        return 6 * n + 6 * self.cfg.n_layer * self.cfg.n_head * width * seq_len

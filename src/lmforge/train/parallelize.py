@@ -148,6 +148,7 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
                         device: torch.device, amp: torch.dtype | None) -> nn.Module:
     """The decoder family's parallelize: its blocks are `model.model.layers` (under LoRA, the base model's)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_attention(base.cfg, layout)
     pipe = None
     if layout.pp > 1 and layout.dp_world > 1 and model.cfg.tie_embeddings:
         raise LmforgeError(f"model.tie_embeddings=true with parallel.pp={layout.pp} and data parallel: the embedding "
@@ -175,6 +176,23 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     elif layout.fsdp:
         apply_fsdp([model], blocks, layout, pc, device, amp)
     return pipe or model
+
+
+def check_attention(cfg: ModelConfig, layout: Layout) -> None:
+    """Multi-head latent attention has no tensor- or context-parallel form yet.
+
+    Under tensor parallel each rank's heads would read the one RoPE key and latent that every head
+    shares, and their gradients would have to be summed over the ranks before reaching
+    kv_a_proj_with_mqa; the ring attention of context parallel passes per-head keys and values, not
+    latents. Neither is written, so both are refused rather than trained wrong.
+    """
+    if cfg.attention != "mla":
+        return
+    for key, size in (("tp", layout.tp), ("cp", layout.cp)):
+        if size > 1:
+            raise LmforgeError(f"parallel.{key}={size} with model.attention=mla: multi-head latent attention has no "
+                               f"{'tensor' if key == 'tp' else 'context'}-parallel plan yet; use parallel.dp_shard "
+                               "(FSDP2) or model.attention=mha")
 
 
 def check_tp_sizes(cfg: ModelConfig, tp: int) -> None:
