@@ -1,0 +1,162 @@
+"""Sliding-window (local / global) attention: masks against brute force, the ring KV cache against full
+recompute, the config's errors, training from the CLI, resume, and Hugging Face parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from infer_helpers import one_thread  # noqa: F401 (fixture)
+
+from lmforge.config import ConfigError, ModelConfig, load_config
+from lmforge.infer.engine import generate_ids
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.transformer import Transformer
+from lmforge.model.window import cache_bytes, layer_pattern, shortest_pattern
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GREEDY = SamplingParams(max_new_tokens=30, temperature=0.0, top_k=0, top_p=1.0)
+
+
+def swa_model(window: int = 8, pattern: str = "SL", seed: int = 0, **overrides) -> Transformer:
+    values = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=128, vocab_size=128, init_std=0.1,
+                  sliding_window=window, window_pattern=pattern)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**values, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def reference_logits(model: Transformer, ids: torch.Tensor, positions: torch.Tensor,
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's function with attention written out: softmax over the keys a loop allows."""
+    B, T = ids.shape
+    x = model.model.embed_tokens(ids)
+    cos, sin = model.rope_cos[positions].unsqueeze(1), model.rope_sin[positions].unsqueeze(1)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        allowed = torch.zeros(B, T, T, dtype=torch.bool)
+        for b in range(B):
+            for i in range(T):
+                for j in range(T):
+                    in_window = not a.window or j > i - a.window
+                    same_doc = doc_ids is None or doc_ids[b, i] == doc_ids[b, j]
+                    allowed[b, i, j] = j <= i and in_window and same_doc
+        h = layer.input_layernorm(x)
+        q, k, v = (p(h).view(B, T, -1, a.head_dim).transpose(1, 2) for p in a.qkv)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + a.o_proj(y)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.logits(model.model.norm(x))
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.sliding_window=-1"], "model.sliding_window"),
+    (["model.sliding_window=8", "model.window_pattern=SSXL"], "model.window_pattern"),
+    (["model.window_pattern=SL"], "model.window_pattern"),
+    (["model.sliding_window=8", "model.window_pattern=L"], "model.window_pattern"),
+])
+def test_bad_window_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=overrides)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_the_pattern_repeats_over_the_layers():
+    m = load_config(overrides=["model.n_layer=6", "model.sliding_window=16", "model.window_pattern=SSL"]).model
+    assert layer_pattern(m) == "SSLSSL"
+    assert layer_pattern(load_config(overrides=["model.sliding_window=16"]).model) == "SSSS"  # default: all local
+    assert layer_pattern(load_config().model) == "LLLL"
+    assert shortest_pattern("SSSLSSSL") == "SSSL" and shortest_pattern("SSL") == "SSL"
+
+
+# --- attention ---------------------------------------------------------------------------------------
+
+def test_local_layers_match_brute_force_attention():
+    model = swa_model(window=5)
+    ids = torch.randint(0, 128, (2, 23))
+    pos = torch.arange(23).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference_logits(model, ids, pos), atol=1e-5, rtol=1e-5)
+        # a window wider than the sequence is plain causal attention, bit for bit (the is_causal path)
+        wide, dense = swa_model(window=64), swa_model(window=0, pattern="")
+        assert torch.equal(wide(ids), dense(ids))
+
+
+def test_the_window_intersects_the_packed_document_mask():
+    model = swa_model(window=4)
+    doc_ids = torch.tensor([[0] * 9 + [1] * 3 + [2] * 11, [0] * 2 + [1] * 21])
+    starts = torch.cat([torch.zeros(2, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(row, return_counts=True)[1]])
+                       for row in doc_ids])
+    assert starts.sum() == 3
+    ids = torch.randint(0, 128, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, positions=pos, doc_ids=doc_ids),
+                                   reference_logits(model, ids, pos, doc_ids), atol=1e-5, rtol=1e-5)
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+def greedy_recompute(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_full_recompute_past_the_window():
+    model = swa_model(window=8)
+    prompts = [[5, 17, 42, 7, 100], [3, 9, 11, 2, 77, 41, 8, 19, 23, 1, 6, 90, 4], [64, 12]]
+    # one by one: a short prompt decodes across the window's edge; a long one is prefilled past it
+    for p in prompts:
+        assert generate_ids(model, [p], GREEDY)[0] == greedy_recompute(model, p, 30)
+    # batched with left padding: the ring's masks keep each row's padding out
+    assert generate_ids(model, prompts, GREEDY) == [greedy_recompute(model, p, 30) for p in prompts]
+
+
+def test_a_chunk_past_the_window_sees_the_ring_and_itself():
+    model = swa_model(window=8)
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        cache = model.new_cache(2, 40)
+        out = [model(x[:, :5], cache=cache), model(x[:, 5:12], cache=cache)]
+        out += [model(x[:, t:t + 1], cache=cache) for t in range(12, 30)]
+        out.append(model(x[:, 30:], cache=cache))
+        torch.testing.assert_close(torch.cat(out, 1), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_local_layers_cache_stops_growing_at_the_window():
+    W, length = 16, 64  # 4x the window
+    sizes = {}
+    for name, window, pattern in (("dense", 0, ""), ("local", W, "S"), ("SL", W, "SL")):
+        model = swa_model(window=window, pattern=pattern, max_seq_len=length)
+        cache = model.new_cache(1, length)
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 3)), cache=cache)
+            for _ in range(length - 3):
+                model(torch.randint(0, 128, (1, 1)), cache=cache)
+        sizes[name] = cache_bytes(cache)
+    per_position = 2 * 2 * 16 * 4  # k and v, 2 kv heads x 16 dims, fp32
+    assert sizes == {"dense": 2 * length * per_position, "local": 2 * W * per_position,
+                     "SL": (W + length) * per_position}
+    assert model.new_cache(1, length).rings is not None
+    assert swa_model(window=0, pattern="").new_cache(1, length).rings is None  # the dense cache is unchanged
