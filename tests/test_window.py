@@ -160,3 +160,15 @@ def test_local_layers_cache_stops_growing_at_the_window():
                      "SL": (W + length) * per_position}
     assert model.new_cache(1, length).rings is not None
     assert swa_model(window=0, pattern="").new_cache(1, length).rings is None  # the dense cache is unchanged
+
+
+# --- parallelism -----------------------------------------------------------------------------------------
+
+def test_context_parallel_refuses_a_window():
+    """The ring attention splits every sequence over ranks with causal blocks only; a band would be lost."""
+    from lmforge.errors import LmforgeError
+    from lmforge.train.parallelize import Layout, apply_cp
+
+    model = swa_model()
+    with pytest.raises(LmforgeError, match=r"parallel\.cp=2 with model\.sliding_window=8"):
+        apply_cp(list(model.model.layers), Layout(cp=2), model.cfg, 32, torch.device("cpu"))
