@@ -172,3 +172,81 @@ def test_context_parallel_refuses_a_window():
     model = swa_model()
     with pytest.raises(LmforgeError, match=r"parallel\.cp=2 with model\.sliding_window=8"):
         apply_cp(list(model.model.layers), Layout(cp=2), model.cfg, 32, torch.device("cpu"))
+
+
+# --- Hugging Face ------------------------------------------------------------------------------------------
+
+LONG = [[(7 * i + 3) % 300 for i in range(40)]]  # 5x the window
+
+
+@pytest.mark.parametrize("overrides, model_type", [
+    (dict(), "ministral"),
+    (dict(qk_norm=True, window_pattern="LS"), "qwen3"),
+    (dict(attn_qkv_bias=True, window_pattern="SL"), "qwen2"),
+])
+def test_export_matches_transformers_past_the_window(tmp_path, overrides, model_type):
+    import json
+
+    from infer_helpers import make_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.checkpoint import load_model
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    ckpt, model, tok = make_checkpoint(tmp_path, sliding_window=8, **overrides)
+    out = export_hf(ckpt, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type and config["sliding_window"] == 8
+    assert config["layer_types"] == ["sliding_attention" if k == "S" else "full_attention"
+                                     for k in layer_pattern(model.cfg)]
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor(LONG)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0, top_k=0, top_p=1.0)
+    prompt = LONG[0][:12]
+    theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 12, dtype=torch.long),
+                         do_sample=False, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    assert theirs[0, 12:].tolist() == generate_ids(model, [prompt], greedy)[0]
+    # and back: the exported folder imports as the same model
+    back = load_model(import_hf(out, tmp_path / "back"))
+    assert (back.cfg.sliding_window, layer_pattern(back.cfg)) == (8, layer_pattern(model.cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_import_reads_qwen3_layer_types(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from lmforge.checkpoint import load_model
+    from lmforge.export.hf_import import import_hf
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=96, use_sliding_window=True,
+                      sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(tmp_path / "src")
+    ours = load_model(import_hf(tmp_path / "src", tmp_path / "ckpt"))
+    assert (ours.cfg.sliding_window, ours.cfg.window_pattern, ours.cfg.qk_norm) == (6, "SL", True)
+    x = torch.tensor([[(5 * i + 1) % 128 for i in range(30)]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_a_window_the_target_cannot_hold(tmp_path):
+    from lmforge.checkpoint import hf_config, save_checkpoint
+    from lmforge.errors import LmforgeError
+    from lmforge.export.gguf import gguf_arch
+    from lmforge.export.hf import export_hf
+
+    model = swa_model(bias=True, vocab_size=320)
+    assert "model_type" not in hf_config(model.cfg)  # the checkpoint's own config.json does not pretend
+    with pytest.raises(LmforgeError, match=r"model\.sliding_window=8 with model\.bias=true"):
+        export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "out")
+    with pytest.raises(LmforgeError, match=r"model\.sliding_window=8"):
+        gguf_arch(swa_model().cfg)

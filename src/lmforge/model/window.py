@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 
 
 def layer_windows(cfg: ModelConfig) -> list[int]:
@@ -136,3 +137,50 @@ def kv_cache_bytes(cfg: ModelConfig, length: int, bytes_per_value: int = 2) -> i
 def attention_span(cfg: ModelConfig, seq_len: int) -> int:
     """Key positions per query summed over the layers (for FLOPs): a local layer counts at most its window."""
     return sum(min(seq_len, w) if w else seq_len for w in layer_windows(cfg))
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------------
+
+def hf_layer_types(cfg: ModelConfig) -> list[str]:
+    return ["sliding_attention" if w else "full_attention" for w in layer_windows(cfg)]
+
+
+def hf_window_fields(cfg: ModelConfig, model_type: str) -> dict | None:
+    """The config.json keys that give the transformers family `model_type` our windows; None: it has none.
+
+    Llama has no sliding window, but Ministral is Llama (no biases) with per-layer `layer_types`; Qwen2 and
+    Qwen3 take `use_sliding_window` + `layer_types` (with explicit layer types max_window_layers is unused).
+    """
+    types = hf_layer_types(cfg)
+    if model_type == "llama":
+        if cfg.bias:
+            return None
+        return {"architectures": ["MinistralForCausalLM"], "model_type": "ministral",
+                "sliding_window": cfg.sliding_window, "layer_types": types}
+    if model_type in ("qwen2", "qwen3"):
+        return {"use_sliding_window": True, "sliding_window": cfg.sliding_window,
+                "max_window_layers": types.index("sliding_attention"), "layer_types": types}
+    return None
+
+
+def window_from_hf(hf: dict, where: str) -> tuple[int, str]:
+    """(sliding_window, window_pattern) of a transformers config: ministral, qwen2 or qwen3 layer types."""
+    mt, n = hf.get("model_type"), hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        window = None
+    if window is None:
+        return 0, ""
+    if not isinstance(window, int) or window <= 0:
+        raise LmforgeError(f"{where}: sliding_window={window!r} must be a positive integer")
+    types = hf.get("layer_types")
+    if types is None:  # what transformers derives without layer_types
+        first = hf.get("max_window_layers", 28) if mt in ("qwen2", "qwen3") else 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise LmforgeError(f"{where}: layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                           f"{n} layers, got {types!r}")
+    kinds = "".join("S" if t == "sliding_attention" else "L" for t in types)
+    if "S" not in kinds:
+        return 0, ""
+    return window, shortest_pattern(kinds)
