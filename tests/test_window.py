@@ -250,3 +250,77 @@ def test_export_refuses_a_window_the_target_cannot_hold(tmp_path):
         export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "out")
     with pytest.raises(LmforgeError, match=r"model\.sliding_window=8"):
         gguf_arch(swa_model().cfg)
+
+
+# --- training from the CLI ----------------------------------------------------------------------------------
+
+SWA = ["model.preset=swa-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
+       "model.max_seq_len=64", "model.sliding_window=8", "model.window_pattern=SL"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    from spine import prepared_run
+
+    return prepared_run(tmp_path_factory.mktemp("swa"))
+
+
+def losses(run) -> dict[int, float]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in rows if "loss" in m}
+
+
+def test_model_info_shows_the_pattern_and_the_cache(capsys):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["model", "info", "swa-small"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "window 1024, pattern SSSL: SSSLSSSLSSSL (9 local, 3 global layers)" in out
+    # per token at 4096: 3 global layers x 4096 + 9 local x 1024 positions, 2 x 4 kv heads x 64 dims x 2 bytes
+    assert f"{(3 * 4096 + 9 * 1024) * 1024 / 4096 / 1024:.1f} KiB" in out
+
+
+# The first ten losses of this seeded swa-tiny run (fp32 on a CPU); a change to the masks moves them.
+GOLDEN = [6.253906, 6.254191, 6.231071, 6.206040, 6.088558, 5.986108, 5.909173, 5.805699, 5.761292, 5.730140]
+
+
+def test_swa_tiny_trains_from_the_cli(base_run, tmp_path):
+    from spine import TINY, copy_run, lmforge
+
+    run = copy_run(base_run, tmp_path / "swa")
+    r = lmforge("pretrain", f"run_dir={run}", *TINY, *SWA, "train.max_steps=80", "train.micro_batch=8",
+                "train.save_every=80")
+    assert r.returncode == 0, r.stderr
+    got = losses(run)
+    first = [got[s] for s in range(1, 11)]
+    assert got[80] < got[1] - 1.0, got
+    assert first == pytest.approx(GOLDEN, abs=1e-4)
+    # the window matters: the same weights with full attention give other losses from the first step
+    dense = copy_run(base_run, tmp_path / "dense")
+    r = lmforge("pretrain", f"run_dir={dense}", *TINY, *SWA, "model.sliding_window=0", "model.window_pattern=",
+                "train.max_steps=10", "train.micro_batch=8", "train.save_every=10")
+    assert r.returncode == 0, r.stderr
+    other = losses(dense)
+    assert all(abs(other[s] - got[s]) > 1e-4 for s in range(1, 11)), (other, got)
+
+
+def test_swa_resume_after_kill_is_bit_exact(base_run, tmp_path):
+    import signal
+
+    from spine import TINY, copy_run, lmforge
+    from test_pretrain import assert_same_weights
+
+    common = [*TINY, *SWA, "train.max_steps=16", "train.save_every=8"]
+    straight = copy_run(base_run, tmp_path / "straight")
+    assert lmforge("pretrain", f"run_dir={straight}", *common).returncode == 0
+    killed = copy_run(base_run, tmp_path / "killed")
+    r = lmforge("pretrain", f"run_dir={killed}", *common, env={"LMFORGE_FAULT": "step:11"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    r = lmforge("pretrain", f"run_dir={killed}", *common)
+    assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
+    assert_same_weights(straight / "checkpoints" / "step_000016", killed / "checkpoints" / "step_000016")
+    assert losses(straight) == losses(killed)
