@@ -324,3 +324,18 @@ def test_swa_resume_after_kill_is_bit_exact(base_run, tmp_path):
     assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
     assert_same_weights(straight / "checkpoints" / "step_000016", killed / "checkpoints" / "step_000016")
     assert losses(straight) == losses(killed)
+
+
+def test_a_pipeline_stage_applies_the_window():
+    """Pipeline stages run the blocks themselves: their local layers get the band mask as the whole model's do."""
+    from torch import nn
+
+    from lmforge.train.pipeline import DecoderStage
+
+    model = swa_model(window=5)
+    x = torch.randint(0, 128, (2, 23))
+    with torch.no_grad():
+        want = model.hidden_states(x)
+        model.model.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(model.model.layers)})
+        first, last = DecoderStage(model, [0], True, False), DecoderStage(model, [1], False, True)
+        torch.testing.assert_close(last(first(x)), want, atol=1e-6, rtol=1e-6)
