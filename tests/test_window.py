@@ -131,6 +131,15 @@ def test_cached_greedy_equals_full_recompute_past_the_window():
         assert generate_ids(model, [p], GREEDY)[0] == greedy_recompute(model, p, 30)
     # batched with left padding: the ring's masks keep each row's padding out
     assert generate_ids(model, prompts, GREEDY) == [greedy_recompute(model, p, 30) for p in prompts]
+    # a row that finishes early is dropped from the rings too; the others go on as alone
+    want = [greedy_recompute(model, p, 30) for p in prompts]
+    counts = [0, 0, 0]
+
+    def stop_row_1_at_5(row: int, _token: int) -> bool:
+        counts[row] += 1
+        return row == 1 and counts[row] == 5
+
+    assert generate_ids(model, prompts, GREEDY, on_token=stop_row_1_at_5) == [want[0], want[1][:5], want[2]]
 
 
 def test_a_chunk_past_the_window_sees_the_ring_and_itself():
