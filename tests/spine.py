@@ -36,6 +36,8 @@ VARIANTS = {"llama": [],
                       "model.logit_softcap=30"],
             "gpt2": ["model.arch=gpt2", "model.norm=layernorm", "model.pos=learned", "model.mlp=gelu",
                      "model.bias=true"]}
+# Variants only tensor parallel covers (context parallel refuses sliding windows); layer 0 global, layer 1 local.
+TP_VARIANTS = {**VARIANTS, "swa": ["model.sliding_window=8", "model.window_pattern=LS"]}
 
 
 def tiny_model(variant: str) -> tuple[Transformer, Transformer]:
@@ -45,7 +47,7 @@ def tiny_model(variant: str) -> tuple[Transformer, Transformer]:
     from lmforge.model.transformer import Transformer
 
     cfg = load_config(overrides=["model.vocab_size=128", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-                                 "model.n_kv_head=2", "model.max_seq_len=64", *VARIANTS[variant]]).model
+                                 "model.n_kv_head=2", "model.max_seq_len=64", *TP_VARIANTS[variant]]).model
     torch.manual_seed(0)
     ref, other = Transformer(cfg), Transformer(cfg)
     other.load_state_dict(ref.state_dict())

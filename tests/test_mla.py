@@ -309,7 +309,7 @@ def test_model_info_shows_the_latent_cache(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["model", "info", "mla-small"])
     assert e.value.code == 0
-    assert "KV cache                 6.8 KiB per token" in capsys.readouterr().out  # "small": 36.0 KiB
+    assert "KV cache / token         6.8 KiB" in capsys.readouterr().out  # "small": 36.0 KiB
     with pytest.raises(SystemExit):  # the planner offers no tensor-parallel layout for MLA
         cli_main(["model", "info", "mla-small", "--gpus", "8", "--gpu-mem", "16GB"])
     assert "TP 2" not in capsys.readouterr().out

@@ -142,11 +142,11 @@ TP_CHECK = """
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from spine import VARIANTS, tiny_model
+from spine import TP_VARIANTS, tiny_model
 from lmforge.train.parallelize import apply_activation_checkpointing, apply_tp, loss_context, Layout
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-for name in VARIANTS:
+for name in TP_VARIANTS:
     ref, tp = tiny_model(name)
     cfg = ref.cfg
     apply_tp(tp, mesh["tp"])
@@ -197,7 +197,8 @@ def test_tp_plan_shards_and_matches_the_plain_model(tmp_path):
     """What the golden tests cannot see (had TP not been applied, each rank would train the whole model on the
     same data and match as well): q_proj is cut into halves of its rows, the tied head stays one parameter, and
     loss, gradients, log-probs and cached generation equal the plain model's, even/odd lengths, for Llama,
-    Qwen3 (QK-norm, untied, qkv bias, softcap, activation checkpointing) and GPT-2 (learned positions)."""
+    Qwen3 (QK-norm, untied, qkv bias, softcap, activation checkpointing), GPT-2 (learned positions) and a
+    sliding window (band masks, the ring cache holding each rank's own heads)."""
     script = tmp_path / "tp_check.py"
     script.write_text(TP_CHECK)
     r = run_check(script, 2)

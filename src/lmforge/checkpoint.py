@@ -46,6 +46,7 @@ from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json, remove_tree
 from lmforge.model.spec import build_model
 from lmforge.model.transformer import head_dim as model_head_dim
+from lmforge.model.window import hf_window_fields
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.dist import barrier
 
@@ -116,6 +117,15 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
             out.pop("mlp_bias")
         elif cfg.qk_norm:
             out.pop("mlp_bias")
+        if cfg.sliding_window:  # local layers: Ministral, or Qwen2 / Qwen3 with layer types (model/window.py)
+            fields = hf_window_fields(cfg, out["model_type"])
+            if fields is None:
+                out = {}
+            else:
+                out.update(fields)
+                if out["model_type"] == "ministral":  # Llama without biases
+                    out.pop("attention_bias")
+                    out.pop("mlp_bias")
     elif cfg.arch == "llama" and cfg.attention == "mla" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
             and not cfg.logit_softcap:
         from lmforge.model.mla import deepseek_config

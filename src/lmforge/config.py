@@ -91,6 +91,8 @@ class ModelConfig:
     qk_rope_head_dim: int = 0  # per-head query/key width that carries RoPE, shared by all heads' keys (0: d / 2)
     qk_nope_head_dim: int = 0  # per-head query/key width without positions (0: d)
     v_head_dim: int = 0  # per-head value width (0: d)
+    sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
+    window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
 
 
 @dataclass
@@ -557,6 +559,24 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
             f"{prefix}n_embd / {prefix}n_head = {m.n_embd} / {m.n_head} = {width}"
         raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
                           prefix + ("head_dim" if m.head_dim else "n_embd"))
+    _check_window(m, prefix)
+
+
+def _check_window(m: ModelConfig, prefix: str) -> None:
+    """sliding_window and window_pattern (model/window.py): a window needs local layers, a pattern a window."""
+    w, pattern = m.sliding_window, m.window_pattern
+    if w < 0:
+        raise ConfigError(f"{prefix}sliding_window must be >= 0 (0: full attention), got {w}",
+                          prefix + "sliding_window")
+    if set(pattern) - {"S", "L"}:
+        raise ConfigError(f"{prefix}window_pattern={pattern!r} may hold only S (local) and L (global) letters, "
+                          "e.g. SSSL", prefix + "window_pattern")
+    if pattern and not w:
+        raise ConfigError(f"{prefix}window_pattern={pattern} needs {prefix}sliding_window > 0, the local layers' "
+                          "window", prefix + "window_pattern")
+    if w and "S" not in ((pattern or "S") * m.n_layer)[:m.n_layer]:
+        raise ConfigError(f"{prefix}window_pattern={pattern} gives none of the {m.n_layer} layers a window (no S); "
+                          f"set {prefix}sliding_window=0 for full attention", prefix + "window_pattern")
 
 
 def _check_mla(m: ModelConfig, prefix: str) -> None:
@@ -584,6 +604,8 @@ def _check_mla(m: ModelConfig, prefix: str) -> None:
     for key in ("qk_norm", "bias", "attn_qkv_bias"):
         if getattr(m, key):
             raise bad(key, "not part of DeepSeek's MLA (its latents have their own RMSNorms, and no biases)")
+    if m.sliding_window:
+        raise bad("sliding_window", "local windows are built for multi-head attention only; set 0")
 
 
 def _check_train(t: TrainConfig, key: Callable[[str], str]) -> None:

@@ -170,7 +170,7 @@ def cmd_model(argv: list[str]) -> int:
 
     from lmforge.config import load_config
     from lmforge.model.fit import Layout, parse_memory, plan, training_memory
-    from lmforge.model.mla import kv_cache_bytes_per_token, mla_dims
+    from lmforge.model.mla import mla_dims
     from lmforge.model.presets import DEFAULT_INFO_VOCAB, PRESETS
     from lmforge.model.transformer import Transformer
 
@@ -206,7 +206,7 @@ def cmd_model(argv: list[str]) -> int:
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
-    print(f"KV cache          {kv_cache_bytes_per_token(m) / 1024:10.1f} KiB per token (generation, 16-bit)")
+    print_window(m, 2 if a.precision != "fp32" else 4)
     if gpu_bytes:
         result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
                       a.gpus_per_node)
@@ -220,6 +220,24 @@ def cmd_model(argv: list[str]) -> int:
         if k != "host":
             print(f"  {k:<15} {v / 2**30:10.2f} GiB")
     return 0
+
+
+def print_window(m, bytes_per_value: int) -> None:
+    """The attention layers (local windows) and the KV cache they need per token of context."""
+    from lmforge.model.window import kv_cache_bytes, layer_pattern
+
+    pattern = layer_pattern(m)
+    if m.sliding_window:
+        print(f"attention         window {m.sliding_window}, pattern {m.window_pattern or 'S'}: {pattern} "
+              f"({pattern.count('S')} local, {pattern.count('L')} global layers)")
+    else:
+        print(f"attention         full causal in all {m.n_layer} layers")
+    ctx, kib = m.max_seq_len, 2**10
+    full = kv_cache_bytes(m, ctx, bytes_per_value)
+    print(f"KV cache / token  {full / ctx / kib:10.1f} KiB  (at the full context of {ctx}; {full / 2**20:.1f} MiB "
+          f"a sequence, {bytes_per_value}-byte values" + (f"; {kv_cache_bytes(m, 1, bytes_per_value) / kib:.1f} KiB "
+                                                          "per token before the window fills)" if m.sliding_window
+                                                          else ")"))
 
 
 PLAN_COLUMNS = (("weights", "weights"), ("grads", "grads"), ("optimizer", "optim"), ("copies", "copies"),

@@ -38,6 +38,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         out.append(f"model.logit_softcap={cfg.logit_softcap} (GPT-2 has no soft-capping; set 0)")
     if cfg.head_dim and cfg.head_dim * cfg.n_head != cfg.n_embd:
         out.append(f"model.head_dim={cfg.head_dim} (GPT-2's heads split n_embd evenly; set 0)")
+    if cfg.sliding_window:
+        out.append(f"model.sliding_window={cfg.sliding_window} (GPT-2 has no sliding-window attention; set 0)")
     return out
 
 

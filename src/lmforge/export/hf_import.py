@@ -1,10 +1,11 @@
-"""Import a local Hugging Face Llama / Qwen2 / Qwen3 / dense DeepSeek-V3 folder as an lmforge checkpoint.
+"""Import a local Hugging Face Llama / Qwen2 / Qwen3 / Ministral / dense DeepSeek-V3 folder as an lmforge checkpoint.
 
 The tensor names are already ours, so importing is reading config.json into a ModelConfig,
 checking every tensor against the model that config describes, and writing a checkpoint
 (weights in fp32, the training precision of master weights). Tokenizer files are copied when
-present. Anything our Transformer cannot compute exactly (RoPE scaling, sliding windows, an
-activation other than SiLU, ...) is an error naming the config key:
+present. Sliding windows come in as model.sliding_window + window_pattern (model/window.py).
+Anything our Transformer cannot compute exactly (RoPE scaling, an activation other than SiLU, ...)
+is an error naming the config key:
 an import that silently changes the function would be worse than none.
 """
 
@@ -19,8 +20,9 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.mla import deinterleave_rope_rows, mla_dims
+from lmforge.model.window import window_from_hf
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "deepseek_v3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "ministral", "deepseek_v3")  # ministral: Llama with per-layer sliding windows
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -59,10 +61,11 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                            "and there is no head_dim")
     if head_dim == n_embd // n_head and not n_embd % n_head:
         head_dim = 0  # the default: keep the config plain
-    if hf.get("use_sliding_window"):
-        raise LmforgeError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+    window, pattern = window_from_hf(hf, where)
     bias = attn_qkv_bias = qk_norm = False
-    if mt == "llama":
+    if mt == "ministral":
+        pass  # Llama with no biases
+    elif mt == "llama":
         if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
             raise LmforgeError(f"{where}: attention_bias={hf.get('attention_bias')} with mlp_bias={hf.get('mlp_bias')} "
                                "is not supported (lmforge's `bias` covers both or neither)")
@@ -80,6 +83,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         pos="rope", rope_theta=_rope_theta(hf, where), qk_norm=qk_norm, bias=bias, attn_qkv_bias=attn_qkv_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
+        sliding_window=window, window_pattern=pattern if pattern != "S" else "",
     )
 
 

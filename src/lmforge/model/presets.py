@@ -27,6 +27,11 @@ PRESETS: dict[str, dict] = {
     # only activation memory), a 256-wide latent cached per token: 6.9 KB/token in bf16 against small's 36.9 KB.
     "mla-small": dict(attention="mla", n_layer=12, n_embd=768, n_head=12, kv_lora_rank=256, q_lora_rank=0,
                       qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, max_seq_len=1024),
+    # Sliding-window attention (model/window.py): three local layers, then one global, as nanochat / Gemma.
+    "swa-tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, max_seq_len=512, sliding_window=64,
+                     window_pattern="SSSL"),
+    "swa-small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, max_seq_len=4096, sliding_window=1024,
+                      window_pattern="SSSL"),  # ~114M; the KV cache of 9 local layers stops at 1024 positions
     "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
     "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
     "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),

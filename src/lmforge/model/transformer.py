@@ -19,6 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import cpu_kernels as kernels
 from lmforge.model.loss import IGNORE, cross_entropy_sum, token_logprobs
 from lmforge.model.mla import LatentCache, MLAttention, mla_dims
+from lmforge.model.window import RingKV, attention_span, layer_windows, local_mask
 
 
 def padded_vocab(n: int, multiple: int) -> int:
@@ -87,7 +88,8 @@ class KVCache:
     the training forward pass free of generation state.
     """
 
-    def __init__(self, n_layer: int, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, n_layer: int, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 windows: list[int] | None = None):
         self.dtype = dtype
         # Each layer's buffers are allocated, for all max_len positions, at its first write and take
         # their shape from those keys: under tensor parallel a rank holds only its own heads.
@@ -97,12 +99,16 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.has_padding = False  # set by whoever left-pads prompts and clears key_mask entries
+        # Local (sliding-window) layers keep only their window, in a ring (model/window.py); None: all dense.
+        self.rings = [RingKV(w, max_len, dtype) if w else None for w in windows] if windows and any(windows) else None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         t = k.shape[2]
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        if self.rings is not None and self.rings[layer] is not None:
+            return self.rings[layer].update(k, v, self.length)
         if self.k[layer] is None:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer] = k.new_zeros(shape, dtype=self.dtype)
@@ -116,6 +122,9 @@ class KVCache:
         self.k = [k if k is None else k[index] for k in self.k]
         self.v = [v if v is None else v[index] for v in self.v]
         self.key_mask = self.key_mask[index]
+        for ring in self.rings or []:
+            if ring is not None:
+                ring.select(index)
 
 
 class Attention(nn.Module):
@@ -135,6 +144,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
+        self.window = layer_windows(cfg)[layer]  # 0: global; else a local layer's sliding window
         self.fuse_qkv = True
         # A replacement for the attention kernel, set from outside: attend(q, k, v) -> output, called for
         # plain causal attention over the whole input (no mask, no cache), in place of SDPA.
@@ -296,8 +306,11 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
                     signed_sin(self.rope_sin[positions]).unsqueeze(1).to(x.dtype))
         mask = self._mask(B, T, start, doc_ids, cache, input_ids.device)
+        local = mask
+        if self.cfg.sliding_window:
+            local = local_mask(mask, T, start, self.cfg.sliding_window, cache, input_ids.device)
         for block in self.model.layers:
-            x = block(x, rope, mask, cache)
+            x = block(x, rope, local if block.self_attn.window else mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -351,8 +364,10 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache | LatentCache:
         p = self.lm_head.weight
-        cache = LatentCache if self.cfg.attention == "mla" else KVCache  # MLA keeps only latents
-        return cache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device)
+        if self.cfg.attention == "mla":  # MLA keeps only latents
+            return LatentCache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device)
+        return KVCache(self.cfg.n_layer, batch, max_len, dtype or p.dtype, device or p.device,
+                       layer_windows(self.cfg))
 
     # --- accounting -------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -373,4 +388,5 @@ class Transformer(nn.Module):
             width = dims.qk + dims.v
         else:
             width = 2 * self.head_dim
-        return 6 * n + 6 * self.cfg.n_layer * self.cfg.n_head * width * seq_len
+        # per layer: 6 x (scores + values) multiply-adds over the positions each query sees
+        return 6 * n + 6 * self.cfg.n_head * width * attention_span(self.cfg, seq_len)

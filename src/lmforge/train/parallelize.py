@@ -319,6 +319,9 @@ def apply_cp(blocks: list[nn.Module], layout: Layout, cfg: ModelConfig, seq_len:
     if cfg.dropout > 0:
         raise LmforgeError(f"parallel.cp={cp} with model.dropout={cfg.dropout}: the ring attention has no "
                            "attention dropout; set model.dropout=0")
+    if cfg.sliding_window:
+        raise LmforgeError(f"parallel.cp={cp} with model.sliding_window={cfg.sliding_window}: the ring attention "
+                           "has no sliding-window masks; train local layers with parallel.dp_shard or parallel.tp")
     ring = RingAttention(layout.mesh["cp"].get_group())
     for block in blocks:
         block.self_attn.attend = ring

@@ -22,6 +22,7 @@ from lmforge.config import ParallelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.loss import cross_entropy_sum, repeatable_backward
 from lmforge.model.transformer import signed_sin
+from lmforge.model.window import local_mask
 
 SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B", "zbv": "ZBVZeroBubble",
              "dualpipev": "DualPipeV"}
@@ -63,8 +64,9 @@ class DecoderStage(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             rope = (self.rope_cos[:T].to(x.dtype), signed_sin(self.rope_sin[:T]).to(x.dtype))
+        local = local_mask(None, T, 0, self.cfg.sliding_window, None, x.device) if self.cfg.sliding_window else None
         for block in self.model.layers.values():
-            x = block(x, rope, None)
+            x = block(x, rope, local if block.self_attn.window else None)
         return self.model.norm(x) if self.last else x
 
 
