@@ -36,6 +36,7 @@ from lmforge.checkpoint import copy_tokenizer, generation_config, hf_config, mod
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
+from lmforge.model import moe
 from lmforge.model.spec import spec_for
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.lora import adapter_base, copy_adapter, is_adapter_checkpoint, load_any
@@ -62,6 +63,8 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
         key = "model.bias" if cfg.bias else "model.attn_qkv_bias"
         problems.append(f"{key}=true with model.qk_norm: Qwen3 puts biases on q/k/v/o together (attention_bias) "
                         "and never on the MLP, which does not match")
+    if cfg.moe.experts:
+        problems += moe.hf_problems(cfg)
     return problems
 
 
