@@ -188,3 +188,18 @@ def test_cli_training_falls_logs_load_and_resumes_bit_exact(base_run, tmp_path):
     assert bias["model.layers.0.mlp.gate.e_score_correction_bias"].abs().sum() > 0  # it moved, and was saved
     assert {m["step"]: m["loss"] for m in metrics(straight) if "loss" in m} == \
         {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
+
+
+def test_gguf_and_model_parallel_refuse_experts(tmp_path):
+    from lmforge.export.gguf import export_gguf
+    from lmforge.train.parallelize import parallelize_decoder
+
+    ckpt, model, _ = make_checkpoint(tmp_path, qk_norm=True, moe=MoEConfig(experts=4))
+    with pytest.raises(LmforgeError, match="model.moe.experts=4"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
+
+    class Sizes:  # the layout fields parallelize_decoder reads before it refuses
+        tp, pp, dp_world = 2, 1, 1
+
+    with pytest.raises(LmforgeError, match="parallel.tp=2 with model.moe.experts=4"):
+        parallelize_decoder(model, Sizes(), None, None, torch.device("cpu"), None)

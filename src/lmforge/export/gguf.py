@@ -65,6 +65,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
         problems.append("model.bias=true: GGUF export supports biases on q/k/v only (model.attn_qkv_bias, Qwen2)")
     if cfg.qk_norm and cfg.attn_qkv_bias:
         problems.append("model.attn_qkv_bias=true with model.qk_norm: llama.cpp's qwen3 graph has no q/k/v biases")
+    if cfg.moe.experts:
+        problems.append(f"model.moe.experts={cfg.moe.experts}: GGUF export of mixture-of-experts models (llama.cpp's "
+                        "qwen3moe) is not written yet; export to Hugging Face (`lmforge export hf`) and convert "
+                        "that folder with llama.cpp's convert_hf_to_gguf.py")
     if problems:
         raise LmforgeError("cannot export to GGUF: " + "; ".join(problems))
     if cfg.qk_norm:
