@@ -24,6 +24,7 @@ folder, a run folder, a stage folder, a stage name); every command goes through 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -44,6 +45,7 @@ from torch import nn
 from lmforge.config import ModelConfig, section_from_dict
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json, remove_tree
+from lmforge.model import moe
 from lmforge.model.spec import build_model
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.model.window import hf_window_fields
@@ -126,6 +128,9 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
                 if out["model_type"] == "ministral":  # Llama without biases
                     out.pop("attention_bias")
                     out.pop("mlp_bias")
+        if cfg.moe.experts:  # Qwen3-MoE where it can say what the model computes, else only the lmforge section
+            out = {} if moe.hf_problems(cfg) else {**out, **moe.hf_fields(cfg, ffn_dim(cfg))}
+            out.pop("mlp_bias", None)
     elif cfg.arch == "llama" and cfg.attention == "mla" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
             and not cfg.logit_softcap:
         from lmforge.model.mla import deepseek_config
@@ -134,7 +139,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
         out = deepseek_config(cfg, ffn_dim(cfg))
     if tok is not None:
         out.update(token_ids(tok))
-    out["lmforge"] = {k: v for k, v in vars(cfg).items()}
+    out["lmforge"] = dataclasses.asdict(cfg)
     return out
 
 

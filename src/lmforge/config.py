@@ -57,6 +57,25 @@ class DataConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in place of the MLP (model/moe.py); experts=0 keeps the dense model."""
+
+    experts: int = 0  # routed experts per MoE layer; 0: dense MLPs everywhere
+    top_k: int = 2  # experts each token is sent to
+    shared_experts: int = 0  # experts every token passes through as well (DeepSeek), one MLP of this many widths
+    expert_dim: int = 0  # each expert's hidden width; 0: the dense ffn width / top_k, a multiple of 32
+    first_dense_layers: int = 0  # layers below this keep the dense MLP (DeepSeek-V3: 3)
+    # softmax: softmax then top-k (Qwen3-MoE) | sigmoid: sigmoid scores, top-k, normalised (DeepSeek-V3)
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True  # softmax router: renormalise the top-k weights to sum to 1 (always for sigmoid)
+    # aux_loss: Switch/Qwen load-balancing loss | aux_free: DeepSeek-V3 per-expert bias from the load | none
+    balance: Literal["aux_loss", "aux_free", "none"] = "aux_loss"
+    aux_coef: float = 0.001  # weight of the load-balancing loss (balance=aux_loss)
+    bias_update_rate: float = 0.001  # aux_free: step of the per-expert bias after each optimizer step
+    z_loss: float = 0.0  # weight of the router z-loss, mean logsumexp(router logits)^2; 0: off
+
+
+@dataclass
 class ModelConfig:
     preset: str = ""  # tiny | small | medium | large | xl | gpt2-* | mla-*; explicit keys override it
     # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
@@ -93,6 +112,7 @@ class ModelConfig:
     v_head_dim: int = 0  # per-head value width (0: d)
     sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
     window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -512,6 +532,8 @@ RULES: dict[type, dict[str, tuple]] = {
     EvalConfig: {"max_batches": _NONNEG, "batch_size": _POS, "seq_len": _NONNEG},
     GenerateConfig: {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _PROB,
                      "repetition_penalty": _POS},
+    MoEConfig: {"experts": _NONNEG, "top_k": _AT_LEAST_1, "shared_experts": _NONNEG, "expert_dim": _NONNEG,
+                "first_dense_layers": _NONNEG, "aux_coef": _NONNEG, "bias_update_rate": _NONNEG, "z_loss": _NONNEG},
     LoRAConfig: {"r": _POS, "alpha": _POS, "dropout": _FRACTION},
     SFTConfig: {"val_fraction": _FRACTION},
     DPOConfig: {"val_fraction": _FRACTION, "beta": _POS, "sft_coef": _NONNEG},
@@ -560,6 +582,7 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
         raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
                           prefix + ("head_dim" if m.head_dim else "n_embd"))
     _check_window(m, prefix)
+    _check_moe(m, prefix)
 
 
 def _check_window(m: ModelConfig, prefix: str) -> None:
@@ -606,6 +629,28 @@ def _check_mla(m: ModelConfig, prefix: str) -> None:
             raise bad(key, "not part of DeepSeek's MLA (its latents have their own RMSNorms, and no biases)")
     if m.sliding_window:
         raise bad("sliding_window", "local windows are built for multi-head attention only; set 0")
+
+
+def _check_moe(m: ModelConfig, prefix: str) -> None:
+    e, key = m.moe, lambda k: f"{prefix}moe.{k}"
+    _check_ranges(e, key)
+    if not e.experts:
+        return
+    if e.top_k > e.experts:
+        raise ConfigError(f"{key('top_k')}={e.top_k} is more than {key('experts')}={e.experts}", key("top_k"))
+    if e.first_dense_layers >= m.n_layer:
+        raise ConfigError(f"{key('first_dense_layers')}={e.first_dense_layers} leaves no MoE layer of the "
+                          f"{m.n_layer} ({prefix}n_layer); set it below n_layer, or {key('experts')}=0 for a dense "
+                          "model", key("first_dense_layers"))
+    if m.mlp != "swiglu":
+        raise ConfigError(f"{prefix}mlp={m.mlp} with {key('experts')}={e.experts}: experts are SwiGLU MLPs",
+                          prefix + "mlp")
+    if m.bias:
+        raise ConfigError(f"{prefix}bias=true with {key('experts')}={e.experts}: experts have no biases",
+                          prefix + "bias")
+    if e.router == "sigmoid" and not e.norm_topk_prob:
+        raise ConfigError(f"{key('norm_topk_prob')}=false with {key('router')}=sigmoid: sigmoid scores are always "
+                          "normalised over the chosen experts (DeepSeek-V3)", key("norm_topk_prob"))
 
 
 def _check_train(t: TrainConfig, key: Callable[[str], str]) -> None:

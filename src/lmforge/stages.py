@@ -165,6 +165,18 @@ def cmd_pretrain(argv: list[str]) -> int:
 
 # --- model info -----------------------------------------------------------------------------------
 
+def _ffn_width(model) -> str:
+    """The MLP's hidden width, of the dense layers and of each expert (MoE)."""
+    widths = []
+    for block in model.model.layers:
+        mlp = block.mlp
+        w = f"{mlp.experts.down_proj.shape[-1]} per expert" if hasattr(mlp, "experts") \
+            else str(mlp.up_proj.out_features)
+        if w not in widths:
+            widths.append(w)
+    return ", ".join(widths)
+
+
 def cmd_model(argv: list[str]) -> int:
     import torch
 
@@ -201,10 +213,13 @@ def cmd_model(argv: list[str]) -> int:
     m = cfg.model
     kv = f"latent attention, latent {mla_dims(m).kv_lora}" if m.attention == "mla" else f"{m.n_kv_head or m.n_head} kv"
     print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
-          f"({kv}), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
+          f"({kv}), ffn {_ffn_width(model)}, "
           f"context {m.max_seq_len}, vocab {m.vocab_size}")
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
+    if m.moe.experts:
+        print(f"active parameters {model.num_params(active=True) / 1e6:10.1f} M  ({m.moe.experts} experts, top "
+              f"{m.moe.top_k}, {m.moe.shared_experts} shared, from layer {m.moe.first_dense_layers})")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
     print_window(m, 2 if a.precision != "fp32" else 4)
     if gpu_bytes:

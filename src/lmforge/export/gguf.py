@@ -71,6 +71,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if cfg.sliding_window:
         problems.append(f"model.sliding_window={cfg.sliding_window}: the llama / qwen GGUF graphs written here have "
                         "no sliding window")
+    if cfg.moe.experts:
+        problems.append(f"model.moe.experts={cfg.moe.experts}: GGUF export of mixture-of-experts models (llama.cpp's "
+                        "qwen3moe) is not written yet; export to Hugging Face (`lmforge export hf`) and convert "
+                        "that folder with llama.cpp's convert_hf_to_gguf.py")
     if problems:
         raise LmforgeError("cannot export to GGUF: " + "; ".join(problems))
     if cfg.qk_norm:

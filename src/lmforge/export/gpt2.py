@@ -19,6 +19,7 @@ nn.Linear's (out, in).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def gpt2_config(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
         "use_cache": True,
-        "lmforge": dict(vars(cfg)),
+        "lmforge": dataclasses.asdict(cfg),
     }
 
 

@@ -36,6 +36,7 @@ from lmforge.checkpoint import copy_tokenizer, generation_config, hf_config, mod
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
+from lmforge.model import moe
 from lmforge.model.spec import spec_for
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.lora import adapter_base, copy_adapter, is_adapter_checkpoint, load_any
@@ -65,6 +66,8 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
     if cfg.sliding_window and cfg.bias:
         problems.append(f"model.sliding_window={cfg.sliding_window} with model.bias=true: transformers' sliding-window "
                         "models (Ministral, Qwen2, Qwen3) have no biases on o_proj and the MLP")
+    if cfg.moe.experts:
+        problems += moe.hf_problems(cfg)
     return problems
 
 

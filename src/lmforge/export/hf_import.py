@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, MoEConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.mla import deinterleave_rope_rows, mla_dims
 from lmforge.model.window import window_from_hf
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "ministral", "deepseek_v3")  # ministral: Llama with per-layer sliding windows
+# ministral: Llama with per-layer sliding windows
+SUPPORTED = ("llama", "qwen2", "qwen3", "ministral", "qwen3_moe", "deepseek_v3")
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -75,9 +76,10 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     else:
         qk_norm = True
         if hf.get("attention_bias"):
-            raise LmforgeError(f"{where}: attention_bias=true is not supported for qwen3 (bias on o_proj too)")
+            raise LmforgeError(f"{where}: attention_bias=true is not supported for {mt} (bias on o_proj too)")
+    moe = _moe_from_hf(hf, where) if mt == "qwen3_moe" else MoEConfig()
     return ModelConfig(
-        preset="", arch="llama", vocab_size=hf["vocab_size"], pad_vocab_to=1, n_layer=hf["num_hidden_layers"],
+        preset="", arch="llama", moe=moe, vocab_size=hf["vocab_size"], pad_vocab_to=1, n_layer=hf["num_hidden_layers"],
         n_embd=n_embd, n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=head_dim,
         ffn_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         pos="rope", rope_theta=_rope_theta(hf, where), qk_norm=qk_norm, bias=bias, attn_qkv_bias=attn_qkv_bias,
@@ -110,6 +112,25 @@ def _deepseek_config(hf: dict, where: str) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
     )
+
+
+def _moe_from_hf(hf: dict, where: str) -> MoEConfig:
+    """Qwen3-MoE's experts: every layer sparse but the first `mlp_only_layers`, as lmforge lays them out."""
+    n_layer, dense = hf["num_hidden_layers"], sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        raise LmforgeError(f"{where}: mlp_only_layers={dense} is not supported (only the first layers may be dense)")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise LmforgeError(f"{where}: decoder_sparse_step={hf['decoder_sparse_step']} is not supported (1 only)")
+    if "num_local_experts" in hf:  # transformers 5 writes num_experts under this name
+        hf = {**hf, "num_experts": hf["num_local_experts"]}
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if not isinstance(hf.get(key), int) or hf[key] < 1:
+            raise LmforgeError(f"{where}: '{key}' is missing or not a positive integer")
+    if len(dense) >= n_layer:
+        raise LmforgeError(f"{where}: mlp_only_layers makes every layer dense")
+    return MoEConfig(experts=hf["num_experts"], top_k=hf["num_experts_per_tok"], expert_dim=hf["moe_intermediate_size"],
+                     first_dense_layers=len(dense), norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                     aux_coef=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:

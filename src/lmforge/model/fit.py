@@ -131,9 +131,10 @@ def param_counts(cfg: ModelConfig) -> Params:
         size = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
         embed = [model.model.embed_tokens.weight] + ([model.model.embed_positions.weight]
                                                      if cfg.pos == "learned" else [])
+        blocks = list(model.model.layers)  # MoE: dense first layers differ, so a block is their mean
         _params_cache[key] = Params(
-            block=size(layer.parameters()), block_matrices=size(p for p in layer.parameters() if p.dim() == 2),
-            # MLA (model/mla.py) has no fused q/k/v product, so no concatenated copy of them
+            block=sum(size(b.parameters()) for b in blocks) // len(blocks),
+            block_matrices=sum(size(p for p in b.parameters() if p.dim() >= 2) for b in blocks) // len(blocks),
             qkv=size(m.weight for m in getattr(layer.self_attn, "qkv", ())),
             embed=size(embed), head=model.lm_head.weight.numel(), final_norm=size(model.model.norm.parameters()),
             n_layer=cfg.n_layer, tied=cfg.tie_embeddings)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, MoEConfig
 from lmforge.errors import LmforgeError
 
 # Block choices that come with `model.arch`; a preset or explicit key can still override them.
@@ -32,6 +33,12 @@ PRESETS: dict[str, dict] = {
                      window_pattern="SSSL"),
     "swa-small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, max_seq_len=4096, sliding_window=1024,
                       window_pattern="SSSL"),  # ~114M; the KV cache of 9 local layers stops at 1024 positions
+    # Mixture of experts (model/moe.py), Qwen3-MoE shaped: QK-norm, GQA, fine-grained experts, top-k renormalised.
+    "moe-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, qk_norm=True, max_seq_len=256,
+                     moe=MoEConfig(experts=8, top_k=2)),  # CPU tests
+    # Qwen3-30B-A3B's shape scaled down (48 -> 12 layers, 2048 -> 768 wide, 128 -> 64 experts, top 8)
+    "moe-small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, qk_norm=True, tie_embeddings=False,
+                      max_seq_len=2048, rope_theta=1e6, moe=MoEConfig(experts=64, top_k=8, expert_dim=256)),
     "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
     "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
     "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),
@@ -45,7 +52,7 @@ def preset_values(name: str) -> dict:
     """The key values a preset implies, arch defaults included (applied before the user's keys)."""
     if name not in PRESETS:
         raise LmforgeError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[name])
+    values = copy.deepcopy(PRESETS[name])  # a MoEConfig inside is the caller's to change
     return {**ARCH_DEFAULTS[values.get("arch", "llama")], **values}
 
 

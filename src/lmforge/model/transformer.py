@@ -19,6 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import cpu_kernels as kernels
 from lmforge.model.loss import IGNORE, cross_entropy_sum, token_logprobs
 from lmforge.model.mla import LatentCache, MLAttention, mla_dims
+from lmforge.model.moe import MoE, expert_dim, inactive_params, is_moe_layer, router_loss_sum
 from lmforge.model.window import RingKV, attention_span, layer_windows, local_mask
 
 
@@ -217,7 +218,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg, cfg.n_embd)
         self.self_attn = MLAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, layer, expert_dim(cfg, ffn_dim(cfg))) if is_moe_layer(cfg, layer) else MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
@@ -268,7 +269,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.zeros_(p) if self.cfg.zero_init_out else nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -359,7 +360,11 @@ class Transformer(nn.Module):
             labels = labels.masked_fill(~loss_mask.bool(), IGNORE)
         if logprobs:
             return token_logprobs(self, h, labels)
-        return cross_entropy_sum(self, h, labels, loss_chunk)
+        loss = cross_entropy_sum(self, h, labels, loss_chunk)
+        if self.cfg.moe.experts and self.training:  # load-balancing / z-loss, as a sum over tokens (model/moe.py)
+            router = router_loss_sum(self, labels)
+            loss = loss if router is None else loss + router
+        return loss
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache | LatentCache:
@@ -370,8 +375,9 @@ class Transformer(nn.Module):
                        layer_windows(self.cfg))
 
     # --- accounting -------------------------------------------------------------------------
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """All parameters; active=True: those one token passes through (MoE: top_k of each layer's experts)."""
+        n = sum(p.numel() for p in self.parameters()) - (inactive_params(self) if active else 0)
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()
             if self.cfg.pos == "learned":
@@ -379,8 +385,8 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM)."""
-        n = self.num_params(exclude_embeddings=True)
+        """Training FLOPs per token: 6 per active weight (forward + backward) plus attention scores (PaLM)."""
+        n = self.num_params(exclude_embeddings=True, active=True)
         if self.cfg.tie_embeddings:  # the head matmul still runs with tied weights
             n += self.lm_head.weight.numel()
         if self.cfg.attention == "mla":  # scores over nope + rope dimensions, values of v_head_dim

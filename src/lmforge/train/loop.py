@@ -27,6 +27,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import Config, to_dict
 from lmforge.console import console, log
 from lmforge.errors import LmforgeError
+from lmforge.model.moe import load_metrics, moe_layers
 from lmforge.model.spec import spec_for
 from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
@@ -220,7 +221,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     # --- the loop -------------------------------------------------------------------------------
     step = first_step = state["step"]
     clock = _Budget(tc, accum, state)
-    meter = _Meter(state, flops_tok, ceiling, device, layout.tp)
+    meter = _Meter(state, flops_tok, ceiling, device, layout.tp, [m.layer for m in moe_layers(inner)])
     last_eval: dict = {}
     last_path = None
     log(f"training {objective.name}: {n_params / 1e6:.2f}M parameters, {d.world} process(es) "
@@ -403,8 +404,9 @@ class _Meter:
     `state`, saved with it) and rates, MFU and memory."""
 
     def __init__(self, state: dict, flops_tok: float, ceiling: MatmulCeiling | None, device: torch.device,
-                 sharing: int):
+                 sharing: int, moe_layers: list[int] | None = None):
         self.state, self.flops_tok, self.ceiling, self.device, self.sharing = state, flops_tok, ceiling, device, sharing
+        self.moe_layers = moe_layers or []  # block indices of the MoE layers, whose expert load is logged
         self.tokens0 = state["tokens"], state["generated_tokens"]
         self.acc: dict = {}
         self.window = {"t": time.perf_counter(), "tokens": 0.0, "generated": 0.0}
@@ -421,9 +423,13 @@ class _Meter:
         acc["_units"] = acc.get("_units", 0.0) + result.units
         acc["_gnorm"] = acc.get("_gnorm", 0.0) + result.grad_norm.float()
         acc["_steps"] = acc.get("_steps", 0) + 1
+        if result.expert_load is not None:
+            acc["_load"] = acc.get("_load", 0.0) + result.expert_load
 
     def row(self, step: int, total: int, lr: float, eta_s: float) -> dict:
         row = _reduce_metrics(self.acc, self.sharing)
+        if "_load" in self.acc:  # already summed over the ranks
+            row.update(load_metrics(self.moe_layers, self.acc["_load"]))
         dt = max(time.perf_counter() - self.window["t"], 1e-9)
         row.update({"lr": lr, **_throughput(self.state, self.window, dt, self.flops_tok, self.ceiling, self.device),
                     "total_steps": total, "eta_s": eta_s, **self.once})

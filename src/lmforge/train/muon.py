@@ -77,8 +77,8 @@ class Muon(torch.optim.Optimizer):
         for g in groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError("every Muon parameter group needs kind='muon' or kind='adamw'")
-            if g["kind"] == "muon" and any(p.dim() != 2 for p in g["params"]):
-                raise ValueError("Muon groups take 2-D weight matrices only")
+            if g["kind"] == "muon" and any(p.dim() not in (2, 3) for p in g["params"]):
+                raise ValueError("Muon groups take weight matrices (2-D) or stacks of them (3-D: MoE experts)")
         super().__init__(groups, {"lr": 0.02, "weight_decay": 0.0})
 
     @torch.no_grad()
@@ -113,10 +113,12 @@ class Muon(torch.optim.Optimizer):
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         # Matrices of one shape are orthogonalised together: one batched matmul instead of many small ones.
+        # A 3-D parameter (an MoE layer's experts) is that many matrices, each orthogonalised on its own.
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[tuple(p.shape)].append(i)
-        for (rows, cols), idx in by_shape.items():
+        for shape, idx in by_shape.items():
+            rows, cols = shape[-2:]
             ortho = orthogonalize(torch.stack([whole(updates[i]) for i in idx]), group["ns_steps"])
             # Shape-aware scale (Muon's reference): a tall matrix's update has smaller entries after
             # orthogonalisation; sqrt(rows / cols) restores the per-entry size of a square one.
@@ -150,7 +152,7 @@ def muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() == 2 and ".layers." in f".{name}":
+        if p.dim() in (2, 3) and ".layers." in f".{name}":  # 3-D: an MoE layer's stacked experts
             muon.append(p)
         elif p.dim() >= 2:
             decay.append(p)

@@ -150,6 +150,12 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_attention(base.cfg, layout)
     pipe = None
+    experts = model.cfg.moe.experts
+    if experts and (layout.tp > 1 or layout.pp > 1):
+        key, size = ("parallel.tp", layout.tp) if layout.tp > 1 else ("parallel.pp", layout.pp)
+        raise LmforgeError(f"{key}={size} with model.moe.experts={experts}: mixture-of-experts layers are not "
+                           "split across tensor-parallel ranks or pipeline stages yet; train them with data "
+                           "parallel (parallel.dp_shard, FSDP2) or parallel.cp")
     if layout.pp > 1 and layout.dp_world > 1 and model.cfg.tie_embeddings:
         raise LmforgeError(f"model.tie_embeddings=true with parallel.pp={layout.pp} and data parallel: the embedding "
                            "and the head belong to two pipeline stages, which FSDP2 shards as two units, and a "

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
+from lmforge.model.moe import update_after_step
 from lmforge.train import dist
 from lmforge.train.objectives import Objective
 from lmforge.train.parallelize import Layout, loss_context, set_gradient_sync
@@ -30,6 +31,7 @@ class StepResult:
     units: Tensor  # the loss's divisor: units of the whole global batch
     tokens: int  # real tokens of the forward passes, all ranks
     generated: int  # tokens sampled for this step (GRPO), all ranks
+    expert_load: Tensor | None = None  # MoE: tokens per expert of each MoE layer (layers, experts), all ranks
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(metrics, grad_norm, n_units, round(counts[1].item()), round(counts[2].item()))
+        load = update_after_step(self.model)  # MoE: aux-free biases move after the step, from its load
+        return StepResult(metrics, grad_norm, n_units, round(counts[1].item()), round(counts[2].item()), load)
 
     def _counts(self, batches: list) -> Tensor:
         """Units, real tokens and generated tokens of the global batch: one all-reduce.
