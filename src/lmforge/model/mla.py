@@ -130,6 +130,8 @@ def effective_weight(linear: nn.Module, like: Tensor) -> Tensor:
 class MLAttention(nn.Module):
     """DeepSeek's attention block, in place of Attention when model.attention=mla (same forward signature)."""
 
+    window = 0  # every MLA layer is global: the config refuses a sliding window with attention=mla
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
