@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.cli import main as cli_main
+from lmforge.config import MoEConfig
 from lmforge.errors import LmforgeError
 from lmforge.export.hf import export_hf
 from lmforge.export.hf_import import import_hf
@@ -87,6 +88,9 @@ def test_export_hf_loads_in_transformers(tmp_path, name):
     (dict(norm="layernorm"), "model.norm"),
     (dict(qk_norm=True, bias=True), "model.bias"),
     (dict(arch="gpt2", pos="learned", mlp="gelu", norm="layernorm", bias=False), "model.bias"),
+    # the families together: each export writes its own family only
+    (dict(attention="mla", n_kv_head=0, moe=MoEConfig(experts=4, top_k=2)), "model.moe.experts"),
+    (dict(qk_norm=True, sliding_window=8, moe=MoEConfig(experts=4, top_k=2)), "model.sliding_window"),
 ])
 def test_export_hf_rejects_what_transformers_cannot_represent(tmp_path, overrides, key):
     model = make_model(300, **overrides)

@@ -66,7 +66,10 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
     if cfg.sliding_window and cfg.bias:
         problems.append(f"model.sliding_window={cfg.sliding_window} with model.bias=true: transformers' sliding-window "
                         "models (Ministral, Qwen2, Qwen3) have no biases on o_proj and the MLP")
-    if cfg.moe.experts:
+    if cfg.moe.experts and cfg.attention == "mla":
+        problems.append(f"model.moe.experts={cfg.moe.experts} with model.attention=mla: the DeepSeek-V3 export "
+                        "writes dense layers only (set model.moe.experts=0, or use multi-head attention for Qwen3-MoE)")
+    elif cfg.moe.experts:
         problems += moe.hf_problems(cfg)
     return problems
 

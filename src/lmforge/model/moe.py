@@ -244,6 +244,9 @@ def hf_problems(cfg: ModelConfig) -> list[str]:
                    "shared expert has a sigmoid gate these do not)")
     if m.balance == "aux_free":
         out.append("model.moe.balance=aux_free: the per-expert routing bias has no place in Qwen3-MoE")
+    if cfg.sliding_window:
+        out.append(f"model.sliding_window={cfg.sliding_window} with model.moe.experts: the Qwen3-MoE export writes "
+                   "full attention only")
     return out
 
 
