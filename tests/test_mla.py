@@ -330,3 +330,24 @@ def test_fsdp_and_pipeline_match_one_process(base_run, tmp_path):
         assert done[name][0] == 0, done[name][1][-3000:]
         got = losses(runs[name])
         assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), rel=1e-5)
+
+
+def test_lora_default_targets_the_latent_projections_and_decodes(tmp_path):
+    from lmforge.config import LoRAConfig
+    from lmforge.train.lora import apply_lora
+
+    wrapped = apply_lora(mla_model(q_lora_rank=16), LoRAConfig(enabled=True, r=4), tmp_path)
+    names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert names == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj"}
+    with torch.no_grad():
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # adapters that change the function, so the absorbed decode must read them
+    base = wrapped.eval().get_base_model()
+    x = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        full = base(x)
+        cache = base.new_cache(2, 10)
+        parts = [base(x[:, :4], cache=cache)] + [base(x[:, i:i + 1], cache=cache) for i in range(4, 10)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)

@@ -74,6 +74,10 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     return cfg.n_layer * per_layer * dtype_bytes
 
 
+# The linear layers that take Attention's q_proj / k_proj / v_proj place (LoRA's default targets them).
+PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+
+
 class LatentNorm(nn.Module):
     """RMSNorm of a latent (q_a_layernorm, kv_a_layernorm), with DeepSeek's fixed epsilon."""
 

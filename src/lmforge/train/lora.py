@@ -46,6 +46,7 @@ from lmforge.checkpoint import (
 from lmforge.config import LoRAConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
+from lmforge.model.mla import PROJECTIONS as MLA_PROJECTIONS
 
 ADAPTER_META = "lmforge_adapter.json"  # what PEFT's files cannot say: the base's quantization, its relative path
 
@@ -160,8 +161,13 @@ def apply_lora(model: nn.Module, lc: LoRAConfig, base_path: str | Path) -> nn.Mo
     if lc.r <= 0:
         raise LmforgeError(f"lora.r must be positive, got {lc.r}")
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in lc.target_modules if t not in present]
-    if missing or not lc.target_modules:
+    targets = list(lc.target_modules)
+    if getattr(model.cfg, "attention", "mha") == "mla" and targets == LoRAConfig().target_modules:
+        # The default names Attention's q/k/v projections; latent attention has its own (model/mla.py).
+        targets = [t for t in targets if t not in ("q_proj", "k_proj", "v_proj")]
+        targets += [t for t in MLA_PROJECTIONS if t in present]
+    missing = [t for t in targets if t not in present]
+    if missing or not targets:
         raise LmforgeError(f"lora.target_modules: {missing or '[]'} not in the model's linear layers "
                            f"({', '.join(sorted(present))})")
     if lc.quantize == "nf4":
@@ -170,13 +176,13 @@ def apply_lora(model: nn.Module, lc: LoRAConfig, base_path: str | Path) -> nn.Mo
             f"{mem['linear_bytes_nf4'] / 2**20:.2f} MiB in NF4 (saves {mem['saved_bytes'] / 2**20:.2f} MiB; "
             f"model now {mem['model_bytes'] / 2**20:.2f} MiB)")
     config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                             target_modules=list(lc.target_modules), bias="none")
+                             target_modules=targets, bias="none")
     wrapped = _adapter_model_class()(model, config)
     wrapped.base_path = str(base_path)
     wrapped.quantize = lc.quantize
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"LoRA r={lc.r} alpha={lc.alpha:g} on {', '.join(lc.target_modules)}: {trainable:,} trainable of "
+    log(f"LoRA r={lc.r} alpha={lc.alpha:g} on {', '.join(targets)}: {trainable:,} trainable of "
         f"{total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
     return wrapped
 
