@@ -79,12 +79,12 @@ class ModelConfig:
     attn_qkv_bias: bool = False  # biases on q/k/v only (Qwen2); `bias` puts them on every linear
     tie_embeddings: bool = True  # the head shares the token embedding's weights
     max_seq_len: int = 1024  # the model's context length
+    sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
+    window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
     logit_softcap: float = 0.0  # 0: off; else tanh soft-capping of logits at this value
     zero_init_out: bool = False  # zero-init the output projections of attention and MLP
     init_std: float = 0.02  # standard deviation of the initial weights
     dropout: float = 0.0  # attention dropout while training
-    sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
-    window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
 
 
 @dataclass
@@ -525,26 +525,6 @@ def _check_ranges(obj: Any, key: Callable[[str], str]) -> None:
             raise ConfigError(f"{key(name)} must be {want}, got {value!r}", key(name))
 
 
-def check_model(m: ModelConfig, prefix: str = "model.") -> None:
-    """The model section's ranges and the shape rules the attention needs."""
-    _check_ranges(m, lambda k: prefix + k)
-    if not m.head_dim and m.n_embd % m.n_head:
-        raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}: each head gets "
-                          f"n_embd / n_head dimensions (or set {prefix}head_dim)", prefix + "n_embd")
-    n_kv = m.n_kv_head or m.n_head
-    if m.n_head % n_kv:
-        raise ConfigError(f"{prefix}n_head={m.n_head} is not divisible by {prefix}n_kv_head={n_kv}: each key/value "
-                          f"head serves the same number of query heads (set {prefix}n_kv_head to a divisor of "
-                          "n_head, or 0 for one per query head)", prefix + "n_kv_head")
-    width = m.head_dim or m.n_embd // m.n_head
-    if m.pos == "rope" and width % 2:
-        where = f"{prefix}head_dim={m.head_dim}" if m.head_dim else \
-            f"{prefix}n_embd / {prefix}n_head = {m.n_embd} / {m.n_head} = {width}"
-        raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
-                          prefix + ("head_dim" if m.head_dim else "n_embd"))
-    _check_window(m, prefix)
-
-
 def _check_window(m: ModelConfig, prefix: str) -> None:
     """sliding_window and window_pattern (model/window.py): a window needs local layers, a pattern a window."""
     w, pattern = m.sliding_window, m.window_pattern
@@ -560,6 +540,26 @@ def _check_window(m: ModelConfig, prefix: str) -> None:
     if w and "S" not in ((pattern or "S") * m.n_layer)[:m.n_layer]:
         raise ConfigError(f"{prefix}window_pattern={pattern} gives none of the {m.n_layer} layers a window (no S); "
                           f"set {prefix}sliding_window=0 for full attention", prefix + "window_pattern")
+
+
+def check_model(m: ModelConfig, prefix: str = "model.") -> None:
+    """The model section's ranges and the shape rules the attention needs."""
+    _check_ranges(m, lambda k: prefix + k)
+    _check_window(m, prefix)
+    if not m.head_dim and m.n_embd % m.n_head:
+        raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}: each head gets "
+                          f"n_embd / n_head dimensions (or set {prefix}head_dim)", prefix + "n_embd")
+    n_kv = m.n_kv_head or m.n_head
+    if m.n_head % n_kv:
+        raise ConfigError(f"{prefix}n_head={m.n_head} is not divisible by {prefix}n_kv_head={n_kv}: each key/value "
+                          f"head serves the same number of query heads (set {prefix}n_kv_head to a divisor of "
+                          "n_head, or 0 for one per query head)", prefix + "n_kv_head")
+    width = m.head_dim or m.n_embd // m.n_head
+    if m.pos == "rope" and width % 2:
+        where = f"{prefix}head_dim={m.head_dim}" if m.head_dim else \
+            f"{prefix}n_embd / {prefix}n_head = {m.n_embd} / {m.n_head} = {width}"
+        raise ConfigError(f"the head width must be even for RoPE, which rotates pairs of dimensions: {where}",
+                          prefix + ("head_dim" if m.head_dim else "n_embd"))
 
 
 def _check_train(t: TrainConfig, key: Callable[[str], str]) -> None:

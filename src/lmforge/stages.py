@@ -201,10 +201,10 @@ def cmd_model(argv: list[str]) -> int:
     print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
           f"({m.n_kv_head or m.n_head} kv), ffn {model.model.layers[0].mlp.up_proj.out_features}, "
           f"context {m.max_seq_len}, vocab {m.vocab_size}")
+    print_window(m, 2 if a.precision != "fp32" else 4)
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
-    print_window(m, 2 if a.precision != "fp32" else 4)
     if gpu_bytes:
         result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
                       a.gpus_per_node)

@@ -56,6 +56,9 @@ TYPES = ("f16", "q8_0", "q4_0")
 
 def gguf_arch(cfg: ModelConfig) -> str:
     problems = []
+    if cfg.sliding_window:
+        problems.append(f"model.sliding_window={cfg.sliding_window}: the llama / qwen GGUF graphs written here have "
+                        "no sliding window")
     if not spec_for(cfg).gguf_names or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.pos != "rope":
         problems.append(f"model.arch={cfg.arch} / mlp={cfg.mlp} / norm={cfg.norm} / pos={cfg.pos}: GGUF export "
                         "covers the Llama family (SwiGLU, RMSNorm, RoPE)")
@@ -65,9 +68,6 @@ def gguf_arch(cfg: ModelConfig) -> str:
         problems.append("model.bias=true: GGUF export supports biases on q/k/v only (model.attn_qkv_bias, Qwen2)")
     if cfg.qk_norm and cfg.attn_qkv_bias:
         problems.append("model.attn_qkv_bias=true with model.qk_norm: llama.cpp's qwen3 graph has no q/k/v biases")
-    if cfg.sliding_window:
-        problems.append(f"model.sliding_window={cfg.sliding_window}: the llama / qwen GGUF graphs written here have "
-                        "no sliding window")
     if problems:
         raise LmforgeError("cannot export to GGUF: " + "; ".join(problems))
     if cfg.qk_norm:

@@ -49,6 +49,9 @@ Writer = Callable[[ModelConfig], tuple[dict, StateMap]]
 
 def _llama_family_problems(cfg: ModelConfig) -> list[str]:
     problems = []
+    if cfg.sliding_window and cfg.bias:
+        problems.append(f"model.sliding_window={cfg.sliding_window} with model.bias=true: transformers' sliding-window "
+                        "models (Ministral, Qwen2, Qwen3) have no biases on o_proj and the MLP")
     if cfg.logit_softcap:
         problems.append(f"model.logit_softcap={cfg.logit_softcap}: transformers' Llama/Qwen models have no "
                         "logit soft-capping (set it to 0)")
@@ -62,9 +65,6 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
         key = "model.bias" if cfg.bias else "model.attn_qkv_bias"
         problems.append(f"{key}=true with model.qk_norm: Qwen3 puts biases on q/k/v/o together (attention_bias) "
                         "and never on the MLP, which does not match")
-    if cfg.sliding_window and cfg.bias:
-        problems.append(f"model.sliding_window={cfg.sliding_window} with model.bias=true: transformers' sliding-window "
-                        "models (Ministral, Qwen2, Qwen3) have no biases on o_proj and the MLP")
     return problems
 
 

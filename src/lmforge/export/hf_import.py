@@ -1,9 +1,10 @@
-"""Import a local Hugging Face Llama / Qwen2 / Qwen3 / Ministral folder as an lmforge checkpoint.
+"""Import a local Hugging Face Llama / Qwen2 / Qwen3 folder as an lmforge checkpoint.
 
 The tensor names are already ours, so importing is reading config.json into a ModelConfig,
 checking every tensor against the model that config describes, and writing a checkpoint
 (weights in fp32, the training precision of master weights). Tokenizer files are copied when
-present. Sliding windows come in as model.sliding_window + window_pattern (model/window.py).
+present. Sliding windows (Ministral, Qwen2 / Qwen3 layer_types) come in as model.sliding_window +
+window_pattern (model/window.py).
 Anything our Transformer cannot compute exactly (RoPE scaling, an activation other than SiLU, ...)
 is an error naming the config key:
 an import that silently changes the function would be worse than none.

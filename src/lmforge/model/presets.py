@@ -20,14 +20,14 @@ PRESETS: dict[str, dict] = {
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, max_seq_len=1024),  # ~350M
     "large": dict(n_layer=24, n_embd=1536, n_head=16, n_kv_head=16, max_seq_len=2048),  # ~760M
     "xl": dict(n_layer=24, n_embd=2048, n_head=16, n_kv_head=16, max_seq_len=2048),  # ~1.3B
+    "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
+    "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
+    "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),
     # Sliding-window attention (model/window.py): three local layers, then one global, as nanochat / Gemma.
     "swa-tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, max_seq_len=512, sliding_window=64,
                      window_pattern="SSSL"),
     "swa-small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, max_seq_len=4096, sliding_window=1024,
                       window_pattern="SSSL"),  # ~114M; the KV cache of 9 local layers stops at 1024 positions
-    "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
-    "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
-    "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),
 }
 
 # The vocabulary `model info` assumes when none is given: GPT-2's, padded to a multiple of 64.
