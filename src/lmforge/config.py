@@ -544,8 +544,8 @@ def _check_window(m: ModelConfig, prefix: str) -> None:
 
 def check_model(m: ModelConfig, prefix: str = "model.") -> None:
     """The model section's ranges and the shape rules the attention needs."""
-    _check_ranges(m, lambda k: prefix + k)
     _check_window(m, prefix)
+    _check_ranges(m, lambda k: prefix + k)
     if not m.head_dim and m.n_embd % m.n_head:
         raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head}: each head gets "
                           f"n_embd / n_head dimensions (or set {prefix}head_dim)", prefix + "n_embd")
