@@ -206,23 +206,25 @@ def test_gguf_and_model_parallel_refuse_experts(tmp_path):
 
 
 def test_data_parallel_equals_one_process(base_run, tmp_path):
-    """FSDP2 and DDP on 2 gloo processes follow the one-process run: the aux-free biases move from the load
-    summed over ranks, and the router losses are weighted by tokens as accumulation weighs them."""
+    """FSDP2, DDP and context parallel on 2 gloo processes follow the one-process run: the aux-free biases
+    move from the load summed over ranks, and the router losses are weighted by tokens as accumulation weighs
+    them."""
     from spine import lmforge_batch
 
     common = [*TINY, *MOE, "model.moe.balance=aux_free", "model.moe.bias_update_rate=0.01", "model.moe.z_loss=1e-2",
               "model.moe.shared_experts=1", "train.max_steps=8", "train.save_every=8", "train.micro_batch=2",
               "train.batch_tokens=256", "train.sample_every=0"]
-    runs = {n: copy_run(base_run, tmp_path / n) for n in ("one", "fsdp", "ddp")}
+    runs = {n: copy_run(base_run, tmp_path / n) for n in ("one", "fsdp", "ddp", "cp")}
     jobs = lambda names, extra: {n: ["pretrain", f"run_dir={runs[n]}", *common, *extra.get(n, [])]  # noqa: E731
                                  for n in names}
     for rc, err in lmforge_batch(jobs(["one"], {})).values():
         assert rc == 0, err[-3000:]
-    for rc, err in lmforge_batch(jobs(["fsdp", "ddp"], {"ddp": ["parallel.dp_replicate=2"]}), torchrun=2).values():
+    two = {"ddp": ["parallel.dp_replicate=2"], "cp": ["parallel.cp=2"]}
+    for rc, err in lmforge_batch(jobs(["fsdp", "ddp", "cp"], two), torchrun=2).values():
         assert rc == 0, err[-3000:]
     ref = {m["step"]: m["loss"] for m in metrics(runs["one"]) if "loss" in m}
     final = lambda n: load_model(runs[n] / "checkpoints" / "step_000008").state_dict()  # noqa: E731
-    for n in ("fsdp", "ddp"):
+    for n in ("fsdp", "ddp", "cp"):
         got = {m["step"]: m["loss"] for m in metrics(runs[n]) if "loss" in m}
         assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5), n
         for k, v in final("one").items():

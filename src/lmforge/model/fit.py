@@ -159,6 +159,10 @@ def block_activation_bytes(cfg: ModelConfig, precision: str) -> float:
     from lmforge.model.transformer import ffn_dim
 
     f = ffn_dim(cfg)
+    if cfg.moe.experts:  # a token's activations in an MoE layer: its top_k experts' and the shared experts'
+        from lmforge.model.moe import expert_dim
+
+        f = expert_dim(cfg, f) * (cfg.moe.top_k + cfg.moe.shared_experts)
     norms = 2 * (8 * c if cfg.norm == "rmsnorm" else 4 * c)
     rope = cq + ckv if cfg.pos == "rope" else 0
     attention = a * (c + (cq + 2 * ckv) + rope + cq)
@@ -334,10 +338,12 @@ def candidate_layouts(n_gpus: int, cfg: ModelConfig, batch: int, gpus_per_node: 
     from lmforge.model.transformer import ffn_dim
 
     splits = (cfg.n_head, cfg.n_kv_head or cfg.n_head, ffn_dim(cfg), cfg.vocab_size)
-    for tp in (2, 4, 8):  # MLA has no tensor-parallel plan (train/parallelize.py check_attention)
-        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits) and cfg.attention != "mla":
+    model_parallel = not cfg.moe.experts  # MoE layers are not split by TP or PP (train/parallelize.py refuses)
+    # MLA has no tensor-parallel plan (train/parallelize.py check_attention)
+    for tp in (2, 4, 8) if model_parallel and cfg.attention != "mla" else ():
+        if tp <= node and n_gpus % tp == 0 and all(s % tp == 0 for s in splits):
             base.append(Layout(tp=tp, dp_shard=n_gpus // tp))
-    for pp in sorted({2, 4, n_gpus}):
+    for pp in sorted({2, 4, n_gpus}) if model_parallel else ():
         if 1 < pp <= min(cfg.n_layer, batch) and n_gpus % pp == 0:
             base.append(Layout(pp=pp, dp_shard=n_gpus // pp))
     base.append(Layout(dp_shard=n_gpus, cpu_offload=True))

@@ -20,7 +20,9 @@ How the router losses reach the optimizer: forward(labels) returns a loss *sum* 
 divides by the global batch's token count. The router losses are per-token means of their micro-batch, so
 the model adds them multiplied by the micro-batch's counted tokens (`router_loss_sum`): after the loop's
 division the step's loss is CE mean + coef * (token-weighted mean of the micro-batches' router losses),
-whatever the accumulation and data-parallel sizes, not coef times the token count.
+whatever the accumulation and data-parallel sizes, not coef times the token count. The balancing loss
+is a product of two means (f_i P_i), so it is measured per micro-batch (per rank's part of it under
+context parallel), as transformers measures it per forward; the z-loss is a plain mean and sums exactly.
 """
 
 from __future__ import annotations
