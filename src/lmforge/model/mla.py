@@ -20,7 +20,9 @@ Two ways to compute the same attention, chosen by what is at hand:
   r + rope. Re-expanding instead would push every cached latent through kv_b_proj at every step:
   r H (nope + v) multiply-adds per cached token and layer, against H (2r + rope) here (scores over
   r + rope, values over r); for DeepSeek-V3's widths 16.8 M against 139 k, over 100x fewer once the
-  context is long, for a fixed H r (nope + v) per new token to fold the weights in.
+  context is long, for a fixed H r (nope + v) per new token to fold the weights in. Measured for
+  one mla-small layer and one new token on a CPU core: 3.0 ms against 35 ms with 1,024 cached
+  tokens, 9.8 ms against 198 ms with 4,096.
 
 RoPE uses lmforge's rotate-half layout. DeepSeek's released weights are interleaved
 (`rope_interleave`); import permutes the rope rows of q_b_proj / q_proj and kv_a_proj_with_mqa
@@ -192,10 +194,15 @@ class MLAttention(nn.Module):
         w = effective_weight(self.kv_b_proj, q_nope).view(H, d.nope + d.v, d.kv_lora)
         w_uk, w_uv = w.split([d.nope, d.v], dim=1)  # (H, nope, r), (H, v, r)
         q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
-        kc = c.unsqueeze(1).to(q.dtype).expand(-1, H, -1, -1)  # one latent "head", read by every head (no copy)
-        # The model always masks a step that continues the cache (padding, and causality within the step).
-        y = F.scaled_dot_product_attention(q, kc, kc[..., :d.kv_lora], attn_mask=mask, scale=self.scale)
-        y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)
+        # Every head reads the same latents: the heads become query rows of one shared key/value head,
+        # so the scores are one (H T) x S product over the cache as it lies, with no per-head copy of it.
+        S = c.shape[1]
+        kc = c.unsqueeze(1).to(q.dtype)
+        if mask is not None:  # the model always masks a step that continues the cache
+            mask = mask.expand(B, H, T, S).reshape(B, 1, H * T, S)
+        y = F.scaled_dot_product_attention(q.reshape(B, 1, H * T, -1), kc, kc[..., :d.kv_lora], attn_mask=mask,
+                                           scale=self.scale)
+        y = torch.einsum("bhtr,hvr->bhtv", y.view(B, H, T, d.kv_lora), w_uv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
