@@ -244,3 +244,14 @@ def test_data_parallel_equals_one_process(base_run, tmp_path):
         assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5), n
         for k, v in final("one").items():
             torch.testing.assert_close(final(n)[k], v, atol=1e-5, rtol=1e-4, msg=f"{n}: {k}")
+
+
+def test_model_info_shows_total_and_active_parameters(capsys):
+    from lmforge.cli import _run
+
+    assert _run("model", ["info", "moe-small"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters             549.7 M" in out and "active parameters      153.4 M" in out
+    dense = Transformer(load_config(overrides=["model.preset=moe-tiny", "model.vocab_size=256"]).model)
+    per_expert = 3 * 64 * 96  # gate, up and down of one 96-wide expert
+    assert dense.num_params() - dense.num_params(active=True) == 2 * (8 - 2) * per_expert
