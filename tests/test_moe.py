@@ -70,6 +70,20 @@ def test_router_losses_reach_the_loss_as_a_per_token_mean():
     assert 0.5 * 2 <= extra < 0.5 * 8 + 1
 
 
+def test_sigmoid_router_bias_chooses_but_never_weighs():
+    model = tiny(router="sigmoid", balance="aux_free")
+    moe = model.model.layers[0].mlp
+    h = torch.randn(32, 64)
+    _, idx, w = moe.route(h)
+    torch.testing.assert_close(w.sum(-1), torch.ones(32))  # normalised over the chosen experts
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[3] = 10.0  # expert 3 now wins every token...
+    logits, idx2, w2 = moe.route(h)
+    assert (idx2 == 3).any(-1).all()
+    scores = logits.float().sigmoid()
+    torch.testing.assert_close(w2, scores.gather(1, idx2) / scores.gather(1, idx2).sum(-1, keepdim=True))  # ...unbiased
+
+
 def test_bad_moe_settings_name_the_key():
     with pytest.raises(ConfigError, match="model.moe.top_k"):
         load_config(overrides=["model.moe.experts=4", "model.moe.top_k=5"])
@@ -81,11 +95,12 @@ def test_bad_moe_settings_name_the_key():
         load_config(overrides=["model.moe.router=topk"])
 
 
-def test_export_to_qwen3_moe_and_import_back(tmp_path):
+@pytest.mark.parametrize("norm", [False, True])
+def test_export_to_qwen3_moe_and_import_back(tmp_path, norm):
     from transformers import AutoModelForCausalLM
 
     ckpt, model, _ = make_checkpoint(tmp_path, qk_norm=True, tie_embeddings=False,
-                                     moe=MoEConfig(experts=8, top_k=2, first_dense_layers=1, norm_topk_prob=False))
+                                     moe=MoEConfig(experts=8, top_k=2, first_dense_layers=1, norm_topk_prob=norm))
     assert read_model_config(ckpt).moe == model.cfg.moe  # the nested section survives the checkpoint
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "qwen3_moe" and config["mlp_only_layers"] == [0]
@@ -229,3 +244,14 @@ def test_data_parallel_equals_one_process(base_run, tmp_path):
         assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5), n
         for k, v in final("one").items():
             torch.testing.assert_close(final(n)[k], v, atol=1e-5, rtol=1e-4, msg=f"{n}: {k}")
+
+
+def test_model_info_shows_total_and_active_parameters(capsys):
+    from lmforge.cli import _run
+
+    assert _run("model", ["info", "moe-small"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters             549.7 M" in out and "active parameters      153.4 M" in out
+    dense = Transformer(load_config(overrides=["model.preset=moe-tiny", "model.vocab_size=256"]).model)
+    per_expert = 3 * 64 * 96  # gate, up and down of one 96-wide expert
+    assert dense.num_params() - dense.num_params(active=True) == 2 * (8 - 2) * per_expert

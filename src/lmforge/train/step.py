@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from lmforge.model.moe import update_after_step
+from lmforge.model.moe import moe_layers, update_after_step
 from lmforge.train import dist
 from lmforge.train.objectives import Objective
 from lmforge.train.parallelize import Layout, loss_context, set_gradient_sync
@@ -48,6 +48,7 @@ class Stepper:
     amp: torch.dtype | None
     grad_clip: float
     pipe: Pipeline | None = None  # pipeline parallel: the schedule runs forward and backward
+    has_experts: bool | None = None  # MoE layers to update after each step; looked up at the first step
 
     def step(self) -> StepResult:
         metrics: dict[str, Tensor] = {}
@@ -76,7 +77,10 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        load = update_after_step(self.model)  # MoE: aux-free biases move after the step, from its load
+        if self.has_experts is None:
+            self.has_experts = bool(moe_layers(self.model))
+        # MoE: aux-free biases move after the step, from its load (a dense model skips this)
+        load = update_after_step(self.model) if self.has_experts else None
         return StepResult(metrics, grad_norm, n_units, round(counts[1].item()), round(counts[2].item()), load)
 
     def _counts(self, batches: list) -> Tensor:
