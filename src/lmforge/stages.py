@@ -215,13 +215,13 @@ def cmd_model(argv: list[str]) -> int:
     print(f"preset {a.preset}: {m.arch}, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads "
           f"({kv}), ffn {_ffn_width(model)}, "
           f"context {m.max_seq_len}, vocab {m.vocab_size}")
-    print_window(m, 2 if a.precision != "fp32" else 4)
     print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
           "without embeddings)")
     if m.moe.experts:
         print(f"active parameters {model.num_params(active=True) / 1e6:10.1f} M  ({m.moe.experts} experts, top "
               f"{m.moe.top_k}, {m.moe.shared_experts} shared, from layer {m.moe.first_dense_layers})")
     print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, at sequence length {seq})")
+    print_window(m, 2 if a.precision != "fp32" else 4)
     if gpu_bytes:
         result = plan(m, a.gpus or 1, gpu_bytes, a.batch, seq, a.precision, a.optimizer, a.loss_chunk,
                       a.gpus_per_node)
