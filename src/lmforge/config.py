@@ -149,6 +149,11 @@ class EvalConfig:
     batch_size: int = 8  # sequences per forward
     seq_len: int = 0  # 0: model's max_seq_len
     task: str = ""  # "": loss/perplexity; arith: exact-match accuracy on RUN/demo/test.jsonl; or a prompts .jsonl
+    tasks: list[str] = field(default_factory=list)  # benchmarks, family:path[?shots=N&limit=N] (lmforge.eval.tasks)
+    num_fewshot: int = 0  # worked examples before each question (from the task's dev/train split, else the same file)
+    fewshot_seed: int = 1234  # which examples are drawn
+    chat: bool = False  # ask each question as a user turn of the checkpoint's chat template (SFT'd models)
+    out: str = ""  # "": RUN/eval (or beside the checkpoint outside a run); else this folder
 
 
 @dataclass

@@ -292,8 +292,8 @@ STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
 for _name in ("pretrain", "sft", "dpo", "grpo"):
-    STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks:run_stage_eval", _name),
-                               _lazy("lmforge.eval.tasks:stage_eval_done", _name))
+    STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),
+                               _lazy("lmforge.eval.tasks.arith:stage_eval_done", _name))
 
 
 def cmd_run(argv: list[str]) -> int:

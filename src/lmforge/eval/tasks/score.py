@@ -1,0 +1,146 @@
+"""Run a Task's requests through a model: log-likelihoods of continuations, and greedy replies.
+
+Log-likelihoods are batched: requests are encoded as lm-eval encodes them (context and
+continuation encoded whole, so a BPE merge across the boundary is counted as it would be read;
+trailing spaces of the context moved into the continuation), duplicates scored once, sorted by
+length so a batch pads little, and right-padded (a causal model's earlier positions never see
+the padding). Only the continuation positions go through the head, so a large vocabulary costs
+(continuation tokens x vocab) per row, not (sequence x vocab).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from lmforge.console import progress
+from lmforge.eval.tasks.base import FEWSHOT_DELIMITER, Task, cut_at_stop, score_gen, score_mc
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), lm-eval's `_encode_pair`, with the tokenizer's document prefix
+    (BOS) in front as training laid documents out; an empty context scores after end-of-text."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    prefix = list(tok.doc_prefix) or [tok.eot_id]
+    whole = tok.encode(context + continuation)
+    n_ctx = len(tok.encode(context)) if context else 0
+    return prefix + whole[:n_ctx], whole[n_ctx:]
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch_size: int = 16,
+                   label: str = "score") -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether every continuation token is the argmax) per request."""
+    device = next(model.parameters()).device
+    max_len = model.cfg.max_seq_len
+    encoded: dict[tuple[str, str], tuple[list[int], int]] = {}
+    for req in requests:
+        if req not in encoded:
+            ctx, cont = encode_pair(tok, *req)
+            ids = (ctx + cont)[-(max_len + 1):]  # keep the continuation, drop the context's oldest tokens
+            encoded[req] = (ids, min(len(cont), len(ids) - 1))
+    order = sorted(encoded, key=lambda r: -len(encoded[r][0]))
+    results: dict[tuple[str, str], tuple[float, bool]] = {}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with progress(label, len(batches)) as advance:
+        for batch in batches:
+            rows = [encoded[r][0] for r in batch]
+            width = max(len(r) for r in rows) - 1
+            x = torch.full((len(rows), width), tok.eot_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, :len(r) - 1] = torch.tensor(r[:-1])
+            h = model(x.to(device), return_hidden=True)
+            for i, req in enumerate(batch):
+                ids, n = encoded[req]
+                start = len(ids) - 1 - n  # position predicting the first continuation token
+                logp = model.logits(h[i, start:start + n]).float().log_softmax(-1)
+                target = torch.tensor(ids[-n:], device=logp.device)
+                ll = logp.gather(-1, target[:, None]).sum().item()
+                results[req] = (ll, bool((logp.argmax(-1) == target).all()))
+            advance(1)
+    return [results[r] for r in requests]
+
+
+# --- prompts: few-shot examples and the chat template --------------------------------------------------
+
+def fewshot_prefix(task: Task, index: int, k: int, seed: int) -> str:
+    """`k` worked examples for doc `index`, drawn with a seed of their own per doc (so a result does not
+    depend on which other docs were evaluated), from the task's train/dev pool or else the other docs."""
+    head = task.docs[index].description
+    if k <= 0:
+        return head
+    pool = task.fewshot_pool or task.docs
+    candidates = [d for j, d in enumerate(pool) if task.fewshot_pool or j != index]
+    shots = random.Random(seed * 1_000_003 + index).sample(candidates, min(k, len(candidates)))
+    return head + "".join(s.shot() + FEWSHOT_DELIMITER for s in shots)
+
+
+def render_context(tok, prefix: str, context: str, chat: bool) -> str:
+    """The text a continuation is scored (or a reply sampled) after; in chat mode the question is one user
+    turn of the checkpoint's chat template and the answer the assistant's reply."""
+    if not chat:
+        return prefix + context
+    return tok.render_chat([{"role": "user", "content": (prefix + context).rstrip()}], add_generation_prompt=True)
+
+
+def mc_requests(task: Task, tok, k: int, seed: int, chat: bool) -> list[list[tuple[str, str]]]:
+    """Per doc, one (context, continuation) per choice (the same continuation for every choice of a
+    Winogrande doc, whose contexts differ)."""
+    out = []
+    for i, d in enumerate(task.docs):
+        prefix = fewshot_prefix(task, i, k, seed)
+        delim = "" if chat else d.delimiter
+        if task.kind == "cloze":
+            out.append([(render_context(tok, prefix, d.context(), chat), delim + str(d.gold))])
+        elif len(d.contexts) > 1:  # partial scoring: the choice is in the context
+            out.append([(render_context(tok, prefix, c, chat), delim + d.continuation) for c in d.contexts])
+        else:
+            out.append([(render_context(tok, prefix, d.context(), chat), delim + c) for c in d.choices])
+    return out
+
+
+@torch.no_grad()
+def greedy_replies(model: nn.Module, tok, prompts: list[str], max_new_tokens: int, batch_size: int,
+                   stop: tuple[str, ...]) -> list[str]:
+    from lmforge.infer.engine import default_stop_ids, generate_ids
+    from lmforge.infer.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    stop_ids = default_stop_ids(tok)
+    room = model.cfg.max_seq_len - max_new_tokens
+    replies: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    with progress("generate", len(batches)) as advance:
+        for b in batches:
+            ids = [(list(tok.doc_prefix) + tok.encode(p))[-room:] for p in prompts[b:b + batch_size]]
+            out = generate_ids(model, ids, params, stop_ids=stop_ids, vocab_limit=tok.vocab_size)
+            replies += [cut_at_stop(tok.decode([t for t in o if t not in stop_ids]), stop) for o in out]
+            advance(1)
+    return replies
+
+
+def run_task(model: nn.Module, tok, task: Task, k: int = 0, seed: int = 1234, chat: bool = False,
+             batch_size: int = 16, max_new_tokens: int = 256) -> list[dict]:
+    """Per doc: its metrics (acc, acc_norm, ... or exact_match) and what the model chose or said."""
+    if task.kind == "gen":
+        prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
+                   for i, d in enumerate(task.docs)]
+        replies = greedy_replies(model, tok, prompts, max_new_tokens, batch_size, task.stop)
+        return [{**score_gen(task, d, r), "where": d.where, "reply": r} for d, r in zip(task.docs, replies)]
+    per_doc = mc_requests(task, tok, k, seed, chat)
+    flat = [r for reqs in per_doc for r in reqs]
+    scored = iter(loglikelihoods(model, tok, flat, batch_size, task.name))
+    out = []
+    for d, reqs in zip(task.docs, per_doc):
+        lls = [next(scored) for _ in reqs]
+        if task.kind == "cloze":
+            out.append({"acc": float(lls[0][1]), "where": d.where, "loglikelihood": lls[0][0]})
+        else:
+            values = [ll for ll, _ in lls]
+            out.append({**score_mc(d, values), "where": d.where, "loglikelihoods": values})
+    return out
+
