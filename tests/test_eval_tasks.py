@@ -20,7 +20,7 @@ from lmforge.eval.core import binomial_interval, centred, core_score, paired_boo
 from lmforge.eval.suite import compare
 from lmforge.eval.tasks import Doc, Task, load_task, parse_spec
 from lmforge.eval.tasks.base import extract_hash, extract_last_number, extract_regex, score_gen
-from lmforge.eval.tasks.score import encode_pair, fewshot_prefix, loglikelihoods, run_task
+from lmforge.eval.tasks.score import encode_pair, fewshot_prefix, loglikelihoods, run_task, shared_rows
 from lmforge.infer.loading import load_for_inference
 from lmforge.model.transformer import Transformer
 
@@ -185,6 +185,19 @@ def test_mc_scores_equal_a_brute_force_reference(tiny):
     flat = [(d.context(), " " + c) for d in docs for c in d.choices]
     assert [x[0] for x in loglikelihoods(model, tok, flat, 1)] == pytest.approx(
         [x[0] for x in loglikelihoods(model, tok, flat, 16)], abs=1e-4)
+
+
+def test_requests_sharing_an_input_share_one_forward(tiny):
+    model, tok = tiny
+    assert shared_rows([(1, 2), (1, 2, 3), (1, 2), (4,), (1, 3)]) == {(1, 2): (1, 2, 3), (1, 2, 3): (1, 2, 3),
+                                                                     (1, 3): (1, 3), (4,): (4,)}
+    # MMLU's letters: one forward serves the four choices, and the scores are the brute-force ones.
+    d = Doc(["What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"], list("ABCD"), 1, "x:1")
+    requests = [(d.context(), " " + c) for c in d.choices]
+    inputs = [tuple(sum(encode_pair(tok, *r), [])[:-1]) for r in requests]
+    assert len(set(shared_rows(inputs).values())) == 1
+    got = [ll for ll, _ in loglikelihoods(model, tok, requests)]
+    assert got == pytest.approx([brute_ll(model, tok, *r) for r in requests], abs=1e-4)
 
 
 def test_winogrande_scores_the_shared_rest_of_the_sentence(tiny):

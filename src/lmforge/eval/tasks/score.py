@@ -2,10 +2,11 @@
 
 Log-likelihoods are batched: requests are encoded as lm-eval encodes them (context and
 continuation encoded whole, so a BPE merge across the boundary is counted as it would be read;
-trailing spaces of the context moved into the continuation), duplicates scored once, sorted by
-length so a batch pads little, and right-padded (a causal model's earlier positions never see
-the padding). Only the continuation positions go through the head, so a large vocabulary costs
-(continuation tokens x vocab) per row, not (sequence x vocab).
+trailing spaces of the context moved into the continuation); requests whose input is a prefix of
+another's share its forward (`shared_rows`: the four letter choices of an MMLU question are one
+row); rows are sorted by length so a batch pads little, and right-padded (a causal model's
+earlier positions never see the padding). Only the continuation positions go through the head,
+so a large vocabulary costs (continuation tokens x vocab) per request, not (sequence x vocab).
 """
 
 from __future__ import annotations
@@ -31,36 +32,57 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return prefix + whole[:n_ctx], whole[n_ctx:]
 
 
+def shared_rows(inputs: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """Each input -> the row whose forward also serves it: the longest input it is a prefix of.
+
+    A causal model's logits at position t depend only on tokens <= t, so one forward over a row gives
+    every prefix of it. The choices A/B/C/D of an MMLU question need the same input (the question)
+    and become one row; a continuation that extends another shares its row. In lexicographic order
+    every input with prefix p directly follows p, so one backwards pass finds the rows.
+    """
+    order = sorted(set(inputs))
+    row = {}
+    for i in range(len(order) - 1, -1, -1):
+        a = order[i]
+        nxt = order[i + 1] if i + 1 < len(order) else None
+        row[a] = row[nxt] if nxt is not None and nxt[:len(a)] == a else a
+    return row
+
+
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch_size: int = 16,
                    label: str = "score") -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether every continuation token is the argmax) per request."""
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
-    encoded: dict[tuple[str, str], tuple[list[int], int]] = {}
+    encoded: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
     for req in requests:
         if req not in encoded:
             ctx, cont = encode_pair(tok, *req)
-            ids = (ctx + cont)[-(max_len + 1):]  # keep the continuation, drop the context's oldest tokens
+            ids = tuple((ctx + cont)[-(max_len + 1):])  # keep the continuation, drop the context's oldest tokens
             encoded[req] = (ids, min(len(cont), len(ids) - 1))
-    order = sorted(encoded, key=lambda r: -len(encoded[r][0]))
+    # Input of a request: every token but the last (whose probability is read, not fed).
+    row_of = shared_rows([ids[:-1] for ids, _ in encoded.values()])
+    rows = sorted(set(row_of.values()), key=lambda r: -len(r))
+    by_row: dict[tuple[int, ...], list[tuple[str, str]]] = {}
+    for req, (ids, _) in encoded.items():
+        by_row.setdefault(row_of[ids[:-1]], []).append(req)
     results: dict[tuple[str, str], tuple[float, bool]] = {}
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     with progress(label, len(batches)) as advance:
         for batch in batches:
-            rows = [encoded[r][0] for r in batch]
-            width = max(len(r) for r in rows) - 1
-            x = torch.full((len(rows), width), tok.eot_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                x[i, :len(r) - 1] = torch.tensor(r[:-1])
+            x = torch.full((len(batch), len(batch[0])), tok.eot_id, dtype=torch.long)
+            for i, r in enumerate(batch):
+                x[i, :len(r)] = torch.tensor(r)
             h = model(x.to(device), return_hidden=True)
-            for i, req in enumerate(batch):
-                ids, n = encoded[req]
-                start = len(ids) - 1 - n  # position predicting the first continuation token
-                logp = model.logits(h[i, start:start + n]).float().log_softmax(-1)
-                target = torch.tensor(ids[-n:], device=logp.device)
-                ll = logp.gather(-1, target[:, None]).sum().item()
-                results[req] = (ll, bool((logp.argmax(-1) == target).all()))
+            for i, r in enumerate(batch):
+                for req in by_row[r]:
+                    ids, n = encoded[req]
+                    start = len(ids) - 1 - n  # position predicting the first continuation token
+                    logp = model.logits(h[i, start:start + n]).float().log_softmax(-1)
+                    target = torch.tensor(ids[-n:], device=logp.device)
+                    ll = logp.gather(-1, target[:, None]).sum().item()
+                    results[req] = (ll, bool((logp.argmax(-1) == target).all()))
             advance(1)
     return [results[r] for r in requests]
 
