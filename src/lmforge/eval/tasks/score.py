@@ -19,6 +19,8 @@ from torch import nn
 from lmforge.console import progress
 from lmforge.eval.tasks.base import FEWSHOT_DELIMITER, Task, cut_at_stop, score_gen, score_mc
 
+HEAD_CHUNK = 1024  # continuation positions per head call: 1024 x a 150k vocabulary is 600 MB of fp32 logits
+
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids), lm-eval's `_encode_pair`, with the tokenizer's document prefix
@@ -75,14 +77,24 @@ def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch
             for i, r in enumerate(batch):
                 x[i, :len(r)] = torch.tensor(r)
             h = model(x.to(device), return_hidden=True)
-            for i, r in enumerate(batch):
-                for req in by_row[r]:
-                    ids, n = encoded[req]
-                    start = len(ids) - 1 - n  # position predicting the first continuation token
-                    logp = model.logits(h[i, start:start + n]).float().log_softmax(-1)
-                    target = torch.tensor(ids[-n:], device=logp.device)
-                    ll = logp.gather(-1, target[:, None]).sum().item()
-                    results[req] = (ll, bool((logp.argmax(-1) == target).all()))
+            # One head call for every continuation position of the batch, then split per request.
+            reqs = [req for r in batch for req in by_row[r]]
+            where = [(i, len(encoded[req][0]) - 1 - encoded[req][1], encoded[req][1])  # (row, first position, n)
+                     for i, r in enumerate(batch) for req in by_row[r]]
+            rows_idx = torch.tensor([i for i, _, n in where for _ in range(n)], device=h.device)
+            pos_idx = torch.tensor([s + j for _, s, n in where for j in range(n)], device=h.device)
+            targets = torch.tensor([t for req in reqs for t in encoded[req][0][-encoded[req][1]:]], device=h.device)
+            token_ll: list[float] = []
+            hits: list[bool] = []
+            for c in range(0, len(targets), HEAD_CHUNK):  # bounded (positions x vocab) logits
+                sl = slice(c, c + HEAD_CHUNK)
+                logp = model.logits(h[rows_idx[sl], pos_idx[sl]]).float().log_softmax(-1)
+                token_ll += logp.gather(-1, targets[sl, None])[:, 0].tolist()
+                hits += (logp.argmax(-1) == targets[sl]).tolist()
+            k = 0
+            for req, (_, _, n) in zip(reqs, where):
+                results[req] = (sum(token_ll[k:k + n]), all(hits[k:k + n]))
+                k += n
             advance(1)
     return [results[r] for r in requests]
 
