@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from lmforge.eval.core import binomial_interval, centred, core_score, paired_boo
 from lmforge.eval.suite import compare
 from lmforge.eval.tasks import Doc, Task, load_task, parse_spec
 from lmforge.eval.tasks.base import extract_hash, extract_last_number, extract_regex, score_gen
+from lmforge.eval.tasks.code import pass_at_k, run_program, score_code
 from lmforge.eval.tasks.score import encode_pair, fewshot_prefix, loglikelihoods, run_task, shared_rows
 from lmforge.infer.loading import load_for_inference
 from lmforge.model.transformer import Transformer
@@ -274,6 +276,33 @@ def test_chat_mode_asks_in_the_chat_template(tiny):
     assert got["loglikelihoods"] == pytest.approx([brute_ll(model, tok, ctx, c) for c in d.choices], abs=1e-4)
 
 
+# --- code execution -----------------------------------------------------------------------------------------
+
+def test_code_runs_in_a_limited_subprocess_and_pass_at_k_is_unbiased(tmp_path):
+    assert run_program("assert 1 + 1 == 2")[0] and not run_program("assert 1 + 1 == 3")[0]
+    ok, why = run_program("while True: pass", timeout=1.0)
+    assert not ok and "timed out" in why
+    ok, why = run_program("import socket\nsocket.create_connection(('127.0.0.1', 80))")
+    assert not ok and "network access is disabled" in why
+    assert not run_program("x = bytearray(4 << 30)", memory_mb=256)[0]
+    # pass@k against the definition: the chance that k samples drawn without replacement hold a pass.
+    for n, c, k in ((10, 3, 1), (10, 3, 5), (20, 0, 10), (5, 5, 1), (10, 8, 5)):
+        assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+    he = write_jsonl(tmp_path / "HumanEval.jsonl", [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n",
+                                                     "canonical_solution": "    return a + b\n", "entry_point": "add",
+                                                     "test": "def check(f):\n    assert f(2, 3) == 5\n"}])
+    t = task(f"humaneval:{he}")
+    assert score_code(t.docs[0], ["    return a + b\n", "    return a - b\n"]) == {"pass@1": 0.5}
+    mb = write_jsonl(tmp_path / "mbpp.jsonl", [{"task_id": 1, "text": "Write a function to double x.",
+                                                "code": "def double(x): return 2 * x", "test_setup_code": "",
+                                                "test_list": ["assert double(2) == 4", "assert double(0) == 0"]}])
+    m = task(f"mbpp:{mb}")
+    assert m.docs[0].context().endswith("assert double(0) == 0\n[BEGIN]\n")
+    assert score_code(m.docs[0], ["def double(x):\n    return x + x\n"]) == {"pass@1": 1.0}
+    with pytest.raises(LmforgeError, match="HumanEval.jsonl:1: no 'entry_point'"):
+        task(f"humaneval:{write_jsonl(tmp_path / 'HumanEval.jsonl', [{'prompt': 'p', 'test': 't'}])}")
+
+
 # --- aggregate and comparison ----------------------------------------------------------------------------
 
 def test_core_centres_each_task_by_chance():
@@ -308,14 +337,19 @@ def test_eval_command_writes_json_markdown_png_and_compares(tmp_path, capsys):
                                                for i in range(6)])
     lam = write_jsonl(tmp_path / "lambada.jsonl", [{"text": "the sky is blue"}, {"text": "the grass is green"}])
     gen = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Say 7:", "answer": "7"}])
+    he = write_jsonl(tmp_path / "he.jsonl", [{"prompt": "def f():\n", "test": "def check(g):\n    assert g() is None\n",
+                                              "entry_point": "f"}])
     out = tmp_path / "results"
     for i, shots in enumerate((0, 2)):
         assert cli(["eval", f"eval.checkpoint={ck}", "device=cpu", f"eval.out={out / str(i)}",
                 f"eval.num_fewshot={shots}", "generate.max_new_tokens=4",
-                f"eval.tasks=[mc:{mc}, lambada:{lam}, gen:{gen}:extract=last_number]"]) == 0
+                "eval.samples=2",
+                f"eval.tasks=[mc:{mc}, lambada:{lam}, gen:{gen}:extract=last_number, humaneval:{he}]"]) == 0
     (res,) = (out / "0").glob("bench-*.json")
     r = json.loads(res.read_text())
-    assert set(r["tasks"]) == {"mine", "lambada", "qa"} and r["tasks"]["mine"]["baseline"] == pytest.approx(1 / 3)
+    assert set(r["tasks"]) == {"mine", "lambada", "qa", "humaneval"}
+    assert set(r["tasks"]["humaneval"]["metrics"]) == {"pass@1"}
+    assert r["tasks"]["mine"]["baseline"] == pytest.approx(1 / 3)
     assert r["core"] == pytest.approx(core_score(r["tasks"]))
     assert "**CORE**" in res.with_suffix(".md").read_text() and res.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()

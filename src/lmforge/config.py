@@ -154,6 +154,9 @@ class EvalConfig:
     fewshot_seed: int = 1234  # which examples are drawn
     chat: bool = False  # ask each question as a user turn of the checkpoint's chat template (SFT'd models)
     out: str = ""  # "": RUN/eval (or beside the checkpoint outside a run); else this folder
+    samples: int = 1  # code tasks: completions per problem (1: greedy, pass@1; n: sampled, pass@k for k <= n)
+    temperature: float = 0.8  # code tasks with samples > 1
+    exec_timeout: float = 10.0  # code tasks: seconds each program may run
 
 
 @dataclass

@@ -45,10 +45,10 @@ def evaluate_suite(model, tok, cfg: Config, specs: list[str] | None = None) -> d
         shots = ec.num_fewshot if spec.shots is None else spec.shots
         t0 = time.perf_counter()
         per_doc = run_task(model, tok, task, shots, ec.fewshot_seed, ec.chat, ec.batch_size,
-                           cfg.generate.max_new_tokens)
+                           cfg.generate.max_new_tokens, ec.samples, ec.temperature, ec.exec_timeout)
         seconds = time.perf_counter() - t0
         metrics = sorted({k for d in per_doc for k, v in d.items() if isinstance(v, float) and k.startswith(
-            ("acc", "exact"))})
+            ("acc", "exact", "pass@"))})
         figures = {m: sum(d[m] for d in per_doc) / len(per_doc) for m in metrics}
         main = task.main_metric
         tasks[task.name] = {

@@ -20,6 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.tasks.arith import accuracy, evaluate_task, run_stage_eval, stage_eval_done
 from lmforge.eval.tasks.base import Doc, Task
 from lmforge.eval.tasks.cloze import lambada
+from lmforge.eval.tasks.code import humaneval, mbpp
 from lmforge.eval.tasks.gen import generic_gen, gsm8k
 from lmforge.eval.tasks.mc import arc, ceval, cmmlu, generic_mc, hellaswag, mmlu, piqa, winogrande
 
@@ -30,7 +31,7 @@ READERS: dict[str, Callable[[Path], Task]] = {
     "hellaswag": hellaswag, "arc_easy": lambda p: arc(p, "arc_easy"),
     "arc_challenge": lambda p: arc(p, "arc_challenge"),
     "arc": arc, "piqa": piqa, "winogrande": winogrande, "mmlu": mmlu, "ceval": ceval, "cmmlu": cmmlu,
-    "lambada": lambada, "gsm8k": gsm8k, "mc": generic_mc, "gen": generic_gen,
+    "lambada": lambada, "gsm8k": gsm8k, "humaneval": humaneval, "mbpp": mbpp, "mc": generic_mc, "gen": generic_gen,
 }
 OPTIONS = ("shots", "limit", "as", "extract")
 

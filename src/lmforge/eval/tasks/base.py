@@ -10,6 +10,7 @@ Three kinds, as lm-evaluation-harness has them:
   `completion_len`, the choice without the " " delimiter), and `acc_bytes` by its UTF-8 bytes.
 - "cloze": one request, correct when every continuation token is the greedy one (LAMBADA's acc).
 - "gen": a greedy reply, cut at the task's stop strings, compared after answer extraction.
+- "code": n completions run against the task's tests in a subprocess (code.py): pass@k.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Doc:
     delimiter: str = " "  # between context and continuation
     continuation: str = ""  # mc with one context per choice: the text scored after each
     description: str = ""  # opens this doc's prompt, before any few-shot examples (MMLU's subject line)
-    target: str = ""  # gen: the worked answer a few-shot prompt shows (GSM8K's solution); "": gold
+    program_head: str = ""  # code: what precedes the completion in the program run (HumanEval's prompt)
+    target: str = ""  # code: the tests; gen: the worked answer a few-shot prompt shows (GSM8K's solution); "": gold
 
     def context(self, i: int = 0) -> str:
         return self.contexts[i if len(self.contexts) > 1 else 0]
@@ -62,7 +64,7 @@ class Task:
 
     @property
     def main_metric(self) -> str:
-        return self.metric or {"mc": "acc_norm", "cloze": "acc", "gen": "exact_match"}[self.kind]
+        return self.metric or {"mc": "acc_norm", "cloze": "acc", "gen": "exact_match", "code": "pass@1"}[self.kind]
 
     @property
     def baseline(self) -> float:

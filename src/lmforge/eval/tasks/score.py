@@ -139,27 +139,43 @@ def mc_requests(task: Task, tok, k: int, seed: int, chat: bool) -> list[list[tup
 
 @torch.no_grad()
 def greedy_replies(model: nn.Module, tok, prompts: list[str], max_new_tokens: int, batch_size: int,
-                   stop: tuple[str, ...]) -> list[str]:
+                   stop: tuple[str, ...], temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """A reply per prompt, cut at `stop`: greedy, or sampled (temperature > 0) from a seeded generator."""
     from lmforge.infer.engine import default_stop_ids, generate_ids
     from lmforge.infer.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stop_ids = default_stop_ids(tok)
-    room = model.cfg.max_seq_len - max_new_tokens
+    room = max(1, model.cfg.max_seq_len - max_new_tokens)
     replies: list[str] = []
     batches = range(0, len(prompts), batch_size)
     with progress("generate", len(batches)) as advance:
         for b in batches:
             ids = [(list(tok.doc_prefix) + tok.encode(p))[-room:] for p in prompts[b:b + batch_size]]
-            out = generate_ids(model, ids, params, stop_ids=stop_ids, vocab_limit=tok.vocab_size)
+            out = generate_ids(model, ids, params, stop_ids=stop_ids, generator=generator,
+                               vocab_limit=tok.vocab_size)
             replies += [cut_at_stop(tok.decode([t for t in o if t not in stop_ids]), stop) for o in out]
             advance(1)
     return replies
 
 
 def run_task(model: nn.Module, tok, task: Task, k: int = 0, seed: int = 1234, chat: bool = False,
-             batch_size: int = 16, max_new_tokens: int = 256) -> list[dict]:
-    """Per doc: its metrics (acc, acc_norm, ... or exact_match) and what the model chose or said."""
+             batch_size: int = 16, max_new_tokens: int = 256, samples: int = 1, temperature: float = 0.8,
+             exec_timeout: float = 10.0) -> list[dict]:
+    """Per doc: its metrics (acc, acc_norm, exact_match or pass@k) and what the model chose or said."""
+    if task.kind == "code":
+        from lmforge.eval.tasks.code import score_code
+
+        prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
+                   for i, d in enumerate(task.docs)]
+        n = max(1, samples)
+        flat = greedy_replies(model, tok, [p for p in prompts for _ in range(n)], max_new_tokens, batch_size,
+                              task.stop, temperature if n > 1 else 0.0, seed)
+        return [{**score_code(d, flat[i * n:(i + 1) * n], timeout=exec_timeout), "where": d.where,
+                 "reply": flat[i * n]} for i, d in enumerate(task.docs)]
     if task.kind == "gen":
         prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
                    for i, d in enumerate(task.docs)]
