@@ -329,6 +329,26 @@ def test_compare_interval_tells_a_gain_from_noise():
     assert row["significant"] and row["interval"] == "paired bootstrap"
 
 
+def test_pretraining_validation_reports_the_benchmarks(tmp_path, tiny):
+    from lmforge.config import Config
+    from lmforge.eval.suite import benchmark_fn
+    from lmforge.train.objectives import LMObjective
+
+    model, tok = tiny
+    mc = write_jsonl(tmp_path / "mine.jsonl", [{"question": "Q?", "choices": ["x", "y"], "answer": 0}] * 3)
+    cfg = Config()
+    cfg.eval.train_tasks = [f"mc:{mc}:as=toy"]
+    fn = benchmark_fn(cfg, tok)
+    expected = sum(r["acc_norm"] for r in run_task(model, tok, task(f"mc:{mc}"))) / 3
+    objective = LMObjective.__new__(LMObjective)  # no shards needed: no validation split, benchmarks only
+    objective.val, objective.benchmarks = None, fn
+    got = objective.evaluate(model)
+    assert got == {"bench_toy": expected, "bench_core": centred(expected, 0.5)}
+    cfg.eval.train_tasks = [f"mc:{tmp_path / 'missing.jsonl'}"]
+    with pytest.raises(LmforgeError, match="missing.jsonl: no such file"):
+        benchmark_fn(cfg, tok)
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
 def test_eval_command_writes_json_markdown_png_and_compares(tmp_path, capsys):

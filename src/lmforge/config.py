@@ -157,6 +157,7 @@ class EvalConfig:
     samples: int = 1  # code tasks: completions per problem (1: greedy, pass@1; n: sampled, pass@k for k <= n)
     temperature: float = 0.8  # code tasks with samples > 1
     exec_timeout: float = 10.0  # code tasks: seconds each program may run
+    train_tasks: list[str] = field(default_factory=list)  # benchmarks scored at each pretraining validation pass
 
 
 @dataclass

@@ -148,8 +148,13 @@ def run_pretrain(cfg: Config):
     check_tokenizer(manifest, tok, tokenizer_dir=tok_dir)
     model = build_model(cfg, tok.vocab_size)
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+    benchmarks = None
+    if cfg.eval.train_tasks:
+        from lmforge.eval.suite import benchmark_fn
+
+        benchmarks = benchmark_fn(cfg, tok)
     objective = LMObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed,
-                            cfg.train.loss_chunk, cfg.train.eval_batches)
+                            cfg.train.loss_chunk, cfg.train.eval_batches, benchmarks)
     prompt = cfg.train.sample_prompt or data_prompt(tok, data_dir)
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")

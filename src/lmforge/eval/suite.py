@@ -63,6 +63,28 @@ def evaluate_suite(model, tok, cfg: Config, specs: list[str] | None = None) -> d
             "fewshot_seed": ec.fewshot_seed}
 
 
+def benchmark_fn(cfg: Config, tok):
+    """model -> {"bench_<task>": score, "bench_core": CORE} for pretraining's validation passes
+    (`eval.train_tasks`). The files are read now, so a wrong path fails before training starts."""
+    from lmforge.eval.tasks.score import run_task as score_task
+
+    specs = [parse_spec(s, cfg.run_dir) for s in cfg.eval.train_tasks]
+    tasks = [(load_task(s), cfg.eval.num_fewshot if s.shots is None else s.shots) for s in specs]
+    ec = cfg.eval
+
+    def benchmarks(model) -> dict[str, float]:
+        out, centres = {}, []
+        for task, shots in tasks:
+            per_doc = score_task(model, tok, task, shots, ec.fewshot_seed, ec.chat, ec.batch_size,
+                                 cfg.generate.max_new_tokens, ec.samples, ec.temperature, ec.exec_timeout)
+            score = sum(d[task.main_metric] for d in per_doc) / len(per_doc)
+            out[f"bench_{task.name}"] = score
+            centres.append(centred(score, task.baseline))
+        out["bench_core"] = sum(centres) / len(centres)
+        return out
+    return benchmarks
+
+
 def run_suite(cfg: Config) -> dict:
     from lmforge.eval.lm import open_checkpoint, stage_label
 
