@@ -96,6 +96,8 @@ def test_readers_of_every_published_format(tmp_path):
               [head, ["0", "网络层协议是？", "IP", "TCP", "UDP", "HTTP", "A", ""]])
     write_csv(tmp_path / "ceval" / "dev" / "computer_network_dev.csv",
               [head, ["0", "问？", "a", "b", "c", "d", "D", "因"]])
+    write_csv(tmp_path / "ceval" / "test" / "computer_network_test.csv",  # published without answers
+              [head[:6], ["0", "?", "a", "b", "c", "d"]])
     c = task(f"ceval:{tmp_path / 'ceval'}")
     assert c.docs[0].contexts[0].endswith("D. HTTP\n答案：")
     assert c.docs[0].description.startswith("以下是中国关于computer network考试") and c.fewshot_pool[0].gold == 3

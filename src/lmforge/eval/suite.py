@@ -43,6 +43,8 @@ def evaluate_suite(model, tok, cfg: Config, specs: list[str] | None = None) -> d
         if task.name in tasks:
             raise LmforgeError(f"eval.tasks: two tasks are named '{task.name}'; give one of them :as=NAME")
         shots = ec.num_fewshot if spec.shots is None else spec.shots
+        if task.kind == "code":
+            shots = 0  # a HumanEval/MBPP prompt is complete as published; worked solutions would show tests
         t0 = time.perf_counter()
         per_doc = run_task(model, tok, task, shots, ec.fewshot_seed, ec.chat, ec.batch_size,
                            cfg.generate.max_new_tokens, ec.samples, ec.temperature, ec.exec_timeout)
@@ -69,7 +71,8 @@ def benchmark_fn(cfg: Config, tok):
     from lmforge.eval.tasks.score import run_task as score_task
 
     specs = [parse_spec(s, cfg.run_dir) for s in cfg.eval.train_tasks]
-    tasks = [(load_task(s), cfg.eval.num_fewshot if s.shots is None else s.shots) for s in specs]
+    tasks = [(t, 0 if t.kind == "code" else cfg.eval.num_fewshot if s.shots is None else s.shots)
+             for s, t in ((s, load_task(s)) for s in specs)]
     ec = cfg.eval
 
     def benchmarks(model) -> dict[str, float]:

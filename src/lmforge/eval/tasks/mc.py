@@ -128,10 +128,12 @@ def _four(question: str, options: list[str], answer_cue: str, question_cue: str 
         + "\n" + answer_cue
 
 
-def _lettered(path: Path, name: str, description: str, answer_cue: str, question_cue: str = "") -> Task:
-    """MMLU-shaped benchmarks: a question, options A-D, the answer a letter; one file per subject."""
+def _lettered(path: Path, name: str, description: str, answer_cue: str, question_cue: str = "",
+              splits: tuple[str, ...] = ("test", "val")) -> Task:
+    """MMLU-shaped benchmarks: a question, options A-D, the answer a letter; one file per subject.
+    `splits`: the folders evaluated, first found first (C-Eval publishes test/ without answers: val/)."""
     what = f"{name} rows are question, A, B, C, D, answer (csv) or {{question, choices: [4], answer}} (jsonl)"
-    evaluate, shots = _pool_split(path, ("test", "val"))
+    evaluate, shots = _pool_split(path, splits)
 
     def read(files: list[Path]) -> list[Doc]:
         docs = []
@@ -164,7 +166,8 @@ def mmlu(path: Path) -> Task:
 
 
 def ceval(path: Path) -> Task:
-    return _lettered(path, "ceval", "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "答案：")
+    return _lettered(path, "ceval", "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "答案：",
+                     splits=("val", "test"))
 
 
 def cmmlu(path: Path) -> Task:
