@@ -362,8 +362,8 @@ def test_eval_command_writes_json_markdown_png_and_compares(tmp_path, capsys):
     he = write_jsonl(tmp_path / "he.jsonl", [{"prompt": "def f():\n", "test": "def check(g):\n    assert g() is None\n",
                                               "entry_point": "f"}])
     out = tmp_path / "results"
-    for i, shots in enumerate((0, 2)):
-        assert cli(["eval", f"eval.checkpoint={ck}", "device=cpu", f"eval.out={out / str(i)}",
+    for i, (shots, quant) in enumerate(((0, ""), (2, "int8"))):  # the second: few-shot, quantized
+        assert cli(["eval", f"eval.checkpoint={ck}", "device=cpu", f"eval.out={out / str(i)}", f"eval.quantize={quant}",
                 f"eval.num_fewshot={shots}", "generate.max_new_tokens=4",
                 "eval.samples=2",
                 f"eval.tasks=[mc:{mc}, lambada:{lam}, gen:{gen}:extract=last_number, humaneval:{he}]"]) == 0

@@ -20,10 +20,10 @@ from lmforge.io import atomic_write_json
 
 
 def open_checkpoint(cfg):
-    """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged), in fp32 so
-    the figures do not depend on the device's preferred dtype."""
+    """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged; int8/int4 with
+    eval.quantize), in fp32 so the figures do not depend on the device's preferred dtype."""
     target, key = (cfg.eval.checkpoint, "eval.checkpoint") if cfg.eval.checkpoint else (cfg.run_dir, "")
-    return load_for_inference(target, cfg.device, "fp32", run_dir=cfg.run_dir, key=key)
+    return load_for_inference(target, cfg.device, "fp32", cfg.eval.quantize or None, run_dir=cfg.run_dir, key=key)
 
 
 def stage_label(ckpt: Path, run_path: Path) -> str:
