@@ -172,6 +172,14 @@ def brute_ll(model, tok, context: str, continuation: str) -> float:
     return sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
 
 
+def test_pairs_are_encoded_as_lm_eval_encodes_them(tiny):
+    _, tok = tiny
+    # A trailing space of the context moves into the continuation; the continuation is the whole text's
+    # tokens after the context's own (so a merge across the boundary is scored with the continuation).
+    ctx, cont = encode_pair(tok, "Answer: ", "95")
+    assert ctx == [tok.eot_id] + tok.encode("Answer:") and cont == tok.encode("Answer: 95")[len(ctx) - 1:]
+
+
 def test_mc_scores_equal_a_brute_force_reference(tiny):
     model, tok = tiny
     docs = [Doc(["The answer is"], ["yes", "no way at all", "maybe so"], 1, "x:1"),

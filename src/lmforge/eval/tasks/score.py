@@ -30,8 +30,8 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     prefix = list(tok.doc_prefix) or [tok.eot_id]
     whole = tok.encode(context + continuation)
-    n_ctx = len(tok.encode(context)) if context else 0
-    return prefix + whole[:n_ctx], whole[n_ctx:]
+    ctx = tok.encode(context) if context else []
+    return prefix + ctx, whole[len(ctx):]
 
 
 def shared_rows(inputs: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[int, ...]]:
