@@ -386,3 +386,20 @@ def test_eval_command_writes_json_markdown_png_and_compares(tmp_path, capsys):
     assert cli(["eval", "compare", str(out / "0"), str(out / "1")]) == 0
     text = capsys.readouterr().out
     assert "mine" in text and "paired bootstrap" in text and "CORE" in text
+
+
+def test_bench_stage_of_a_recipe_runs_once_per_checkpoint(tmp_path):
+    from lmforge.config import Config
+    from lmforge.stages import STAGES
+
+    run, done = STAGES["bench"]
+    cfg = Config()
+    cfg.run_dir, cfg.device = str(tmp_path / "run"), "cpu"
+    cfg.eval.checkpoint = str(tiny_checkpoint(tmp_path))
+    with pytest.raises(LmforgeError, match="eval.tasks is empty"):
+        run(cfg)
+    mc = write_jsonl(tmp_path / "m.jsonl", [{"question": "Q", "choices": ["a", "b"], "answer": 0}])
+    cfg.eval.tasks = [f"mc:{mc}"]
+    assert not done(cfg)
+    run(cfg)
+    assert done(cfg)

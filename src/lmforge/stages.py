@@ -293,6 +293,7 @@ def _lazy(target: str, *args) -> Callable[[Config], object]:
 
 # Post-training: the demo task, each training stage (done once it reached its step count), and
 # eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
+STAGES["bench"] = (_lazy("lmforge.eval.suite:run_suite"), _lazy("lmforge.eval.suite:suite_done"))  # eval.tasks
 STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))

@@ -88,12 +88,32 @@ def benchmark_fn(cfg: Config, tok):
     return benchmarks
 
 
-def run_suite(cfg: Config) -> dict:
-    from lmforge.eval.lm import open_checkpoint, stage_label
+def result_path(cfg: Config, ckpt: Path) -> Path:
+    from lmforge.eval.lm import stage_label
 
+    return out_dir(cfg, ckpt) / f"{PREFIX}{stage_label(ckpt, cfg.run_path)}-{ckpt.name}.json"
+
+
+def suite_done(cfg: Config) -> bool:
+    """The recipe stage `bench` is done when its checkpoint already has a result (a newer checkpoint has none)."""
+    from lmforge.checkpoint import resolve_checkpoint
+
+    try:
+        target, key = (cfg.eval.checkpoint, "eval.checkpoint") if cfg.eval.checkpoint else (cfg.run_dir, "")
+        return result_path(cfg, resolve_checkpoint(target, cfg.run_dir, key)).is_file()
+    except LmforgeError:
+        return False
+
+
+def run_suite(cfg: Config) -> dict:
+    """`lmforge eval eval.tasks=[...]`, and the recipe stage `bench`: score, write JSON + Markdown + PNG, print."""
+    from lmforge.eval.lm import open_checkpoint
+
+    if not cfg.eval.tasks:
+        raise LmforgeError("eval.tasks is empty: name the benchmarks, e.g. eval.tasks=[hellaswag:hellaswag_val.jsonl]")
     model, tok, ckpt = open_checkpoint(cfg)
     result = {"checkpoint": str(ckpt), **evaluate_suite(model, tok, cfg)}
-    out = out_dir(cfg, ckpt) / f"{PREFIX}{stage_label(ckpt, cfg.run_path)}-{ckpt.name}.json"
+    out = result_path(cfg, ckpt)
     atomic_write_json(out, result)
     table = markdown(result)
     atomic_write_text(out.with_suffix(".md"), table)
