@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -210,6 +211,34 @@ def test_requests_sharing_an_input_share_one_forward(tiny):
     assert len(set(shared_rows(inputs).values())) == 1
     got = [ll for ll, _ in loglikelihoods(model, tok, requests)]
     assert got == pytest.approx([brute_ll(model, tok, *r) for r in requests], abs=1e-4)
+
+
+def test_acc_and_acc_norm_equal_lm_evaluation_harness(tmp_path, monkeypatch):
+    """lm-eval's own process_results on the same log-likelihoods (where it is installed)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.api.task import ConfigurableTask
+
+    from lmforge.eval.tasks.base import score_mc
+
+    rng = np.random.default_rng(0)
+    rows = [{"question": f"Q{i}", "choices": ["a", "bbbb", "cc", "ddddddd"][: 2 + i % 3], "answer": i % 2}
+            for i in range(30)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    theirs = ConfigurableTask(config={
+        "task": "t", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+        "dataset_kwargs": {"data_files": {"test": path}, "cache_dir": str(tmp_path / "cache")},
+        "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]})
+    ours = task(f"mc:{path}")
+    differ = 0
+    for doc, d in zip(theirs.test_docs(), ours.docs):
+        lls = list(-rng.exponential(4.0, len(d.choices)))
+        want = theirs.process_results(doc, [(ll, False) for ll in lls])
+        got = score_mc(d, lls)
+        assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"])
+        differ += got["acc"] != got["acc_norm"]
+    assert differ > 0  # the length normalisation was exercised
 
 
 def test_winogrande_scores_the_shared_rest_of_the_sentence(tiny):
