@@ -38,8 +38,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def test_loss_falls_and_eval_reports(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "r")
+    bench = tmp_path / "bench.jsonl"  # benchmarks scored beside the validation loss
+    bench.write_text("".join(json.dumps({"question": f"Q{i}", "choices": ["a", "b"], "answer": i % 2}) + "\n"
+                             for i in range(4)))
     r = lmforge("pretrain", f"run_dir={run}", *TINY, "train.max_steps=150", "train.micro_batch=16",
-                "train.eval_every=150", "train.save_every=150", "train.log_every=10")
+                "train.eval_every=150", "train.save_every=150", "train.log_every=10",
+                f"eval.train_tasks=[mc:{bench}:as=toy]")
     assert r.returncode == 0, r.stderr
     rows = [m for m in metrics(run) if "loss" in m]
     first, last = rows[0]["loss"], rows[-1]["loss"]
@@ -48,6 +52,7 @@ def test_loss_falls_and_eval_reports(base_run, tmp_path):
     # clearly below what a model ignoring context reaches
     assert val["val_loss"] < unigram_loss(run / "data") - 0.5, val
     assert last < first - 1.0 and 0 < val["val_bpb"] < 8
+    assert val["bench_toy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and val["bench_core"] == 2 * val["bench_toy"] - 1
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt.name == "step_000150"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",

@@ -179,6 +179,16 @@ class EvalConfig:
     batch_size: int = 8  # sequences per forward
     seq_len: int = 0  # 0: model's max_seq_len
     task: str = ""  # "": loss/perplexity; arith: exact-match accuracy on RUN/demo/test.jsonl; or a prompts .jsonl
+    tasks: list[str] = field(default_factory=list)  # benchmarks, family:path[:shots=N][:limit=N] (lmforge.eval.tasks)
+    num_fewshot: int = 0  # worked examples before each question (from the task's dev/train split, else the same file)
+    fewshot_seed: int = 1234  # which examples are drawn
+    chat: bool = False  # ask each question as a user turn of the checkpoint's chat template (SFT'd models)
+    out: str = ""  # "": RUN/eval (or beside the checkpoint outside a run); else this folder
+    samples: int = 1  # code tasks: completions per problem (1: greedy, pass@1; n: sampled, pass@k for k <= n)
+    temperature: float = 0.8  # code tasks with samples > 1
+    exec_timeout: float = 10.0  # code tasks: seconds each program may run
+    train_tasks: list[str] = field(default_factory=list)  # benchmarks scored at each pretraining validation pass
+    quantize: Literal["", "int8", "int4"] = ""  # evaluate the checkpoint quantized, as `generate --quantize` runs it
 
 
 @dataclass

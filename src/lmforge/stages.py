@@ -148,8 +148,13 @@ def run_pretrain(cfg: Config):
     check_tokenizer(manifest, tok, tokenizer_dir=tok_dir)
     model = build_model(cfg, tok.vocab_size)
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+    benchmarks = None
+    if cfg.eval.train_tasks:
+        from lmforge.eval.suite import benchmark_fn
+
+        benchmarks = benchmark_fn(cfg, tok)
     objective = LMObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed,
-                            cfg.train.loss_chunk, cfg.train.eval_batches)
+                            cfg.train.loss_chunk, cfg.train.eval_batches, benchmarks)
     prompt = cfg.train.sample_prompt or data_prompt(tok, data_dir)
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")
@@ -324,12 +329,13 @@ def _lazy(target: str, *args) -> Callable[[Config], object]:
 
 # Post-training: the demo task, each training stage (done once it reached its step count), and
 # eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
+STAGES["bench"] = (_lazy("lmforge.eval.suite:run_suite"), _lazy("lmforge.eval.suite:suite_done"))  # eval.tasks
 STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
 for _name in ("pretrain", "sft", "dpo", "grpo"):
-    STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks:run_stage_eval", _name),
-                               _lazy("lmforge.eval.tasks:stage_eval_done", _name))
+    STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),
+                               _lazy("lmforge.eval.tasks.arith:stage_eval_done", _name))
 
 
 def cmd_run(argv: list[str]) -> int:

@@ -20,10 +20,10 @@ from lmforge.io import atomic_write_json
 
 
 def open_checkpoint(cfg):
-    """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged), in fp32 so
-    the figures do not depend on the device's preferred dtype."""
+    """(model, tokenizer, folder) of `eval.checkpoint` (any checkpoint, LoRA adapters merged; int8/int4 with
+    eval.quantize), in fp32 so the figures do not depend on the device's preferred dtype."""
     target, key = (cfg.eval.checkpoint, "eval.checkpoint") if cfg.eval.checkpoint else (cfg.run_dir, "")
-    return load_for_inference(target, cfg.device, "fp32", run_dir=cfg.run_dir, key=key)
+    return load_for_inference(target, cfg.device, "fp32", cfg.eval.quantize or None, run_dir=cfg.run_dir, key=key)
 
 
 def stage_label(ckpt: Path, run_path: Path) -> str:
@@ -67,8 +67,12 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_
 def evaluate(cfg) -> dict:
     from lmforge.data.shards import check_tokenizer, open_shards
 
+    if cfg.eval.tasks:  # benchmarks: lmforge.eval.suite
+        from lmforge.eval.suite import run_suite
+
+        return run_suite(cfg)
     if cfg.eval.task:  # generative task: exact-match accuracy (lmforge.eval.tasks)
-        from lmforge.eval.tasks import evaluate_task
+        from lmforge.eval.tasks.arith import evaluate_task
 
         return evaluate_task(cfg)
     ec = cfg.eval
@@ -106,6 +110,11 @@ def evaluate(cfg) -> dict:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    if argv[:1] == ["compare"]:
+        from lmforge.eval.suite import cmd_compare
+
+        return cmd_compare(argv[1:])
     evaluate(parse_config("eval", argv, "Loss, perplexity and bits-per-byte of a checkpoint on a prepared "
-                          "split (eval.split=val) or text files (eval.files=...)."))
+                          "split (eval.split=val) or text files (eval.files=...); benchmarks with "
+                          "eval.tasks=[family:path, ...]; `eval compare A B` sets two benchmark results side by side."))
     return 0

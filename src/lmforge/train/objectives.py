@@ -85,7 +85,8 @@ class LMObjective(Objective):
     name = "lm"
 
     def __init__(self, data_dir: str | Path, seq_len: int, micro_batch: int, seed: int, loss_chunk: int = 0,
-                 eval_batches: int = 20):
+                 eval_batches: int = 20, benchmarks=None):
+        self.benchmarks = benchmarks  # model -> {bench_<task>: score}, run beside the validation loss
         self.data_dir = Path(data_dir)
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
         self.loss_chunk, self.eval_batches = loss_chunk, eval_batches
@@ -118,8 +119,9 @@ class LMObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model):
+        bench = self.benchmarks(_inner(model)) if self.benchmarks else {}
         if self.val is None:
-            return {}
+            return bench
         m = _inner(model)
         n = min(len(self.val), self.eval_batches * self.micro_batch) if self.eval_batches > 0 else len(self.val)
         idx = list(range(self.rank * self.micro_batch, n, self.world * self.micro_batch))
@@ -141,7 +143,7 @@ class LMObjective(Objective):
         bpt = bytes_per_token(self.val.manifest)
         if bpt:
             out["val_bpb"] = loss / math.log(2) / bpt
-        return out
+        return {**out, **bench}
 
 
 def right_padded_tokens(ids: Tensor, pad_id: int) -> float:

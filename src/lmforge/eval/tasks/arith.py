@@ -1,4 +1,4 @@
-"""Generative task evaluation: exact-match accuracy of greedy answers on held-out prompts.
+"""The demo's generative task: exact-match accuracy of greedy answers on held-out prompts.
 
 `lmforge eval eval.task=arith` scores a checkpoint on the demo's held-out arithmetic problems
 (RUN/demo/test.jsonl); `eval.task=path.jsonl` on any file of {"prompt" or "messages", "answer"}.

@@ -1,0 +1,107 @@
+"""Rows of local benchmark files (jsonl, json arrays, csv, parquet), each with the file:line it came from.
+
+Nothing is downloaded: benchmarks are read from the files their authors publish. Every missing
+or malformed field is reported as `file:line: no 'key' (...)`, so a user can fix the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def files_in(path: Path, suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
+    """`path` itself, or the benchmark files inside a folder (sorted, so results are in a stable order)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if found:
+            return found
+        raise LmforgeError(f"{path}: no {'/'.join(suffixes)} files in this folder")
+    raise LmforgeError(f"{path}: no such file or folder")
+
+
+def rows(path: Path, header: bool | None = True) -> Iterator[tuple[str, Any]]:
+    """(where, row) of one file: dicts from jsonl/json/parquet and from csv with a header; lists from a
+    csv without one (header=False), or either when header=None (a header is told by `question` in it)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pandas as pd
+
+        for i, rec in enumerate(pd.read_parquet(path).to_dict("records")):
+            yield f"{path}:row {i + 1}", {k: _plain(v) for k, v in rec.items()}
+        return
+    text = path.read_text(encoding="utf-8-sig")
+    if suffix == ".csv":
+        table = list(csv.reader(text.splitlines()))
+        if header is None:
+            header = bool(table) and any(c.strip().lower() in ("question", "题目") for c in table[0])
+        if header:
+            names = [c.strip() for c in table[0]] if table else []
+            for i, r in enumerate(table[1:], start=2):
+                yield f"{path}:{i}", dict(zip(names, r))
+        else:
+            for i, r in enumerate(table, start=1):
+                yield f"{path}:{i}", r
+        return
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for i, item in enumerate(items):
+            yield f"{path}:item {i + 1}", _object(item, f"{path}:item {i + 1}")
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        yield f"{path}:{i}", _object(item, f"{path}:{i}")
+
+
+def _object(item: object, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise LmforgeError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def _plain(v: Any) -> Any:
+    """numpy arrays and nested records from parquet as plain lists and dicts."""
+    if hasattr(v, "tolist"):
+        return _plain(v.tolist())
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def need(row: dict, key: str, where: str, what: str, kind: type | tuple[type, ...] | None = None) -> Any:
+    """row[key], or an error naming the file, line and key and the format expected."""
+    if key not in row or row[key] is None:
+        raise LmforgeError(f"{where}: no '{key}' field ({what})")
+    value = row[key]
+    if kind is not None and not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise LmforgeError(f"{where}: '{key}' should be a {names}, got {type(value).__name__} ({what})")
+    return value
+
+
+def pick(row: dict, keys: tuple[str, ...], where: str, what: str) -> Any:
+    """The first of `keys` the row has (column names differ between a benchmark's releases)."""
+    lower = {str(k).strip().lower(): v for k, v in row.items()}
+    for k in keys:
+        if k.lower() in lower and lower[k.lower()] not in (None, ""):
+            return lower[k.lower()]
+    raise LmforgeError(f"{where}: no '{keys[0]}' field ({what})")
