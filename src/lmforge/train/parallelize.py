@@ -150,13 +150,13 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_attention(base.cfg, layout)
     pipe = None
-    experts = model.cfg.moe.experts
+    experts = base.cfg.moe.experts
     if experts and (layout.tp > 1 or layout.pp > 1):
         key, size = ("parallel.tp", layout.tp) if layout.tp > 1 else ("parallel.pp", layout.pp)
         raise LmforgeError(f"{key}={size} with model.moe.experts={experts}: mixture-of-experts layers are not "
                            "split across tensor-parallel ranks or pipeline stages yet; train them with data "
                            "parallel (parallel.dp_shard, FSDP2) or parallel.cp")
-    if layout.pp > 1 and layout.dp_world > 1 and model.cfg.tie_embeddings:
+    if layout.pp > 1 and layout.dp_world > 1 and base.cfg.tie_embeddings:
         raise LmforgeError(f"model.tie_embeddings=true with parallel.pp={layout.pp} and data parallel: the embedding "
                            "and the head belong to two pipeline stages, which FSDP2 shards as two units, and a "
                            "weight cannot be in both; set model.tie_embeddings=false")
@@ -169,10 +169,10 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
         if base is not model:
             raise LmforgeError(f"parallel.tp={layout.tp}: LoRA adapters are not tensor-parallel; train them "
                                "with parallel.dp_shard (FSDP2) or on one process")
-        check_tp_sizes(model.cfg, layout.tp)
+        check_tp_sizes(base.cfg, layout.tp)
         apply_tp(model, layout.mesh["tp"])
     if layout.cp > 1:
-        apply_cp(blocks, layout, model.cfg, tc.seq_len, device)
+        apply_cp(blocks, layout, base.cfg, tc.seq_len, device)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if tc.compile:
