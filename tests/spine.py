@@ -26,7 +26,9 @@ CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "json/__init__.py", "textw
 # A model small enough that a step takes milliseconds on one CPU core.
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=64",
         "train.seq_len=32", "train.micro_batch=4", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_every=0",
-        "train.log_every=1", "train.progress=false", "train.keep_last=5"]
+        "train.log_every=1", "train.progress=false", "train.keep_last=5",
+        # Pinned: `auto` measures bf16 against fp32 on this CPU, and pinned losses must not depend on the machine.
+        "train.precision=fp32"]
 
 
 # Each family variant of the decoder the parallel plans cover, as overrides of one tiny model (the

@@ -150,7 +150,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's learning rate for matrices
     muon_momentum: float = 0.95  # Muon's momentum
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0: off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where measured (CPU) or known (CUDA) fast
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (0: 1024); never all fp32 logits
