@@ -175,15 +175,17 @@ def test_compile_matches_eager(base_run, tmp_path):
 
     Both run as CLI processes with the same thread count; a fresh inductor cache shows that kernels were
     really compiled (the loop falls back to eager where compiling fails, which would pass unnoticed).
+    The sample at the end runs eagerly: compiling for it recompiled the block three times.
     """
     cache = tmp_path / "inductor"
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCH_LOGS": "recompiles"}
     runs = {}
     for name, flag in (("eager", "false"), ("compiled", "true")):
         run = copy_run(base_run, tmp_path / name)
         r = lmforge("pretrain", f"run_dir={run}", *TINY, *STEPS, "model.n_layer=1", "train.max_steps=4",
                     f"train.compile={flag}", env=env, timeout=900)
         assert r.returncode == 0, r.stderr
+        assert "sample at step 4" in r.stderr and "Recompiling" not in r.stderr, r.stderr[-3000:]
         runs[name] = losses(run)
         if flag == "false":
             assert not cache.exists() or not list(cache.rglob("*.so"))

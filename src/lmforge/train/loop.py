@@ -499,9 +499,14 @@ def _sample(sample_fn, model: nn.Module, is_main: bool, layout: Layout) -> str:
 
     Under tensor parallel every forward is a collective of the tp group, so every rank samples along
     (the samplers are seeded or greedy, and the logits are whole on every rank: the same tokens
-    everywhere) and the main rank's text is kept."""
+    everywhere) and the main rank's text is kept.
+
+    Compiled blocks run eagerly here: a sample is a few dozen tokens without gradients through a
+    growing cache, and compiling for it cost three recompilations (grad mode, the mask, its length),
+    more than the rest of a short compiled run.
+    """
     inner = ckpt.unwrap(model)
-    with gathered(inner):
+    with gathered(inner), torch.compiler.set_stance("force_eager"):
         return sample_fn(inner) if is_main or layout.tp > 1 else ""
 
 
