@@ -3,6 +3,9 @@ leaves the batch around it; the queue and the cache cap are bounded; a client th
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import threading
 import time
 
@@ -13,8 +16,9 @@ from infer_helpers import make_model, make_tokenizer, one_thread  # noqa: F401 (
 from lmforge.config import MoEConfig
 from lmforge.errors import LmforgeError
 from lmforge.infer.batching import Busy, Job, Scheduler
-from lmforge.infer.engine import complete_ids
+from lmforge.infer.engine import complete_ids, encode_prompt
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.server import ModelService, Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,3 +195,82 @@ def test_rebuilt_cache_matches_a_fresh_prefill(tok):
     for i, row in enumerate(rows):
         ids = sched.owner[id(row)].job.prompts[row.choice] + row.sample.tokens
         torch.testing.assert_close(step[i], model(torch.tensor([ids]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+# --- through the HTTP server, in this process -------------------------------------------------------
+
+@pytest.fixture()
+def server(tok):
+    """A served tiny model whose every forward first passes `gate` (open unless a test closes it)."""
+    model = make_model(tok.vocab_size, seed=9)
+    gate = threading.Event()
+    gate.set()
+    entered = threading.Event()
+
+    def hook(m, args):
+        entered.set()
+        gate.wait()
+        time.sleep(0.005)  # 5 ms a step: a long request takes long enough to be left mid-way
+
+    model.register_forward_pre_hook(hook)
+    service = ModelService(model, tok, "m", max_tokens=120, max_waiting=1, max_batch=4, max_cached_tokens=512)
+    srv = Server(("127.0.0.1", 0), service, max_body=20000)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv, model, gate, entered
+    gate.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(srv, body: dict) -> tuple[int, dict, dict]:
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_a_full_queue_answers_429_with_retry_after(server, tok):
+    srv, model, gate, entered = server
+    sched = srv.service.scheduler
+    gate.clear()
+    entered.clear()
+    answers = {}
+    body = dict(prompt="Hello", max_tokens=6, temperature=0)
+    first = threading.Thread(target=lambda: answers.update(a=post(srv, body)))
+    first.start()
+    assert entered.wait(30)  # the first request is in the model, held at the gate
+    second = threading.Thread(target=lambda: answers.update(b=post(srv, body)))
+    second.start()
+    wait_until(lambda: sched.stats()["waiting"] == 1)  # the second one waits: the queue (max_waiting=1) is full
+    status, headers, err = post(srv, body)
+    assert status == 429 and err["error"]["code"] == "server_busy"
+    assert int(headers["Retry-After"]) >= 1
+    gate.set()
+    first.join(30)
+    second.join(30)
+    want = complete_ids(model, tok, [encode_prompt(tok, "Hello")], SamplingParams(max_new_tokens=6, **GREEDY))[0]
+    assert [answers[k][0] for k in "ab"] == [200, 200]
+    assert [answers[k][2]["choices"][0]["text"] for k in "ab"] == [want.text] * 2
+    too_big = post(srv, dict(prompt=[5] * 100, max_tokens=28, n=8, temperature=0))  # 8 x 128 > the cap of 512
+    assert too_big[0] == 400 and too_big[2]["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_is_dropped_from_the_batch(server, stream):
+    srv, *_ = server
+    sched = srv.service.scheduler
+    body = json.dumps(dict(prompt="Hello", max_tokens=120, temperature=0, stream=stream)).encode()
+    s = socket.create_connection(srv.server_address[:2], timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # headers, then the first events
+    else:
+        wait_until(lambda: sched.stats()["running_rows"] == 1)
+    s.close()  # 120 tokens take at least 0.6 s; the row must leave long before
+    start = time.monotonic()
+    wait_until(lambda: sched.stats()["running_rows"] == 0, timeout=2)
+    assert time.monotonic() - start < 0.5

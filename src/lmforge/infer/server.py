@@ -37,6 +37,7 @@ import queue
 import select
 import socket
 import sys
+import time
 import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -282,12 +283,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _events(self, job: Job):
         """The job's events as the scheduler sends them; ClientGone once the client has left."""
+        checked = time.monotonic()
         while True:
             try:
                 event = job.events.get(timeout=0.25)
             except queue.Empty:
+                event = None
+            if time.monotonic() - checked >= 0.25:  # text events may never leave the queue empty
                 if self._client_gone():
-                    raise ClientGone() from None
+                    raise ClientGone()
+                checked = time.monotonic()
+            if event is None:
                 continue
             yield event
             if event[0] != "text":
