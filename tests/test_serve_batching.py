@@ -91,9 +91,9 @@ def test_concurrent_requests_equal_their_solo_outputs(tok, family):
     reqs = requests(tok)
     want = [alone(model, tok, p, s, kw) for p, s, kw in reqs]
     # Submitted before the scheduler starts, then more while it runs: rows join a running batch.
-    jobs = [sched.submit(Job(p, s, **kw)) for p, s, kw in reqs[:3]]
+    jobs = [sched.submit(Job(p, s, **kw, stream=True)) for p, s, kw in reqs[:3]]
     sched.start()
-    jobs += [sched.submit(Job(p, s, **kw)) for p, s, kw in reqs[3:]]
+    jobs += [sched.submit(Job(p, s, **kw, stream=True)) for p, s, kw in reqs[3:]]
     got = [wait(j) for j in jobs]
     for (w_out, w_text), (g_out, g_text) in zip(want, got):
         assert [key(c) for c in g_out] == [key(c) for c in w_out]

@@ -66,14 +66,16 @@ class Busy(Exception):
 class Job:
     """One request: its prompts (one per choice), sampling parameters and what to score.
 
-    The scheduler reports on `events`: ("text", choice, delta) while generating, then ("done",
-    [Completion]) or ("error", exception). `cancel()` (the client went away) drops its rows.
+    The scheduler reports on `events`: ("text", choice, delta) while generating when `stream` is
+    set, then ("done", [Completion]) or ("error", exception). `cancel()` (the client went away) drops
+    its rows.
     """
 
     prompts: list[list[int]]
     params: SamplingParams
     top_logprobs: int | None = None
     score_prompt: bool = False
+    stream: bool = False
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
 
@@ -248,7 +250,7 @@ class Scheduler:
             return
         try:
             out = complete_ids(self.model, self.tokenizer, job.prompts, job.params,
-                               on_text=lambda row, text: job.events.put(("text", row, text)),
+                               on_text=(lambda row, text: job.events.put(("text", row, text))) if job.stream else None,
                                on_token=lambda row, token: job.cancelled, top_logprobs=job.top_logprobs,
                                score_prompt=job.score_prompt)
         except Exception as e:
@@ -275,6 +277,9 @@ class Scheduler:
         at = {id(r): i for i, r in enumerate(self.rows)}
         done: list[_Row] = []
         for act in list(self.active):
+            if len(self.active) == 1 and len(act.live) == len(self.rows):  # its rows are the batch, in order
+                done += self._advance(act, logits)
+                continue
             index = torch.tensor([at[id(r)] for r in act.live], device=self.device)
             done += self._advance(act, logits[index])
         self._drop(done)
@@ -351,7 +356,7 @@ class Scheduler:
             if t in self.stop_ids:
                 s.finish_reason = "stop"
             delta, stopped = row.stream.push(t)
-            if delta:
+            if delta and job.stream:
                 job.events.put(("text", row.choice, delta))
             if (stopped or job.cancelled) and not finished:
                 s.finish_reason, finished = "stop", True
@@ -377,7 +382,7 @@ class Scheduler:
         out = []
         for row, prompt in zip(act.rows, act.job.prompts):
             delta = row.stream.finish()
-            if delta:
+            if delta and act.job.stream:
                 act.job.events.put(("text", row.choice, delta))
             s = row.sample
             out.append(Completion(row.stream.text, s.finish_reason, len(prompt), len(s.tokens), s.tokens, s.scores,

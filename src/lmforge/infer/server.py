@@ -79,7 +79,7 @@ class ModelService:
     def submit(self, req: ApiRequest) -> Job:
         """Queue the request's choices (Busy: the queue is full; LmforgeError: it can never fit)."""
         return self.scheduler.submit(Job(req.prompts, req.params, req.top_logprobs,
-                                         score_prompt=req.echo and req.top_logprobs is not None))
+                                         score_prompt=req.echo and req.top_logprobs is not None, stream=req.stream))
 
 
 class Server(ThreadingHTTPServer):
