@@ -186,7 +186,7 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
                      stop_ids: set[int] | frozenset[int] = frozenset(),
                      generator: torch.Generator | None = None, on_token: OnToken | None = None,
                      logprobs: bool = False, vocab_limit: int | None = None, top_logprobs: int | None = None,
-                     score_prompt: bool = False) -> list[Sample]:
+                     score_prompt: bool = False, repeats: int = 1) -> list[Sample]:
     """Sample continuations for a batch of token-id prompts.
 
     model: a Transformer in eval mode (DDP / torch.compile wrappers are unwrapped here).
@@ -196,6 +196,10 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     score_prompt: also score every prompt token but the first (Sample.prompt_scores, with
     top_logprobs alternatives). With max_new_tokens=0 the prompts are only scored, and may then
     fill the whole context.
+    repeats: sample each prompt this many times (GRPO's group) from one prefill: the prompt's cache
+    rows and last logits are copied for its repeats. The rows come out prompt-major, as for the
+    prompts each listed `repeats` times, and they draw from the generator in the same order, so
+    the result is the same as that longer list's (up to the float rounding of a narrower prefill).
     """
     from lmforge.checkpoint import unwrap
 
@@ -206,6 +210,9 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
         return []
     score_only = params.max_new_tokens == 0
     check_prompts(model, prompts, room=0 if score_only else 1)
+    if repeats < 1:
+        raise LmforgeError(f"repeats must be >= 1, got {repeats}")
+    unique, prompts = prompts, [p for p in prompts for _ in range(repeats)]
     device = _device_of(model)
     if generator is None:
         generator = make_generator(params, device)
@@ -219,14 +226,20 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     L = int(lens.max())
     steps = int(budgets.max())
 
-    cache, prefill, seen = prefill_prompts(model, prompts, L + steps, params.repetition_penalty != 1.0)
+    cache, prefill, seen = prefill_prompts(model, unique, L + steps, params.repetition_penalty != 1.0)
     if score_prompt:
-        for b, scores in enumerate(prompt_scores(prefill, prompts, top_logprobs, vocab_limit)):
-            results[b].prompt_scores = scores
+        for b, scores in enumerate(prompt_scores(prefill, unique, top_logprobs, vocab_limit)):
+            for r in range(repeats):
+                results[b * repeats + r].prompt_scores = list(scores)
     if steps == 0:
         return results
     logits = prefill[:, -1]
     del prefill
+    if repeats > 1:  # each prompt's rows, copied for its repeats
+        index = torch.arange(len(unique), device=device).repeat_interleave(repeats)
+        cache.select(index)
+        logits = logits[index]
+        seen = seen[index] if seen is not None else None
     rows = torch.arange(B, device=device)  # original row of each live batch entry
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     for step in range(steps):
