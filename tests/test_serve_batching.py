@@ -28,6 +28,7 @@ FAMILIES = {
     "mla": dict(attention="mla", n_kv_head=0, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
                 v_head_dim=16),
     "moe": dict(moe=MoEConfig(experts=4, top_k=2)),
+    "gpt2": dict(arch="gpt2", n_kv_head=0),  # learned positions: each row's own, not the cache column
 }
 
 
