@@ -275,3 +275,17 @@ def test_a_client_that_leaves_is_dropped_from_the_batch(server, stream):
     start = time.monotonic()
     wait_until(lambda: sched.stats()["running_rows"] == 0, timeout=2)
     assert time.monotonic() - start < 0.5
+
+
+def test_flags_win_over_serve_keys_and_bad_values_name_both():
+    from argparse import Namespace
+
+    from lmforge.config import ServeConfig
+    from lmforge.infer.server import batch_settings
+
+    keys = ServeConfig(max_batch=4, max_waiting=9, max_cached_tokens=1000)
+    none = Namespace(max_batch=None, max_waiting=None, max_cached_tokens=None)
+    assert batch_settings(none, keys) == (4, 9, 1000)
+    assert batch_settings(Namespace(max_batch=1, max_waiting=None, max_cached_tokens=0), keys) == (1, 9, 0)
+    with pytest.raises(LmforgeError, match=r"--max-batch \(serve.max_batch\) must be at least 1"):
+        batch_settings(none, ServeConfig(max_batch=0))

@@ -376,6 +376,18 @@ def api_key_from(flag: str | None, env: dict[str, str]) -> str | None:
     return env.get("LMFORGE_API_KEY", "").strip() or None
 
 
+def batch_settings(args, serve) -> tuple[int, int, int]:
+    """(max_batch, max_waiting, max_cached_tokens): each flag wins over its `serve.*` key."""
+    values = []
+    for flag, key, low in (("max_batch", "max_batch", 1), ("max_waiting", "max_waiting", 1),
+                           ("max_cached_tokens", "max_cached_tokens", 0)):
+        value = getattr(serve, key) if getattr(args, flag) is None else getattr(args, flag)
+        if value < low:
+            raise LmforgeError(f"--{flag.replace('_', '-')} (serve.{key}) must be at least {low}, got {value}")
+        values.append(value)
+    return values[0], values[1], values[2]
+
+
 def cmd_serve(argv: list[str]) -> int:
     from lmforge.infer.cli import add_model_args, split_items
 
@@ -406,14 +418,7 @@ def cmd_serve(argv: list[str]) -> int:
     api_key = api_key_from(args.api_key, dict(os.environ))
     if args.read_timeout <= 0:
         raise LmforgeError(f"--read-timeout must be > 0 seconds, got {args.read_timeout}")
-    pick = lambda flag, default: default if flag is None else flag
-    max_batch = pick(args.max_batch, cfg.serve.max_batch)
-    max_waiting = pick(args.max_waiting, cfg.serve.max_waiting)
-    max_cached = pick(args.max_cached_tokens, cfg.serve.max_cached_tokens)
-    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 1),
-                             ("--max-cached-tokens", max_cached, 0)):
-        if value < low:
-            raise LmforgeError(f"{flag} (serve.{flag[2:].replace('-', '_')}) must be at least {low}, got {value}")
+    max_batch, max_waiting, max_cached = batch_settings(args, cfg.serve)
 
     from lmforge.infer.loading import load_for_inference
 
@@ -421,8 +426,11 @@ def cmd_serve(argv: list[str]) -> int:
     service = ModelService(model, tokenizer, args.model_name or model_name(ckpt), args.max_tokens, max_waiting,
                            max_batch, max_cached)
     sched = service.scheduler
-    if max_batch > 1 and not sched.batched:
-        print(f"lmforge serve: one request at a time: {sched.refusal}", file=sys.stderr, flush=True)
+    if sched.batched:
+        mode = f"continuous batching of up to {max_batch} sequences, {sched.max_cached_tokens} cache positions"
+    else:
+        mode = "one request at a time" + (f": {sched.refusal}" if max_batch > 1 else " (--max-batch 1)")
+    print(f"lmforge serve: {mode}, at most {max_waiting} waiting", file=sys.stderr, flush=True)
     server = Server((args.host, args.port), service, args.max_body_bytes, args.verbose, api_key, args.read_timeout)
     host, port = server.server_address[:2]
     access = "API key required" if api_key else "no API key"
