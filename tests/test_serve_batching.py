@@ -200,9 +200,10 @@ def test_rebuilt_cache_matches_a_fresh_prefill(tok):
 
 # --- through the HTTP server, in this process -------------------------------------------------------
 
-@pytest.fixture()
-def server(tok):
-    """A served tiny model whose every forward first passes `gate` (open unless a test closes it)."""
+@pytest.fixture(params=[4, 1], ids=["batched", "one-at-a-time"])
+def server(tok, request):
+    """A served tiny model whose every forward first passes `gate` (open unless a test closes it);
+    batched, and one request at a time (--max-batch 1)."""
     model = make_model(tok.vocab_size, seed=9)
     gate = threading.Event()
     gate.set()
@@ -214,7 +215,8 @@ def server(tok):
         time.sleep(0.01)  # 10 ms a step: a long request takes long enough to be left mid-way
 
     model.register_forward_pre_hook(hook)
-    service = ModelService(model, tok, "m", max_tokens=120, max_waiting=1, max_batch=4, max_cached_tokens=512)
+    service = ModelService(model, tok, "m", max_tokens=120, max_waiting=1, max_batch=request.param,
+                           max_cached_tokens=512)
     srv = Server(("127.0.0.1", 0), service, max_body=20000)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield srv, model, gate, entered

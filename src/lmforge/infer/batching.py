@@ -184,6 +184,7 @@ class Scheduler:
         self.rows: list[_Row] = []  # in cache order
         self.owner: dict[int, _Active] = {}  # id(row) -> its job
         self.active: list[_Active] = []
+        self.alone: Job | None = None  # the job running on the one-at-a-time path
         self.finished: deque[float] = deque(maxlen=256)  # completion times, for Retry-After
         self.peak_cached = 0  # the largest cache the batch has held, in positions
         self.thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
@@ -219,7 +220,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"waiting": len(self.waiting), "running_rows": len(self.rows),
+            alone = self.alone
+            return {"waiting": len(self.waiting), "running_rows": len(self.rows) + (len(alone.prompts) if alone else 0),
                     "cached_tokens": self._cached(), "peak_cached_tokens": self.peak_cached}
 
     def _cached(self) -> int:
@@ -248,6 +250,7 @@ class Scheduler:
         """The one-request-at-a-time path: the engine's own batch for this job's choices."""
         if job.cancelled:
             return
+        self.alone = job
         try:
             out = complete_ids(self.model, self.tokenizer, job.prompts, job.params,
                                on_text=(lambda row, text: job.events.put(("text", row, text))) if job.stream else None,
@@ -256,6 +259,8 @@ class Scheduler:
         except Exception as e:
             job.events.put(("error", e))
             return
+        finally:
+            self.alone = None
         self.finished.append(time.monotonic())
         job.events.put(("done", out))
 
