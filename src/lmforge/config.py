@@ -205,6 +205,15 @@ class GenerateConfig:
     stream: bool = True  # print text as it is generated
 
 
+@dataclass
+class ServeConfig:
+    """`lmforge serve`'s batch and its bounds (flags of the same names win)."""
+
+    max_batch: int = 16  # sequences decoded together (continuous batching); 1: one request at a time
+    max_waiting: int = 64  # requests queued for the batch beyond this get 429 with Retry-After
+    max_cached_tokens: int = 0  # KV-cache positions the batch holds, padding included; 0: max(max_batch, 8) x context
+
+
 # --- post-training (lmforge.train.sft / dpo / reward / grpo) ----------------------------------------
 
 # Per-stage `train` overrides: every TrainConfig key, None meaning "as in the run's train section",
@@ -312,6 +321,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
