@@ -243,3 +243,20 @@ def test_model_info_shows_total_and_active_parameters(capsys):
     dense = Transformer(load_config(overrides=["model.preset=moe-tiny", "model.vocab_size=256"]).model)
     per_expert = 3 * 64 * 96  # gate, up and down of one 96-wide expert
     assert dense.num_params() - dense.num_params(active=True) == 2 * (8 - 2) * per_expert
+
+
+def test_lora_default_adapts_what_is_linear_and_names_the_experts_it_leaves(tmp_path, capsys):
+    """The default targets name the MLP projections, which an MoE layer holds as stacked 3-D experts: the
+    default adapts attention and the dense first layer, and says so; named explicitly, experts are refused."""
+    from lmforge.config import LoRAConfig
+    from lmforge.train.lora import apply_lora
+
+    wrapped = apply_lora(tiny(experts=4, top_k=2, first_dense_layers=1), LoRAConfig(enabled=True, r=4), tmp_path)
+    adapted = {n.split(".lora_A")[0] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert any(".layers.0.mlp.gate_proj" in n for n in adapted)  # the dense layer's MLP
+    assert not any(".layers.1.mlp." in n for n in adapted) and any(".layers.1.self_attn.q_proj" in n for n in adapted)
+    assert "mixture-of-experts MLPs hold their experts as stacked weights" not in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="gate_proj"):
+        apply_lora(tiny(experts=4, top_k=2), LoRAConfig(enabled=True, r=4, target_modules=["gate_proj"]), tmp_path)
+    apply_lora(tiny(experts=4, top_k=2), LoRAConfig(enabled=True, r=4), tmp_path)
+    assert "mixture-of-experts MLPs hold their experts as stacked weights" in capsys.readouterr().err
