@@ -37,9 +37,19 @@ def machine(device: torch.device) -> dict:
            "cpu_cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
+    out["cpu_flags"] = cpu_flags()
     if hasattr(os, "getloadavg"):
         out["load_avg_1min"] = round(os.getloadavg()[0], 2)
     return out
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features matmul speed depends on (bf16 is native only with AVX512-BF16 or AMX)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> list[float]:
