@@ -47,7 +47,7 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # files, directories, globs
+    sources: list[str | dict] = field(default_factory=list)  # files, folders, globs; {path, name, weight}: a mixture
     text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet
     val_fraction: float = 0.01  # fraction of documents held out for validation (by a hash of their text)
     workers: int = 0  # tokenizer processes; 0: all cores

@@ -22,14 +22,20 @@ from lmforge.errors import LmforgeError
 
 
 class TokenWindows:
-    def __init__(self, split_dir: str | Path, seq_len: int):
+    """The windows of a split, or with `source` of one source of a mixture (its shards only)."""
+
+    def __init__(self, split_dir: str | Path, seq_len: int, source: str | None = None):
         self.split_dir = Path(split_dir)
         self.shards, self.manifest = open_shards(self.split_dir)
+        if source is not None:
+            self.shards = [a for a, s in zip(self.shards, self.manifest["shards"], strict=True)
+                           if s.get("source") == source]
+            self.split_dir = self.split_dir / source
         self.seq_len = seq_len
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.offsets = np.cumsum([0] + counts)
         if self.offsets[-1] == 0:
-            total = int(self.manifest.get("tokens", 0))
+            total = sum(len(a) for a in self.shards)
             raise LmforgeError(f"{self.split_dir}: {total} tokens is less than one sequence of "
                                f"{seq_len + 1}; use more data or a smaller train.seq_len")
 

@@ -114,6 +114,7 @@ def resolve_sources(sources: list[str]) -> list[tuple[Path, bool]]:
     """
     if isinstance(sources, str | Path):
         sources = [str(sources)]
+    sources = [s.get("path", "") if isinstance(s, dict) else s for s in sources]  # a mixture's entries
     out: list[tuple[Path, bool]] = []
     seen: set[Path] = set()
 
