@@ -54,6 +54,9 @@ class DataConfig:
     dedup: bool = True  # drop exact duplicate documents
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_doc_bytes: int = 32768  # longer files/records become documents of at most this, cut at paragraphs; 0: off
+    num_tasks: int = 1  # prepare on many machines: the corpus's files cut into this many tasks (data/tasks.py)
+    task_index: int = 0  # which task this `prepare` is (0 .. num_tasks-1), e.g. $SLURM_ARRAY_TASK_ID
+    merge: bool = False  # join the num_tasks tasks' output into RUN/data (`lmforge prepare --merge`)
 
 
 @dataclass

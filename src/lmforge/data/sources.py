@@ -449,11 +449,17 @@ def iter_documents(sources: list[str], text_field: str = "text", stats: SourceSt
     skipped, counted in `stats.skipped_files` and reported once at the end. How each file was
     decoded is in `stats.decoding` (files that were not clean UTF-8).
     """
+    yield from read_files(resolve_sources(sources), text_field, stats, max_doc_bytes)
+
+
+def read_files(files: list[tuple[Path, bool]], text_field: str = "text", stats: SourceStats | None = None,
+               max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+    """`iter_documents` of files already resolved, (path, strict) as `resolve_sources` gives them: a slice
+    of a corpus reads exactly as it does inside the whole."""
     stats = stats if stats is not None else SourceStats()
     if max_doc_bytes and max_doc_bytes < MIN_DOC_BYTES:
         raise LmforgeError(f"data.max_doc_bytes must be 0 (no limit) or at least {MIN_DOC_BYTES}, "
                            f"got {max_doc_bytes}")
-    files = resolve_sources(sources)
     skipped: list[str] = []
     notes: Counter = Counter()
     for path, strict in files:
