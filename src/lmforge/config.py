@@ -48,7 +48,8 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     sources: list[str | dict] = field(default_factory=list)  # files, folders, globs; {path, name, weight}: a mixture
-    text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet
+    text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet/.arrow, datasets folders
+    filter: str = ""  # keep rows of columnar sources where e.g. lang=en, lang!=en, score>=0.5 (data/columns.py)
     val_fraction: float = 0.01  # fraction of documents held out for validation (by a hash of their text)
     workers: int = 0  # tokenizer processes; 0: all cores
     dedup: bool = True  # drop exact duplicate documents

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.config import Config
 from lmforge.console import log, progress
+from lmforge.data.adopt import adopt, token_files
 from lmforge.data.mixture import SourceSpec, is_mixture, mixture_weights, parse_sources, source_path
 from lmforge.data.shards import DTYPES, MANIFEST, ShardWriter, token_dtype
 from lmforge.data.sources import (
@@ -120,11 +121,11 @@ class _Pass:
         if self.files is not None:
             for g, run in itertools.groupby(self.files, key=lambda f: f[0]):
                 files = [(path, strict) for _, path, strict in run]
-                for doc in read_files(files, d.text_field, self.sources, d.max_doc_bytes):
+                for doc in read_files(files, d.text_field, self.sources, d.max_doc_bytes, d.filter):
                     yield g, doc
             return
         for g, (_, paths) in enumerate(self.groups):
-            for doc in iter_documents(paths, d.text_field, self.sources, d.max_doc_bytes):
+            for doc in iter_documents(paths, d.text_field, self.sources, d.max_doc_bytes, d.filter):
                 yield g, doc
 
     def batches(self) -> Iterator[tuple[str, int, list[str], int]]:
@@ -294,6 +295,9 @@ def prepare(cfg: Config) -> dict:
     run = Path(cfg.run_dir)
     if not d.sources:
         raise LmforgeError("data.sources is empty: list the files, folders or globs to tokenize")
+    adopted = token_files(d.sources)
+    if adopted:  # nanoGPT .bin / HDF5 token files: already tokens
+        return adopt(cfg, adopted)
     groups, specs = source_groups(d)
     tok = Tokenizer.load(run / "tokenizer")
     if d.workers < 0:

@@ -44,6 +44,7 @@ from rich.markup import escape
 
 from lmforge.config import DataConfig
 from lmforge.console import log
+from lmforge.data.columns import RowFilter, hf_folder_files, read_columnar
 from lmforge.data.documents import split_text, utf8_size
 from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
@@ -56,7 +57,8 @@ TEXT_EXTS = {
     ".erl", ".clj", ".dart", ".zig", ".nim", ".sh", ".bash", ".zsh", ".ps1", ".bat", ".sql",
     ".css", ".scss", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".cmake", ".mk", ".proto", ".s", ".asm",
 }
-RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", ".parquet"}
+COLUMNAR_EXTS = {".parquet", ".arrow"}  # Parquet, Arrow IPC (what `datasets` writes): lmforge.data.columns
+RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", *COLUMNAR_EXTS}
 COMPRESSED_EXTS = {".gz", ".zst", ".zstd"}
 MIN_DOC_BYTES = 1024  # smallest data.max_doc_bytes: below it, documents would be shorter than a context
 
@@ -138,6 +140,9 @@ def resolve_sources(sources: list[str]) -> list[tuple[Path, bool]]:
         p = Path(s).expanduser()
         if p.is_file():
             add(p, True)
+        elif p.is_dir() and (hf := hf_folder_files(p)) is not None:
+            for f in hf:
+                add(f, True)
         elif p.is_dir():
             if walk(p) == 0:
                 raise LmforgeError(f"source '{s}': folder holds no files with a known extension "
@@ -356,28 +361,10 @@ def _read_csv(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Doc
         raise LmforgeError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        src = pa.BufferReader(_read_all(path)) if _kind(path)[1] else str(path)
-        pf = pq.ParquetFile(src)
-    except (pa.ArrowException, OSError) as e:
-        raise LmforgeError(f"{path}: not a valid Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(names)}); "
-                           "set data.text_field to the column that holds the text")
-    row = 0
-    for batch in pf.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is not None:
-                if not isinstance(value, str):
-                    raise LmforgeError(f"{path}: row {row}: column '{field}' is "
-                                       f"{type(value).__name__}, not text")
-                yield Document(value, str(path), row)
+def _read_columnar(path: Path, field: str, row_filter: RowFilter | None) -> Iterator[Document]:
+    ext, comp = _kind(path)
+    for row, text in read_columnar(path, ext, field, row_filter, (lambda: _read_all(path)) if comp else None):
+        yield Document(text, str(path), row)
 
 
 def _bounded(doc: Document, limit: int) -> Iterator[Document]:
@@ -390,7 +377,7 @@ def _bounded(doc: Document, limit: int) -> Iterator[Document]:
 
 
 def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataConfig.max_doc_bytes,
-              decodings: list[Decoding] | None = None) -> Iterator[Document]:
+              decodings: list[Decoding] | None = None, row_filter: RowFilter | None = None) -> Iterator[Document]:
     """Documents of one file, by extension, none longer than `max_doc_bytes` (0: no limit).
 
     A text or code file is one document, or several when it is longer (see the module docstring);
@@ -400,8 +387,12 @@ def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataCon
     decodings = decodings if decodings is not None else []
     ext, _ = _kind(path)
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    if ext in readers or ext == ".parquet":
-        records = readers[ext](path, text_field, decodings) if ext in readers else _read_parquet(path, text_field)
+    if row_filter is not None and ext not in COLUMNAR_EXTS:
+        raise LmforgeError(f"{path}: data.filter ({row_filter.spec}) applies to columnar sources only "
+                           f"({', '.join(sorted(COLUMNAR_EXTS))}, datasets folders); unset it for this file")
+    if ext in readers or ext in COLUMNAR_EXTS:
+        records = (readers[ext](path, text_field, decodings) if ext in readers
+                   else _read_columnar(path, text_field, row_filter))
         for doc in records:
             yield from _bounded(doc, max_doc_bytes)
     else:
@@ -442,30 +433,31 @@ def _report_rest(notes: Counter) -> None:
 
 
 def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None,
-                   max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+                   max_doc_bytes: int = DataConfig.max_doc_bytes, row_filter: str = "") -> Iterator[Document]:
     """Every non-empty document of `sources`, in a deterministic order, none over `max_doc_bytes`.
 
     Binary files named explicitly are errors; those found by walking a folder or a glob are
     skipped, counted in `stats.skipped_files` and reported once at the end. How each file was
     decoded is in `stats.decoding` (files that were not clean UTF-8).
     """
-    yield from read_files(resolve_sources(sources), text_field, stats, max_doc_bytes)
+    yield from read_files(resolve_sources(sources), text_field, stats, max_doc_bytes, row_filter)
 
 
 def read_files(files: list[tuple[Path, bool]], text_field: str = "text", stats: SourceStats | None = None,
-               max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+               max_doc_bytes: int = DataConfig.max_doc_bytes, row_filter: str = "") -> Iterator[Document]:
     """`iter_documents` of files already resolved, (path, strict) as `resolve_sources` gives them: a slice
     of a corpus reads exactly as it does inside the whole."""
     stats = stats if stats is not None else SourceStats()
     if max_doc_bytes and max_doc_bytes < MIN_DOC_BYTES:
         raise LmforgeError(f"data.max_doc_bytes must be 0 (no limit) or at least {MIN_DOC_BYTES}, "
                            f"got {max_doc_bytes}")
+    keep = RowFilter(row_filter) if row_filter else None
     skipped: list[str] = []
     notes: Counter = Counter()
     for path, strict in files:
         decodings: list[Decoding] = []
         try:
-            for doc in read_file(path, text_field, max_doc_bytes, decodings):
+            for doc in read_file(path, text_field, max_doc_bytes, decodings, keep):
                 if doc.text.strip():
                     stats.documents += 1
                     yield doc

@@ -30,6 +30,7 @@ import numpy as np
 
 from lmforge.config import Config, ConfigError
 from lmforge.console import log
+from lmforge.data.adopt import token_files
 from lmforge.data.prepare import (
     SPLITS,
     _Pass,
@@ -81,8 +82,8 @@ def task_slice(files: list[tuple[int, Path, bool]], index: int, num_tasks: int) 
 def _fingerprint(cfg: Config, tok: Tokenizer, files: list[tuple[int, Path, bool]]) -> str:
     """What every task and the merge must agree on: the settings that change the result, and the files."""
     d = cfg.data
-    what = {"sources": d.sources, "text_field": d.text_field, "val_fraction": d.val_fraction, "dedup": d.dedup,
-            "max_doc_bytes": d.max_doc_bytes, "num_tasks": d.num_tasks, "tokenizer": tok.hash,
+    what = {"sources": d.sources, "text_field": d.text_field, "filter": d.filter, "val_fraction": d.val_fraction,
+            "dedup": d.dedup, "max_doc_bytes": d.max_doc_bytes, "num_tasks": d.num_tasks, "tokenizer": tok.hash,
             "files": [(g, str(p), p.stat().st_size) for g, p, _ in files]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -93,6 +94,9 @@ def prepare_task(cfg: Config) -> dict:
     d = cfg.data
     if not d.sources:
         raise LmforgeError("data.sources is empty: list the files, folders or globs to tokenize")
+    if token_files(d.sources):
+        raise LmforgeError("data.num_tasks: token files (.bin, HDF5) are adopted, not tokenized; prepare them "
+                           "in one task (data.num_tasks=1)")
     groups, _ = source_groups(d)
     tok = Tokenizer.load(cfg.run_path / "tokenizer")
     workers = d.workers or os.cpu_count() or 1

@@ -1,0 +1,135 @@
+"""Columnar sources: Parquet, Arrow files and Hugging Face `datasets` folders, with a row filter.
+
+A folder written by `datasets`' `save_to_disk` (state.json + dataset_info.json beside data-*.arrow)
+is read as its Arrow files in the order state.json lists them; a DatasetDict folder (dataset_dict.json)
+is an error that names its splits, since which split is the corpus is the user's choice. Arrow files
+are the IPC stream format `datasets` writes, or the IPC file format. Everything is read a record batch
+at a time, memory-mapped where the file is not compressed, so a file larger than memory streams.
+
+`data.filter` keeps the rows whose column compares true: `lang=en`, `lang!=en`, `score>=0.5`
+(`=`/`!=` compare text, `<`, `<=`, `>`, `>=` numbers). Only columnar sources have columns to filter
+on; other files with a filter set are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+_FILTER = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
+_OPS: dict[str, Callable] = {"=": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
+                             ">": operator.gt, "<": operator.lt}
+
+
+class RowFilter:
+    """`data.filter` parsed: column, comparison, value."""
+
+    def __init__(self, spec: str):
+        m = _FILTER.match(spec)
+        if not m:
+            raise LmforgeError(f"data.filter: {spec!r} is not COLUMN=VALUE, COLUMN!=VALUE or COLUMN>=NUMBER "
+                               "(also <, <=, >)")
+        self.column, self.op, value = m.groups()
+        self.spec = spec
+        if self.op in ("=", "!="):
+            self.value: object = value
+        else:
+            try:
+                self.value = float(value)
+            except ValueError:
+                raise LmforgeError(f"data.filter: {spec!r} compares with {self.op}, which needs a number, "
+                                   f"not {value!r}") from None
+
+    def keep(self, cell: object) -> bool:
+        if cell is None:
+            return False
+        if self.op in ("=", "!="):
+            return _OPS[self.op](str(cell), self.value)
+        if not isinstance(cell, int | float) or isinstance(cell, bool):
+            return False
+        return _OPS[self.op](float(cell), self.value)
+
+
+def hf_folder_files(folder: Path) -> list[Path] | None:
+    """The Arrow files of a `save_to_disk` folder in their order, or None if `folder` is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            splits = []
+        raise LmforgeError(f"{folder}: a datasets DatasetDict folder; name one split's folder as the source "
+                           f"({', '.join(str(folder / s) for s in splits) or 'its split subfolders'})")
+    state = folder / "state.json"
+    if not (state.is_file() and (folder / "dataset_info.json").is_file()):
+        return None
+    try:
+        files = [folder / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise LmforgeError(f"{state}: not a datasets state.json ({e}); is the folder a save_to_disk output?") from None
+    for f in files:
+        if not f.is_file():
+            raise LmforgeError(f"{f}: listed in {state} but missing; the datasets folder is incomplete")
+    return files
+
+
+def _arrow_batches(path: Path, source) -> tuple[list[str], Iterator]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        reader = ipc.open_stream(source)
+        return reader.schema.names, iter(reader)
+    except pa.ArrowInvalid:
+        pass
+    try:
+        f = ipc.open_file(source)
+    except (pa.ArrowException, OSError) as e:
+        raise LmforgeError(f"{path}: not a valid Arrow file ({e})") from None
+    return f.schema.names, (f.get_batch(i) for i in range(f.num_record_batches))
+
+
+def read_columnar(path: Path, kind: str, field: str, row_filter: RowFilter | None,
+                  whole: Callable[[], bytes] | None) -> Iterator[tuple[int, str]]:
+    """(row, text) of a Parquet or Arrow file's `field`, rows failing `row_filter` left out.
+
+    `whole` gives the decompressed bytes of a .gz/.zst file (those cannot be memory-mapped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if kind == ".parquet":
+            pf = pq.ParquetFile(pa.BufferReader(whole()) if whole else str(path))
+            names = pf.schema_arrow.names
+            cols = [field] + ([row_filter.column] if row_filter and row_filter.column != field else [])
+            batches: Iterator = (pf.iter_batches(columns=[c for c in cols if c in names], batch_size=4096)
+                                 if field in names else iter(()))
+        else:
+            names, batches = _arrow_batches(path, pa.BufferReader(whole()) if whole else pa.memory_map(str(path)))
+    except (pa.ArrowException, OSError) as e:
+        raise LmforgeError(f"{path}: not a valid {'Parquet' if kind == '.parquet' else 'Arrow'} file ({e})") from None
+    if field not in names:
+        raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(names)}); "
+                           "set data.text_field to the column that holds the text")
+    if row_filter and row_filter.column not in names:
+        raise LmforgeError(f"{path}: data.filter names column '{row_filter.column}', which this file does not "
+                           f"have (columns: {', '.join(names)})")
+    row = 0
+    try:
+        for batch in batches:
+            texts = batch.column(batch.schema.get_field_index(field)).to_pylist()
+            keep = (batch.column(batch.schema.get_field_index(row_filter.column)).to_pylist()
+                    if row_filter else None)
+            for i, value in enumerate(texts):
+                row += 1
+                if value is None or (keep is not None and not row_filter.keep(keep[i])):
+                    continue
+                if not isinstance(value, str):
+                    raise LmforgeError(f"{path}: row {row}: column '{field}' is {type(value).__name__}, not text")
+                yield row, value
+    except (pa.ArrowException, OSError) as e:
+        raise LmforgeError(f"{path}: corrupt after row {row} ({e})") from None
