@@ -160,3 +160,23 @@ def test_hdf5_token_datasets(tok_run, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_h5py)
     with pytest.raises(LmforgeError, match=r"pip install 'lmforge\[hdf5\]'"):
         _adopt(tok_run, tmp_path, [tmp_path / "tokens_train.h5"])
+
+
+def test_a_hub_dataset_is_streamed_only_when_named(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        if name == "missing/ds":
+            raise FileNotFoundError("no such dataset")
+        return iter([{"text": t, "lang": g} for t, g in zip(ROWS["text"], ROWS["lang"], strict=True)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert texts(["hf:org/ds:sub@validation"], row_filter="lang=fr") == ROWS["text"][::3]
+    assert calls == [("org/ds", "sub", "validation", True)]
+    assert len(texts(["hf:org/ds"])) == 12 and calls[-1] == ("org/ds", None, "train", True)
+    with pytest.raises(LmforgeError, match=r"hf:org/ds': row 1 has no field 'body'"):
+        texts(["hf:org/ds"], text_field="body")
+    with pytest.raises(LmforgeError, match=r"hf:missing/ds': cannot open the dataset \(FileNotFoundError"):
+        texts(["hf:missing/ds"])

@@ -6,6 +6,10 @@ is an error that names its splits, since which split is the corpus is the user's
 are the IPC stream format `datasets` writes, or the IPC file format. Everything is read a record batch
 at a time, memory-mapped where the file is not compressed, so a file larger than memory streams.
 
+A dataset on the Hugging Face Hub is read only when a source names one, `hf:<name>[:<config>][@<split>]`
+(`hf:HuggingFaceFW/fineweb-edu:sample-10BT@train`), in `datasets`' streaming mode: rows arrive as they
+download, nothing is cached whole, and nothing else in lmforge touches the network.
+
 `data.filter` keeps the rows whose column compares true: `lang=en`, `lang!=en`, `score>=0.5`
 (`=`/`!=` compare text, `<`, `<=`, `>`, `>=` numbers). Only columnar sources have columns to filter
 on; other files with a filter set are an error that names the key.
@@ -133,3 +137,39 @@ def read_columnar(path: Path, kind: str, field: str, row_filter: RowFilter | Non
                 yield row, value
     except (pa.ArrowException, OSError) as e:
         raise LmforgeError(f"{path}: corrupt after row {row} ({e})") from None
+
+
+HUB_PREFIX = "hf:"
+
+
+def read_hub(source: str, field: str, row_filter: RowFilter | None) -> Iterator[tuple[int, str]]:
+    """(row, text) of a Hub dataset named `hf:<name>[:<config>][@<split>]`, streamed (see the module docstring)."""
+    spec = source[len(HUB_PREFIX):]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    if not name:
+        raise LmforgeError(f"source '{source}': name a dataset, hf:<name>[:<config>][@<split>]")
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError(f"source '{source}' needs the datasets package: pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # the hub client raises many types: name the source whatever it is
+        raise LmforgeError(f"source '{source}': cannot open the dataset ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(rows, 1):
+        if field not in row:
+            raise LmforgeError(f"source '{source}': row {i} has no field '{field}' (fields: "
+                               f"{', '.join(map(str, row))}); set data.text_field")
+        if row_filter is not None:
+            if row_filter.column not in row:
+                raise LmforgeError(f"source '{source}': data.filter names field '{row_filter.column}', which "
+                                   f"its rows do not have (fields: {', '.join(map(str, row))})")
+            if not row_filter.keep(row[row_filter.column]):
+                continue
+        value = row[field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise LmforgeError(f"source '{source}': row {i}: field '{field}' is {type(value).__name__}, not text")
+        yield i, value

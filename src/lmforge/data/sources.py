@@ -44,7 +44,7 @@ from rich.markup import escape
 
 from lmforge.config import DataConfig
 from lmforge.console import log
-from lmforge.data.columns import RowFilter, hf_folder_files, read_columnar
+from lmforge.data.columns import HUB_PREFIX, RowFilter, hf_folder_files, read_columnar, read_hub
 from lmforge.data.documents import split_text, utf8_size
 from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
@@ -138,7 +138,9 @@ def resolve_sources(sources: list[str]) -> list[tuple[Path, bool]]:
 
     for s in sources:
         p = Path(s).expanduser()
-        if p.is_file():
+        if str(s).startswith(HUB_PREFIX):  # a Hub dataset, streamed by read_file
+            out.append((Path(s), True))
+        elif p.is_file():
             add(p, True)
         elif p.is_dir() and (hf := hf_folder_files(p)) is not None:
             for f in hf:
@@ -385,6 +387,10 @@ def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataCon
     `decodings` receives how the file's bytes were decoded.
     """
     decodings = decodings if decodings is not None else []
+    if str(path).startswith(HUB_PREFIX):
+        for row, text in read_hub(str(path), text_field, row_filter):
+            yield from _bounded(Document(text, str(path), row), max_doc_bytes)
+        return
     ext, _ = _kind(path)
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
     if row_filter is not None and ext not in COLUMNAR_EXTS:

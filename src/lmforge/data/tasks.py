@@ -69,9 +69,14 @@ def corpus_files(groups: list[tuple[str, list]]) -> list[tuple[int, Path, bool]]
     return [(g, path, strict) for g, (_, paths) in enumerate(groups) for path, strict in resolve_sources(paths)]
 
 
+def _size(p: Path) -> int:
+    """A file's size; 0 for what is not a local file (a Hub dataset)."""
+    return p.stat().st_size if p.is_file() else 0
+
+
 def task_slice(files: list[tuple[int, Path, bool]], index: int, num_tasks: int) -> list[tuple[int, Path, bool]]:
     """Task `index`'s contiguous run of `files`: cut where the running size passes k/num_tasks of the total."""
-    sizes = np.array([max(p.stat().st_size, 1) for _, p, _ in files], dtype=np.float64)
+    sizes = np.array([max(_size(p), 1) for _, p, _ in files], dtype=np.float64)
     ends = np.cumsum(sizes)
     total = ends[-1] if len(ends) else 0.0
     starts = ends - sizes  # bytes before each file; a file goes to the task its first byte falls in
@@ -84,7 +89,7 @@ def _fingerprint(cfg: Config, tok: Tokenizer, files: list[tuple[int, Path, bool]
     d = cfg.data
     what = {"sources": d.sources, "text_field": d.text_field, "filter": d.filter, "val_fraction": d.val_fraction,
             "dedup": d.dedup, "max_doc_bytes": d.max_doc_bytes, "num_tasks": d.num_tasks, "tokenizer": tok.hash,
-            "files": [(g, str(p), p.stat().st_size) for g, p, _ in files]}
+            "files": [(g, str(p), _size(p)) for g, p, _ in files]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -103,7 +108,7 @@ def prepare_task(cfg: Config) -> dict:
     dtype = token_dtype(tok.vocab_size)
     files = corpus_files(groups)
     mine = task_slice(files, d.task_index, d.num_tasks)
-    total_mb = sum(p.stat().st_size for _, p, _ in mine) / 1e6
+    total_mb = sum(_size(p) for _, p, _ in mine) / 1e6
     out = task_dir(cfg, d.task_index)
     with AtomicDir(out) as tmp:
         tmps = {s: tmp / s for s in SPLITS}
