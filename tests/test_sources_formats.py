@@ -51,6 +51,13 @@ def test_datasets_folder_and_arrow_files_with_a_filter(tmp_path):
     with pa.OSFile(str(tmp_path / "plain" / "file_format.arrow"), "wb") as f, ipc.new_file(f, table.schema) as w:
         w.write_table(table)
     assert texts([tmp_path / "plain"]) == ROWS["text"] * 2  # folders walk .arrow files, both IPC formats
+    import zstandard
+
+    (tmp_path / "z.arrow.zst").write_bytes(zstandard.ZstdCompressor().compress(arrow.read_bytes()))
+    assert texts([tmp_path / "z.arrow.zst"]) == ROWS["text"]  # a compressed stream, read as it decompresses
+    (tmp_path / "cut.arrow.zst").write_bytes((tmp_path / "z.arrow.zst").read_bytes()[:-40])
+    with pytest.raises(LmforgeError, match=r"cut\.arrow\.zst: (not a valid Arrow file|corrupt)"):
+        texts([tmp_path / "cut.arrow.zst"])
     pq.write_table(table, tmp_path / "t.parquet")
     assert texts([tmp_path / "t.parquet"], row_filter="lang!=en") == ROWS["text"][::3]
     # bad input: errors name the file (and the key)

@@ -81,7 +81,9 @@ def hf_folder_files(folder: Path) -> list[Path] | None:
     return files
 
 
-def _arrow_batches(path: Path, source) -> tuple[list[str], Iterator]:
+def _arrow_batches(path: Path, source, reopen: Callable[[], object] | None = None) -> tuple[list[str], Iterator]:
+    """Schema names and record batches of an Arrow IPC stream, or of an IPC file (which needs random
+    access: a compressed one is read whole through `reopen`)."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
@@ -91,30 +93,33 @@ def _arrow_batches(path: Path, source) -> tuple[list[str], Iterator]:
     except pa.ArrowInvalid:
         pass
     try:
-        f = ipc.open_file(source)
+        f = ipc.open_file(pa.BufferReader(reopen().read()) if reopen else source)
     except (pa.ArrowException, OSError) as e:
         raise LmforgeError(f"{path}: not a valid Arrow file ({e})") from None
     return f.schema.names, (f.get_batch(i) for i in range(f.num_record_batches))
 
 
 def read_columnar(path: Path, kind: str, field: str, row_filter: RowFilter | None,
-                  whole: Callable[[], bytes] | None) -> Iterator[tuple[int, str]]:
+                  opener: Callable[[], object] | None) -> Iterator[tuple[int, str]]:
     """(row, text) of a Parquet or Arrow file's `field`, rows failing `row_filter` left out.
 
-    `whole` gives the decompressed bytes of a .gz/.zst file (those cannot be memory-mapped)."""
+    `opener` opens a .gz/.zst file decompressing: an Arrow stream is then read through it as it
+    decompresses; Parquet (whose footer comes last) and the Arrow file format need it whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         if kind == ".parquet":
-            pf = pq.ParquetFile(pa.BufferReader(whole()) if whole else str(path))
+            pf = pq.ParquetFile(pa.BufferReader(opener().read()) if opener else str(path))
             names = pf.schema_arrow.names
             cols = [field] + ([row_filter.column] if row_filter and row_filter.column != field else [])
             batches: Iterator = (pf.iter_batches(columns=[c for c in cols if c in names], batch_size=4096)
                                  if field in names else iter(()))
+        elif opener:
+            names, batches = _arrow_batches(path, pa.PythonFile(opener(), mode="r"), opener)
         else:
-            names, batches = _arrow_batches(path, pa.BufferReader(whole()) if whole else pa.memory_map(str(path)))
-    except (pa.ArrowException, OSError) as e:
+            names, batches = _arrow_batches(path, pa.memory_map(str(path)))
+    except (pa.ArrowException, OSError, EOFError) as e:
         raise LmforgeError(f"{path}: not a valid {'Parquet' if kind == '.parquet' else 'Arrow'} file ({e})") from None
     if field not in names:
         raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(names)}); "
@@ -135,7 +140,7 @@ def read_columnar(path: Path, kind: str, field: str, row_filter: RowFilter | Non
                 if not isinstance(value, str):
                     raise LmforgeError(f"{path}: row {row}: column '{field}' is {type(value).__name__}, not text")
                 yield row, value
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, EOFError) as e:
         raise LmforgeError(f"{path}: corrupt after row {row} ({e})") from None
 
 

@@ -365,7 +365,7 @@ def _read_csv(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Doc
 
 def _read_columnar(path: Path, field: str, row_filter: RowFilter | None) -> Iterator[Document]:
     ext, comp = _kind(path)
-    for row, text in read_columnar(path, ext, field, row_filter, (lambda: _read_all(path)) if comp else None):
+    for row, text in read_columnar(path, ext, field, row_filter, (lambda: _open(path)) if comp else None):
         yield Document(text, str(path), row)
 
 
