@@ -187,3 +187,26 @@ def test_a_hub_dataset_is_streamed_only_when_named(monkeypatch):
         texts(["hf:org/ds"], text_field="body")
     with pytest.raises(LmforgeError, match=r"hf:missing/ds': cannot open the dataset \(FileNotFoundError"):
         texts(["hf:missing/ds"])
+
+
+def test_a_large_utf16_file_streams_in_pieces(tmp_path, monkeypatch):
+    from corpora import chinese
+
+    from lmforge.data import sources
+
+    text = chinese(4_500_000, seed=3)  # about 4.5 MB of UTF-8, 3 MB of UTF-16: several read chunks
+    (tmp_path / "big.txt").write_bytes(text.encode("utf-16"))
+    reads = []
+    real = sources._wide_lines
+
+    def counting(f, dec, by_line):
+        for piece in real(f, dec, by_line):
+            reads.append(len(piece))
+            yield piece
+
+    monkeypatch.setattr(sources, "_wide_lines", counting)
+    docs = list(iter_documents([str(tmp_path / "big.txt")], max_doc_bytes=32768))
+    assert "".join(d.text for d in docs) == text
+    assert len(reads) >= 3 and max(reads) < (1 << 19) + 100  # a MiB of UTF-16 (+ a line) at a time, not all
+    (tmp_path / "rows.csv").write_bytes("text\n" .encode("utf-16") + "一\n二\n".encode("utf-16-le"))
+    assert texts([tmp_path / "rows.csv"]) == ["一", "二"]

@@ -275,9 +275,8 @@ def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[s
         try:
             dec = choose_encoding(path, f.peek(SAMPLE_BYTES)[:SAMPLE_BYTES], complete=False)
             decodings.append(dec)
-            if dec.encoding in ("utf-16", "utf-32"):  # lines are not split on b"\n"; rare, so read whole
-                text = dec.decode(f.read(), 0)
-                yield from _split_lines(text) if by_line else [text]
+            if dec.encoding in ("utf-16", "utf-32"):  # b"\n" may sit inside a character: decode, then cut
+                yield from _wide_lines(f, dec, by_line)
                 return
             offset, line = 0, 1
             while data := f.readline() if by_line else f.read(SAMPLE_BYTES) + f.readline():
@@ -290,6 +289,21 @@ def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[s
                 yield text
         except _READ_ERRORS as e:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
+
+
+def _wide_lines(f: BinaryIO, dec: Decoding, by_line: bool) -> Iterator[str]:
+    """A UTF-16/32 file decoded a MiB at a time and handed on in lines, or in chunks that end at a line end."""
+    feed, rest, offset = dec.incremental(), "", 0
+    while True:
+        data = f.read(SAMPLE_BYTES)
+        text = rest + feed(data, offset, final=not data)
+        offset += len(data)
+        cut = text.rfind("\n") + 1 if data else len(text)
+        text, rest = text[:cut], text[cut:]
+        if text:
+            yield from _split_lines(text) if by_line else [text]
+        if not data:
+            return
 
 
 def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
