@@ -1,4 +1,5 @@
-"""Read documents from files, folders and globs: plain text, code, JSONL, JSON, CSV, Parquet, .gz/.zst.
+"""Read documents from files, folders and globs: plain text, code, JSONL, JSON, CSV, Parquet, Arrow,
+`datasets` folders and (named only) Hub datasets, .gz/.zst; columnar formats in `lmforge.data.columns`.
 
 One function owns every input format, so the tokenizer trainer and `prepare` see the same
 documents in the same order. Order is deterministic: sources as listed, folders walked sorted.
@@ -19,6 +20,11 @@ What a document is (`data.max_doc_bytes`, 32 KiB by default; 0 turns the limit o
 - A record (JSONL line, JSON item, CSV row, Parquet row) is one document, cut the same way when it
   is longer than the limit.
 The pieces joined are exactly the file's text; nothing is dropped or added.
+
+Files are streamed, whatever their size: text, JSONL and CSV a line or a MiB at a time (UTF-16/32
+too), Parquet and Arrow a record batch at a time. Three cases are read whole because their format
+needs it: a .json file (one JSON value; use JSON Lines for large corpora), a .gz/.zst-wrapped
+Parquet file and a .gz/.zst-wrapped Arrow file in the IPC file format (both need random access).
 
 How bytes become text (UTF-8, a detected CJK legacy encoding, or UTF-8 with stray bytes replaced
 and a warning) is one rule per file, in `lmforge.data.encoding`; `SourceStats.decoding` records it.
