@@ -162,3 +162,33 @@ def test_pretrain_on_a_mixture_resumes_bit_exact_and_reports_the_mix(mix_run, tm
     val = [m for m in rows if "val_loss" in m][-1]
     assert np.isfinite(val["val_loss_code"]) and np.isfinite(val["val_loss_prose"])
     assert val["val_loss_code"] != val["val_loss_prose"]
+
+
+def test_two_processes_see_the_mixture_one_process_sees(mix_run, tmp_path):
+    """DDP on 2 processes (gloo) follows the one-process run with accumulation 2 on the same global batch:
+    every rank computes the same source schedule and takes its share of each step's windows."""
+    common = [*TINY, "train.max_steps=6", "train.save_every=6", "train.micro_batch=4", "train.batch_tokens=256"]
+    runs = []
+    for name, procs in (("one", 0), ("two", 2)):
+        run = copy_run(mix_run, tmp_path / name)
+        r = lmforge("pretrain", f"run_dir={run}", *common, torchrun=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append([m for m in _metrics(run) if "loss" in m])
+    assert [m["loss"] for m in runs[0]] == pytest.approx([m["loss"] for m in runs[1]], rel=1e-4)
+    assert runs[0][-1]["mix_tokens_code"] == runs[1][-1]["mix_tokens_code"] > 0
+
+
+def test_epochs_per_source_set_the_weights_from_the_token_counts(mix_run, tmp_path):
+    train = read_manifest(mix_run / "data" / "train")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer").symlink_to(mix_run / "tokenizer")
+    cfg = load_config(overrides=[f"run_dir={run}", "data.workers=1", "data.val_fraction=0.15",
+                                 "data.max_doc_bytes=4096"])
+    cfg.data.sources = [{"path": m["path"], "name": m["name"], "epochs": e} for m, e in zip(train["mixture"], (1, 3))]
+    run_prepare(cfg)
+    got = read_manifest(run / "data" / "train")["mixture"]
+    code, prose = (m["tokens"] for m in got)
+    assert [m["tokens"] for m in got] == [m["tokens"] for m in train["mixture"]]
+    assert [m["weight"] for m in got] == pytest.approx([code / (code + 3 * prose), 3 * prose / (code + 3 * prose)])
+    assert [m["epochs"] for m in got] == [1, 3]
