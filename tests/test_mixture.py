@@ -162,6 +162,8 @@ def test_pretrain_on_a_mixture_resumes_bit_exact_and_reports_the_mix(mix_run, tm
     val = [m for m in rows if "val_loss" in m][-1]
     assert np.isfinite(val["val_loss_code"]) and np.isfinite(val["val_loss_prose"])
     assert val["val_loss_code"] != val["val_loss_prose"]
+    # the overall validation loss is the training mix's: each source's at its weight
+    assert val["val_loss"] == pytest.approx(0.7 * val["val_loss_code"] + 0.3 * val["val_loss_prose"])
 
 
 def test_two_processes_see_the_mixture_one_process_sees(mix_run, tmp_path):

@@ -150,13 +150,22 @@ class LMObjective(Objective):
         if self.val is None:
             return bench
         m = _inner(model)
-        loss = self._val_loss(m, self.val)
+        per_source = {name: self._val_loss(m, windows) for name, windows in self.source_val.items()}
+        if per_source:  # a mixture: the loss of the training mix, each source at its weight
+            weights = {x["name"]: x["weight"] for x in self.mixture if x["name"] in per_source}
+            loss = sum(weights[n] * v for n, v in per_source.items()) / sum(weights.values())
+        else:
+            loss = self._val_loss(m, self.val)
         out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         bpt = bytes_per_token(self.val.manifest)
-        if bpt:
+        if per_source:  # bits per byte of each source at its own bytes per token, weighted as the loss is
+            sources = {x["name"]: bytes_per_token(x) for x in self.val.manifest.get("mixture", [])}
+            if all(sources.get(n) for n in per_source):
+                out["val_bpb"] = sum(weights[n] * v / math.log(2) / sources[n]
+                                     for n, v in per_source.items()) / sum(weights.values())
+        elif bpt:
             out["val_bpb"] = loss / math.log(2) / bpt
-        for name, windows in self.source_val.items():  # a mixture: every source's own validation loss too
-            out[f"val_loss_{name}"] = self._val_loss(m, windows)
+        out.update({f"val_loss_{n}": v for n, v in per_source.items()})
         return {**out, **bench}
 
     def _val_loss(self, m: nn.Module, val: TokenWindows) -> float:
