@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from spine import TINY, copy_run, lmforge, make_corpus
 
 from lmforge.config import ConfigError, load_config
-from lmforge.data.loader import TokenWindows
-from lmforge.data.mixture import MixtureBatches, parse_sources
+from lmforge.data.loader import MixtureBatches, TokenWindows
+from lmforge.data.mixture import parse_sources
 from lmforge.data.shards import read_manifest
 from lmforge.stages import run_prepare, run_tokenizer
 

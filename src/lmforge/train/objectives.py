@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.data.loader import LMBatches, TokenWindows
-from lmforge.data.mixture import MixtureBatches
+from lmforge.data.loader import LMBatches, MixtureBatches, TokenWindows
 from lmforge.train.context import SequenceSplit
 
 
