@@ -10,9 +10,9 @@ Weights are normalised to sum to 1. `epochs: e` on every source instead gives so
 e_i * tokens_i / sum_j(e_j * tokens_j): each source is seen e_i times as often as the whole corpus
 is. Entries without either take their share of tokens (epochs 1).
 
-The training stream (`lmforge.data.loader.MixtureBatches`) decides the source of every window by a weighted round robin
-(the source furthest behind its weight goes next), so after any number of windows each source's
-count is within one window of its weight; within a source, windows come in a permutation seeded by
+The training stream (`lmforge.data.loader.MixtureBatches`) decides the source of every window by a
+weighted round robin (the source furthest behind its weight goes next), so after any number of
+windows each source's count is within one window of its weight; within a source, windows come in a permutation seeded by
 (seed, source, epoch). The state to resume is small and exact: windows drawn per source, and each
 source's (epoch, cursor).
 """
