@@ -135,6 +135,10 @@ def test_nanogpt_bin_files_are_adopted_in_place(tok_run, tmp_path):
     (tmp_path / "t.txt").write_text("text")
     with pytest.raises(LmforgeError, match="mixes token files"):
         _adopt(tok_run, tmp_path, [src / "val.bin", tmp_path / "t.txt"])
+    cfg = load_config(overrides=[f"run_dir={run}"])
+    cfg.data.sources = [{"path": str(tmp_path / "t.txt"), "weight": 1}, {"path": str(src), "weight": 1}]
+    with pytest.raises(LmforgeError, match=r"data\.sources\[1\]\.path: .*holds token files"):
+        run_prepare(cfg)
 
 
 def test_hdf5_token_datasets(tok_run, tmp_path, monkeypatch):

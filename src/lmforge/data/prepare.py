@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.config import Config
+from lmforge.config import Config, ConfigError
 from lmforge.console import log, progress
 from lmforge.data.adopt import adopt, token_files
 from lmforge.data.mixture import SourceSpec, is_mixture, mixture_weights, parse_sources, source_path
@@ -240,6 +240,11 @@ def source_groups(d) -> tuple[list[tuple[str, list]], list[SourceSpec] | None]:
     if not is_mixture(d.sources):
         return [("", list(d.sources))], None
     specs = parse_sources(d.sources)
+    for i, sp in enumerate(specs):
+        if token_files([sp.path]):
+            raise ConfigError(f"data.sources[{i}].path: {sp.path} holds token files (.bin, HDF5); a mixture "
+                              "tokenizes text sources, and token files are adopted only as a plain list",
+                              f"data.sources[{i}].path")
     return [(s.name, [s.path]) for s in specs], specs
 
 
