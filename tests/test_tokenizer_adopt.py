@@ -106,7 +106,7 @@ def test_documents_start_with_bos(llama3_run, tmp_path):
     want = [t.bos_id, *t.encode(docs[0]), t.eot_id, t.bos_id, *t.encode(docs[1]), t.eot_id]
     assert encode_docs(t.tok, docs, t.eot_id, "uint16", t.bos_id).tolist() == want
     _init_worker(t.tok.to_str())  # the worker processes' path, in this process
-    assert _encode_job((docs, t.eot_id, "uint16", t.bos_id)).tolist() == want
+    assert _encode_job((docs, t.eot_id, "uint16", t.bos_id))[0].tolist() == want
     assert encode_docs(t.tok, docs, t.eot_id, "uint16").tolist() == [i for i in want if i != t.bos_id]
 
     # prepare lays every document out that way

@@ -47,13 +47,17 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # files, directories, globs
-    text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet
+    sources: list[str | dict] = field(default_factory=list)  # files, folders, globs; {path, name, weight}: a mixture
+    text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet/.arrow, datasets folders
+    filter: str = ""  # keep rows of columnar sources where e.g. lang=en, lang!=en, score>=0.5 (data/columns.py)
     val_fraction: float = 0.01  # fraction of documents held out for validation (by a hash of their text)
     workers: int = 0  # tokenizer processes; 0: all cores
     dedup: bool = True  # drop exact duplicate documents
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_doc_bytes: int = 32768  # longer files/records become documents of at most this, cut at paragraphs; 0: off
+    num_tasks: int = 1  # prepare on many machines: the corpus's files cut into this many tasks (data/tasks.py)
+    task_index: int = 0  # which task this `prepare` is (0 .. num_tasks-1), e.g. $SLURM_ARRAY_TASK_ID
+    merge: bool = False  # join the num_tasks tasks' output into RUN/data (`lmforge prepare --merge`)
 
 
 @dataclass

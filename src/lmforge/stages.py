@@ -36,10 +36,20 @@ def run_tokenizer(cfg: Config) -> dict:
 
 
 def run_prepare(cfg: Config) -> dict:
+    """One `prepare`, one task of many (data.num_tasks, which locks only its own task folder and leaves the
+    run's config alone), or the merge of the tasks."""
     from lmforge.data.prepare import prepare
+    from lmforge.data.tasks import check_tasks, merge_tasks, prepare_task, task_dir
 
+    check_tasks(cfg)
+    d = cfg.data
+    if d.num_tasks > 1 and not d.merge:
+        folder = task_dir(cfg, d.task_index)
+        with RunLock(folder.parent / f".{folder.name}", enabled=is_rank0()):
+            return prepare_task(cfg)
     with RunLock(cfg.run_path, enabled=is_rank0()):
-        summary = prepare(cfg)
+        summary = merge_tasks(cfg) if d.merge else prepare(cfg)
+        d.merge, d.num_tasks, d.task_index = False, 1, 0  # the run remembers the data, not the job layout
         remember_config(cfg)
     return summary
 
@@ -55,7 +65,9 @@ def cmd_tokenizer(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    run_prepare(parse_config("prepare", argv, "Tokenize a corpus into RUN/data/<split> shards."))
+    argv = ["data.merge=true" if a == "--merge" else a for a in argv]  # --merge: data.merge=true
+    run_prepare(parse_config("prepare", argv, "Tokenize a corpus into RUN/data/<split> shards "
+                             "(--merge: join the data.num_tasks tasks' shards)."))
     return 0
 
 

@@ -392,7 +392,7 @@ def train_tokenizer(cfg: Config) -> dict:
 
     def texts(advance) -> Iterator[str]:
         nonlocal held_bytes
-        for doc in iter_documents(sources, cfg.data.text_field, stats, cfg.data.max_doc_bytes):
+        for doc in iter_documents(sources, cfg.data.text_field, stats, cfg.data.max_doc_bytes, cfg.data.filter):
             n = len(doc.text.encode("utf-8"))
             advance(n / 1e6)
             u = text_fraction(doc.text)

@@ -85,6 +85,20 @@ class Decoding:
         finally:
             _COUNTING.reset(token)
 
+    def incremental(self):
+        """`feed(data, offset, final)`: this encoding decoded a piece at a time (a character may straddle
+        two pieces), bad sequences replaced and counted as `decode` does."""
+        decoder = codecs.getincrementaldecoder(self.encoding)(errors=_HANDLER)
+
+        def feed(data: bytes, offset: int, final: bool = False) -> str:
+            token = _COUNTING.set((self, offset))
+            try:
+                return decoder.decode(data, final)
+            finally:
+                _COUNTING.reset(token)
+
+        return feed
+
 
 _HANDLER = "lmforge-count"
 _COUNTING: ContextVar[tuple[Decoding, int]] = ContextVar("_COUNTING")

@@ -22,14 +22,20 @@ from lmforge.errors import LmforgeError
 
 
 class TokenWindows:
-    def __init__(self, split_dir: str | Path, seq_len: int):
+    """The windows of a split, or with `source` of one source of a mixture (its shards only)."""
+
+    def __init__(self, split_dir: str | Path, seq_len: int, source: str | None = None):
         self.split_dir = Path(split_dir)
         self.shards, self.manifest = open_shards(self.split_dir)
+        if source is not None:
+            self.shards = [a for a, s in zip(self.shards, self.manifest["shards"], strict=True)
+                           if s.get("source") == source]
+            self.split_dir = self.split_dir / source
         self.seq_len = seq_len
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.offsets = np.cumsum([0] + counts)
         if self.offsets[-1] == 0:
-            total = int(self.manifest.get("tokens", 0))
+            total = sum(len(a) for a in self.shards)
             raise LmforgeError(f"{self.split_dir}: {total} tokens is less than one sequence of "
                                f"{seq_len + 1}; use more data or a smaller train.seq_len")
 
@@ -117,3 +123,72 @@ class LMBatches(EpochStream):
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.windows.batch(idx) for idx in super().next_step()]
+
+
+class MixtureBatches:
+    """The training stream of a mixture: like `LMBatches`, each step's windows split over ranks and
+    accumulation steps the same way, but each window comes from the source its weight calls for."""
+
+    what = "sequences"
+
+    def __init__(self, pools: list[TokenWindows], names: list[str], weights: list[float], micro_batch: int,
+                 accum: int, rank: int, world: int, seed: int):
+        self.pools, self.names, self.weights = pools, names, np.asarray(weights, dtype=np.float64)
+        self.micro, self.accum, self.rank, self.world, self.seed = micro_batch, accum, rank, world, seed
+        self.per_step = micro_batch * world * accum
+        self.seq_len = pools[0].seq_len
+        n = len(pools)
+        self.drawn = np.zeros(n, dtype=np.int64)  # windows taken from each source, over all ranks
+        self.epochs = [0] * n
+        self.cursors = [0] * n
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, i: int) -> np.ndarray:
+        if i not in self._orders:
+            self._orders[i] = np.random.default_rng([self.seed, i, self.epochs[i]]).permutation(len(self.pools[i]))
+        return self._orders[i]
+
+    def _take(self, i: int) -> int:
+        if self.cursors[i] >= len(self.pools[i]):  # this source is used up: its next epoch
+            self.epochs[i], self.cursors[i] = self.epochs[i] + 1, 0
+            self._orders.pop(i, None)
+        w = int(self._order(i)[self.cursors[i]])
+        self.cursors[i] += 1
+        return w
+
+    def _next_items(self) -> list[tuple[int, int]]:
+        items = []
+        for _ in range(self.per_step):
+            due = self.weights * (self.drawn.sum() + 1) - self.drawn
+            i = int(np.argmax(due))  # ties go to the source listed first
+            self.drawn[i] += 1
+            items.append((i, self._take(i)))
+        return items
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        items = self._next_items()
+        out = []
+        for a in range(self.accum):
+            lo = (a * self.world + self.rank) * self.micro
+            w = torch.from_numpy(np.stack([self.pools[i].get(j) for i, j in items[lo:lo + self.micro]]))
+            out.append((w[:, :-1], w[:, 1:]))
+        return out
+
+    def tokens_per_source(self) -> dict[str, int]:
+        """Predicted tokens each source has given so far, over all ranks (the realised mixture)."""
+        return {n: int(d) * self.seq_len for n, d in zip(self.names, self.drawn, strict=True)}
+
+    def state_dict(self) -> dict:
+        return {"per_step": self.per_step, "sources": list(self.names), "drawn": self.drawn.tolist(),
+                "epochs": list(self.epochs), "cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("per_step", self.per_step) != self.per_step:
+            raise LmforgeError(f"cannot resume: the checkpoint took {state['per_step']} sequences per step, this "
+                               f"run {self.per_step}; keep train.micro_batch / batch_tokens / seq_len as they were")
+        if state.get("sources") != self.names:
+            raise LmforgeError(f"cannot resume: the checkpoint's data position is for sources {state.get('sources')}, "
+                               f"the prepared data has {self.names}; re-prepare with the sources it had")
+        self.drawn = np.asarray(state["drawn"], dtype=np.int64)
+        self.epochs, self.cursors = [int(e) for e in state["epochs"]], [int(c) for c in state["cursors"]]
+        self._orders = {}

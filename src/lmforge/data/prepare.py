@@ -14,6 +14,7 @@ was not clean UTF-8, with the encoding used and the bytes replaced, so a user ca
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import shutil
@@ -26,10 +27,20 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.config import Config
+from lmforge.config import Config, ConfigError
 from lmforge.console import log, progress
+from lmforge.data.adopt import adopt, token_files
+from lmforge.data.mixture import SourceSpec, is_mixture, mixture_weights, parse_sources, source_path
 from lmforge.data.shards import DTYPES, MANIFEST, ShardWriter, token_dtype
-from lmforge.data.sources import SourceStats, count_source_bytes, iter_documents, key_fraction, text_key
+from lmforge.data.sources import (
+    Document,
+    SourceStats,
+    count_source_bytes,
+    iter_documents,
+    key_fraction,
+    read_files,
+    text_key,
+)
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json
 from lmforge.tokenizer import Tokenizer
@@ -54,6 +65,12 @@ def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos
     With `bos_id` (tokenizers whose post-processor adds a BOS, as Llama's do) each document also
     starts with it, so training sees text the way that model family does.
     """
+    return encode_docs_lengths(tok, texts, eot_id, dtype, bos_id)[0]
+
+
+def encode_docs_lengths(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str,
+                        bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_docs`, and each document's token count (its end-of-text included)."""
     encs = tok.encode_batch_fast(texts, add_special_tokens=False)
     head = 0 if bos_id is None else 1
     out = np.empty(sum(len(e.ids) for e in encs) + (1 + head) * len(encs), dtype=DTYPES[dtype])
@@ -67,31 +84,56 @@ def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos
         i += len(ids)
         out[i] = eot_id
         i += 1
-    return out
+    return out, np.fromiter((len(e.ids) + 1 + head for e in encs), dtype=np.int64, count=len(encs))
 
 
-def _encode_job(job: tuple[list[str], int, str, int | None]) -> np.ndarray:
-    return encode_docs(_TOK, *job)
+def _encode_job(job: tuple[list[str], int, str, int | None]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_docs_lengths(_TOK, *job)
 
 
 class _Pass:
     """One read-tokenize-write pass over the corpus into temporary split folders."""
 
-    def __init__(self, cfg: Config, dtype: str, force: dict[bytes, str]):
+    def __init__(self, cfg: Config, dtype: str, force: dict[bytes, str], groups: list[tuple[str, list]],
+                 files: list[tuple[int, Path, bool]] | None = None):
         self.cfg, self.dtype, self.force = cfg, dtype, dict(force)
+        self.groups = groups  # (name, paths): one unnamed group of everything, or a mixture's sources
+        self.files = files  # (group, path, strict): a slice of the corpus (data.num_tasks), else all of it
+        self.record: dict | None = None  # {(split, group): [(ordinal, key, bytes)]} of every document kept
+        self.lengths: dict = {}  # {(split, group): [tokens per document, per batch]} when recording
         self.sources = SourceStats()
-        self.docs = dict.fromkeys(SPLITS, 0)
-        self.bytes = dict.fromkeys(SPLITS, 0)
+        self.docs = {(s, g): 0 for s in SPLITS for g in range(len(groups))}
+        self.bytes = dict.fromkeys(self.docs, 0)
         self.duplicates = 0
-        self.min_key: bytes | None = None  # the documents a rerun may force into val / train
-        self.max_key: bytes | None = None
+        self.min_key: list[bytes | None] = [None] * len(groups)  # per group, the documents a rerun may
+        self.max_key: list[bytes | None] = [None] * len(groups)  # force into val / train
 
-    def batches(self) -> Iterator[tuple[str, list[str], int]]:
-        """(split, texts, utf-8 bytes) batches in corpus order, after dedup and the split decision."""
+    def split_docs(self, split: str) -> int:
+        return sum(n for (s, _), n in self.docs.items() if s == split)
+
+    def split_bytes(self, split: str) -> int:
+        return sum(n for (s, _), n in self.bytes.items() if s == split)
+
+    def documents(self) -> Iterator[tuple[int, Document]]:
+        """(group, document) in corpus order: the groups as listed, each group's sources as `iter_documents`
+        reads them."""
+        d = self.cfg.data
+        if self.files is not None:
+            for g, run in itertools.groupby(self.files, key=lambda f: f[0]):
+                files = [(path, strict) for _, path, strict in run]
+                for doc in read_files(files, d.text_field, self.sources, d.max_doc_bytes, d.filter):
+                    yield g, doc
+            return
+        for g, (_, paths) in enumerate(self.groups):
+            for doc in iter_documents(paths, d.text_field, self.sources, d.max_doc_bytes, d.filter):
+                yield g, doc
+
+    def batches(self) -> Iterator[tuple[str, int, list[str], int]]:
+        """(split, group, texts, utf-8 bytes) batches in corpus order, after dedup and the split decision."""
         d = self.cfg.data
         seen: set[bytes] = set()
-        pending = {s: ([], 0) for s in SPLITS}
-        for doc in iter_documents(d.sources, d.text_field, self.sources, d.max_doc_bytes):
+        pending = {k: ([], 0) for k in self.docs}
+        for g, doc in self.documents():
             raw = doc.text.encode("utf-8")
             key = text_key(raw)
             if d.dedup:
@@ -100,20 +142,23 @@ class _Pass:
                     continue
                 seen.add(key)
             split = self.force.pop(key, None) or ("val" if key_fraction(key) < d.val_fraction else "train")
-            self.min_key = key if self.min_key is None else min(self.min_key, key)
-            self.max_key = key if self.max_key is None else max(self.max_key, key)
-            self.docs[split] += 1
-            self.bytes[split] += len(raw)
-            texts, size = pending[split]
+            lo, hi = self.min_key[g], self.max_key[g]
+            self.min_key[g] = key if lo is None else min(lo, key)
+            self.max_key[g] = key if hi is None else max(hi, key)
+            if self.record is not None:
+                self.record.setdefault((split, g), []).append((sum(self.docs.values()), key, len(raw)))
+            self.docs[split, g] += 1
+            self.bytes[split, g] += len(raw)
+            texts, size = pending[split, g]
             texts.append(doc.text)
             size += len(raw)
             if size >= BATCH_BYTES or len(texts) >= BATCH_DOCS:
-                yield split, texts, size
+                yield split, g, texts, size
                 texts, size = [], 0
-            pending[split] = (texts, size)
-        for split, (texts, size) in pending.items():
+            pending[split, g] = (texts, size)
+        for (split, g), (texts, size) in pending.items():
             if texts:
-                yield split, texts, size
+                yield split, g, texts, size
 
 
 @contextmanager
@@ -130,38 +175,54 @@ def _one_thread() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def _tokenized(p: _Pass, tok: Tokenizer, workers: int) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(split, ids, utf-8 bytes) per batch, in corpus order whatever the number of workers."""
+def _tokenized(p: _Pass, tok: Tokenizer, workers: int) -> Iterator[tuple[str, int, np.ndarray, np.ndarray, int]]:
+    """(split, group, ids, tokens per document, utf-8 bytes) per batch, in corpus order whatever the
+    number of workers."""
     bos = tok.bos_id if tok.add_bos else None
     if workers <= 1:
         with _one_thread():
-            for split, texts, size in p.batches():
-                yield split, encode_docs(tok.tok, texts, tok.eot_id, p.dtype, bos), size
+            for split, g, texts, size in p.batches():
+                yield split, g, *encode_docs_lengths(tok.tok, texts, tok.eot_id, p.dtype, bos), size
         return
     ctx = mp.get_context("spawn")  # fork is unsafe with rich's refresh thread and torch loaded
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(),)) as pool:
         inflight: deque = deque()  # bounded, so reading never runs far ahead of tokenizing
-        for split, texts, size in p.batches():
-            inflight.append((split, pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype, bos),)), size))
+        for split, g, texts, size in p.batches():
+            job = pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype, bos),))
+            inflight.append((split, g, job, size))
             if len(inflight) >= 2 * workers:
-                split, job, size = inflight.popleft()
-                yield split, job.get(), size
+                split, g, job, size = inflight.popleft()
+                yield split, g, *job.get(), size
         while inflight:
-            split, job, size = inflight.popleft()
-            yield split, job.get(), size
+            split, g, job, size = inflight.popleft()
+            yield split, g, *job.get(), size
+
+
+def open_writers(p: _Pass, tmps: dict[str, Path]) -> dict[tuple[str, int], ShardWriter]:
+    """A ShardWriter per split and group; a mixture's sources write into a folder each, named after it."""
+    writers = {}
+    for split, g in p.docs:
+        name = p.groups[g][0]
+        folder = tmps[split] / name if name else tmps[split]
+        folder.mkdir(exist_ok=True)
+        writers[split, g] = ShardWriter(folder, p.dtype, p.cfg.data.shard_tokens)
+    return writers
 
 
 def _run_pass(p: _Pass, tok: Tokenizer, tmps: dict[str, Path], workers: int, total_mb: float) -> dict:
-    """Stream the tokenized batches of `p` into one ShardWriter per split, with a progress bar."""
-    writers = {s: ShardWriter(tmps[s], p.dtype, p.cfg.data.shard_tokens) for s in SPLITS}
+    """Stream the tokenized batches of `p` into one ShardWriter per split (and mixture source), with a
+    progress bar. A mixture's sources write into a folder each, named after the source."""
+    writers = open_writers(p, tmps)
     t0, done = time.perf_counter(), 0
     try:
         with progress("tokenizing", total_mb, "") as advance:
-            for split, ids, size in _tokenized(p, tok, workers):
-                writers[split].write(ids)
+            for split, g, ids, lengths, size in _tokenized(p, tok, workers):
+                writers[split, g].write(ids)
+                if p.record is not None:
+                    p.lengths.setdefault((split, g), []).append(lengths)
                 done += size
                 dt = max(time.perf_counter() - t0, 1e-9)
-                tokens = writers["train"].tokens + writers["val"].tokens
+                tokens = sum(w.tokens for w in writers.values())
                 advance(size / 1e6, f"MB  {done / 1e6 / dt:.1f} MB/s  {tokens / dt / 1e3:,.0f}k tok/s")
     finally:  # also on errors: no open handles left in the folder AtomicDir deletes
         for w in writers.values():
@@ -171,7 +232,60 @@ def _run_pass(p: _Pass, tok: Tokenizer, tmps: dict[str, Path], workers: int, tot
 
 def _clear(d: Path) -> None:
     for f in d.iterdir():
-        f.unlink()
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+
+def source_groups(d) -> tuple[list[tuple[str, list]], list[SourceSpec] | None]:
+    """The document groups of `data.sources`: one of everything (a plain list), or one per mixture source."""
+    if not is_mixture(d.sources):
+        return [("", list(d.sources))], None
+    specs = parse_sources(d.sources)
+    for i, sp in enumerate(specs):
+        if token_files([sp.path]):
+            raise ConfigError(f"data.sources[{i}].path: {sp.path} holds token files (.bin, HDF5); a mixture "
+                              "tokenizes text sources, and token files are adopted only as a plain list",
+                              f"data.sources[{i}].path")
+    return [(s.name, [s.path]) for s in specs], specs
+
+
+def _split_manifest(p: _Pass, split: str, writers: dict, specs: list[SourceSpec] | None, weights: list[float],
+                    base: dict) -> dict:
+    """A split's manifest: its shards, and with a mixture each source's shards (files `<name>/shard_*`),
+    token counts and weight."""
+    parts = [(g, writers[split, g]) for g in range(len(p.groups))]
+    shards, mixture = [], []
+    for g, w in parts:
+        name = p.groups[g][0]
+        for sh in w.shards:
+            shards.append({"file": f"{name}/{sh['file']}", "tokens": sh["tokens"], "source": name}
+                          if name else sh)
+        if specs is not None:
+            sp = specs[g]
+            mixture.append({"name": name, "path": sp.path, "weight": weights[g], "weight_given": sp.weight,
+                            "epochs": sp.epochs, "tokens": w.tokens, "documents": p.docs[split, g],
+                            "bytes": p.bytes[split, g]})
+    m = {**base, "tokens": sum(w.tokens for _, w in parts), "documents": p.split_docs(split),
+         "bytes": p.split_bytes(split), "shards": shards,
+         "max_token_id": max(w.max_id for _, w in parts), "split": split}
+    if specs is not None:
+        m["mixture"] = mixture
+    return m
+
+
+def forced_splits(p: _Pass, specs: list[SourceSpec] | None) -> dict[bytes, str]:
+    """The documents a second pass assigns explicitly, so that each group has train and (with two or more
+    documents) val documents: {key: split}."""
+    force = {}
+    for g, (name, _) in enumerate(p.groups):
+        n = p.docs["train", g] + p.docs["val", g]
+        if specs and n == 0:
+            raise LmforgeError(f"data.sources[{g}] ({name}): no documents left in {specs[g].path} (empty, "
+                               "binary or every document a duplicate of an earlier source's)")
+        if n and p.docs["train", g] == 0:  # every document hashed into val (a tiny corpus)
+            force[p.max_key[g]] = "train"
+        if p.cfg.data.val_fraction > 0 and n >= 2 and p.docs["val", g] == 0:
+            force[p.min_key[g]] = "val"
+    return force
 
 
 def prepare(cfg: Config) -> dict:
@@ -180,78 +294,100 @@ def prepare(cfg: Config) -> dict:
     Every document is followed by eot_id. Validation documents are those whose text hash falls
     below `val_fraction`; with at least two documents, one is forced into val (and one into train)
     if the hash gave none, by a second pass, since small corpora would otherwise have no val split.
+    In a mixture that holds for each source, so each has its own validation loss.
     """
     d = cfg.data
     run = Path(cfg.run_dir)
-    tok = Tokenizer.load(run / "tokenizer")
     if not d.sources:
         raise LmforgeError("data.sources is empty: list the files, folders or globs to tokenize")
+    adopted = token_files(d.sources)
+    if adopted:  # nanoGPT .bin / HDF5 token files: already tokens
+        return adopt(cfg, adopted)
+    groups, specs = source_groups(d)
+    tok = Tokenizer.load(run / "tokenizer")
     if d.workers < 0:
         raise LmforgeError(f"data.workers must be >= 0 (0: all cores), got {d.workers}")
     workers = d.workers or os.cpu_count() or 1
     dtype = token_dtype(tok.vocab_size)
-    total_mb = count_source_bytes(d.sources) / 1e6
+    paths = [source_path(e) for e in d.sources]
+    total_mb = count_source_bytes(paths) / 1e6
     data_dir = run / "data"
 
     dirs = {s: AtomicDir(data_dir / s) for s in SPLITS}
     tmps = {s: dirs[s].__enter__() for s in SPLITS}
     try:
-        p = _Pass(cfg, dtype, {})
+        p = _Pass(cfg, dtype, {}, groups)
         res = _run_pass(p, tok, tmps, workers, total_mb)
-        n = p.docs["train"] + p.docs["val"]
-        if n == 0:
-            raise LmforgeError(f"no documents in {', '.join(d.sources)}: every file is empty or "
+        if p.split_docs("train") + p.split_docs("val") == 0:
+            raise LmforgeError(f"no documents in {', '.join(paths)}: every file is empty or "
                                "whitespace" + (" or binary" if p.sources.skipped_files else ""))
-        force = {}
-        if p.docs["train"] == 0:  # every document hashed into val (a tiny corpus)
-            force[p.max_key] = "train"
-        if d.val_fraction > 0 and n >= 2 and p.docs["val"] == 0:
-            force[p.min_key] = "val"
+        force = forced_splits(p, specs)
         if force:
-            log(f"[dim]the hash split left {'train' if p.docs['train'] == 0 else 'val'} empty; "
-                "assigning one document explicitly (second pass)[/dim]")
+            log("[dim]the hash split left a split empty; assigning one document explicitly (second pass)[/dim]")
             for s in SPLITS:
                 _clear(tmps[s])
-            p = _Pass(cfg, dtype, force)
+            p = _Pass(cfg, dtype, force, groups)
             res = _run_pass(p, tok, tmps, workers, total_mb)
         writers, seconds = res["writers"], res["seconds"]
         summary: dict = {"workers": workers, "seconds": round(seconds, 3),
                          "duplicates_dropped": p.duplicates, "skipped_files": p.sources.skipped_files,
                          "decoding": p.sources.decoding}
-        for s in SPLITS:
-            w = writers[s]
-            manifest = {
-                "dtype": dtype, "tokens": w.tokens, "documents": p.docs[s], "bytes": p.bytes[s],
-                "shards": w.shards, "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size,
-                "eot_id": tok.eot_id, "max_token_id": w.max_id, "sources": list(d.sources),
-                "text_field": d.text_field, "duplicates_dropped": p.duplicates,
-                "skipped_files": p.sources.skipped_files, "files": p.sources.files, "split": s,
-                "val_fraction": d.val_fraction, "max_doc_bytes": d.max_doc_bytes,
-                "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer"),
-            }
-            atomic_write_json(tmps[s] / MANIFEST, manifest)
-            summary[s] = {"tokens": w.tokens, "documents": p.docs[s], "bytes": p.bytes[s],
-                          "shards": len(w.shards)}
+        weights = write_manifests(p, tok, writers, specs, tmps, summary)
     except BaseException as e:
         for s in SPLITS:
             dirs[s].__exit__(type(e), e, e.__traceback__)
         raise
+    finish_dirs(dirs, tmps, data_dir, p.split_docs("val") > 0)
+    return report(summary, p, specs, weights, seconds, workers, data_dir)
+
+
+def write_manifests(p: _Pass, tok: Tokenizer, writers: dict, specs: list[SourceSpec] | None,
+                    tmps: dict[str, Path], summary: dict) -> list[float]:
+    """Each split's manifest into its folder; the counts go to `summary`. Returns the mixture's weights."""
+    d, run = p.cfg.data, Path(p.cfg.run_dir)
+    weights = mixture_weights(specs, [writers["train", g].tokens for g in range(len(p.groups))]) if specs else []
+    base = {"dtype": p.dtype, "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "sources": list(d.sources), "text_field": d.text_field, "duplicates_dropped": p.duplicates,
+            "skipped_files": p.sources.skipped_files, "files": p.sources.files,
+            "val_fraction": d.val_fraction, "max_doc_bytes": d.max_doc_bytes,
+            "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer")}
+    for s in SPLITS:
+        manifest = _split_manifest(p, s, writers, specs, weights, base)
+        atomic_write_json(tmps[s] / MANIFEST, manifest)
+        summary[s] = {"tokens": manifest["tokens"], "documents": manifest["documents"],
+                      "bytes": manifest["bytes"], "shards": len(manifest["shards"])}
+        if specs:
+            summary[s]["mixture"] = {m["name"]: m["tokens"] for m in manifest["mixture"]}
+    return weights
+
+
+def finish_dirs(dirs: dict[str, AtomicDir], tmps: dict[str, Path], data_dir: Path, has_val: bool) -> None:
+    """Rename the built split folders into place; with no val documents, no val folder (not a stale one)."""
     dirs["train"].__exit__(None, None, None)
-    if p.docs["val"]:
+    if has_val:
         dirs["val"].__exit__(None, None, None)
-    else:  # no val documents (val_fraction=0 or a single document): no val folder, not a stale one
-        shutil.rmtree(tmps["val"], ignore_errors=True)
-        if (data_dir / "val").exists():
-            old = data_dir / f".val.old-{os.getpid()}"
-            os.replace(data_dir / "val", old)
-            shutil.rmtree(old, ignore_errors=True)
+        return
+    shutil.rmtree(tmps["val"], ignore_errors=True)
+    if (data_dir / "val").exists():
+        old = data_dir / f".val.old-{os.getpid()}"
+        os.replace(data_dir / "val", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def report(summary: dict, p: _Pass, specs: list[SourceSpec] | None, weights: list[float], seconds: float,
+           workers: int, data_dir: Path) -> dict:
+    """Rates into `summary`, and the one line that says what was prepared."""
+    groups = p.groups
     tokens = summary["train"]["tokens"] + summary["val"]["tokens"]
     nbytes = summary["train"]["bytes"] + summary["val"]["bytes"]
     summary["tokens_per_s"] = round(tokens / max(seconds, 1e-9))
     summary["mb_per_s"] = round(nbytes / 1e6 / max(seconds, 1e-9), 3)
     summary["bytes_per_token"] = round(nbytes / max(tokens, 1), 4)
+    mix = ""
+    if specs:
+        mix = "; mixture " + ", ".join(f"{m} {w:.3f}" for m, w in zip([g[0] for g in groups], weights, strict=True))
     log(f"prepare: train {summary['train']['tokens']:,} tokens ({summary['train']['documents']:,} docs), "
         f"val {summary['val']['tokens']:,} tokens ({summary['val']['documents']:,} docs); "
         f"{p.duplicates:,} duplicates dropped; {summary['mb_per_s']:.1f} MB/s, "
-        f"{summary['tokens_per_s']:,} tokens/s on {workers} worker(s) -> {data_dir}")
+        f"{summary['tokens_per_s']:,} tokens/s on {workers} worker(s) -> {data_dir}{mix}")
     return summary

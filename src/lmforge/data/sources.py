@@ -1,4 +1,5 @@
-"""Read documents from files, folders and globs: plain text, code, JSONL, JSON, CSV, Parquet, .gz/.zst.
+"""Read documents from files, folders and globs: plain text, code, JSONL, JSON, CSV, Parquet, Arrow,
+`datasets` folders and (named only) Hub datasets, .gz/.zst; columnar formats in `lmforge.data.columns`.
 
 One function owns every input format, so the tokenizer trainer and `prepare` see the same
 documents in the same order. Order is deterministic: sources as listed, folders walked sorted.
@@ -19,6 +20,11 @@ What a document is (`data.max_doc_bytes`, 32 KiB by default; 0 turns the limit o
 - A record (JSONL line, JSON item, CSV row, Parquet row) is one document, cut the same way when it
   is longer than the limit.
 The pieces joined are exactly the file's text; nothing is dropped or added.
+
+Files are streamed, whatever their size: text, JSONL and CSV a line or a MiB at a time (UTF-16/32
+too), Parquet and Arrow a record batch at a time. Three cases are read whole because their format
+needs it: a .json file (one JSON value; use JSON Lines for large corpora), a .gz/.zst-wrapped
+Parquet file and a .gz/.zst-wrapped Arrow file in the IPC file format (both need random access).
 
 How bytes become text (UTF-8, a detected CJK legacy encoding, or UTF-8 with stray bytes replaced
 and a warning) is one rule per file, in `lmforge.data.encoding`; `SourceStats.decoding` records it.
@@ -44,6 +50,7 @@ from rich.markup import escape
 
 from lmforge.config import DataConfig
 from lmforge.console import log
+from lmforge.data.columns import HUB_PREFIX, RowFilter, hf_folder_files, read_columnar, read_hub
 from lmforge.data.documents import split_text, utf8_size
 from lmforge.data.encoding import SAMPLE_BYTES, BinaryFileError, Decoding, choose_encoding, warning
 from lmforge.errors import LmforgeError
@@ -56,7 +63,8 @@ TEXT_EXTS = {
     ".erl", ".clj", ".dart", ".zig", ".nim", ".sh", ".bash", ".zsh", ".ps1", ".bat", ".sql",
     ".css", ".scss", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".cmake", ".mk", ".proto", ".s", ".asm",
 }
-RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", ".parquet"}
+COLUMNAR_EXTS = {".parquet", ".arrow"}  # Parquet, Arrow IPC (what `datasets` writes): lmforge.data.columns
+RECORD_EXTS = {".jsonl", ".ndjson", ".json", ".csv", *COLUMNAR_EXTS}
 COMPRESSED_EXTS = {".gz", ".zst", ".zstd"}
 MIN_DOC_BYTES = 1024  # smallest data.max_doc_bytes: below it, documents would be shorter than a context
 
@@ -114,6 +122,7 @@ def resolve_sources(sources: list[str]) -> list[tuple[Path, bool]]:
     """
     if isinstance(sources, str | Path):
         sources = [str(sources)]
+    sources = [s.get("path", "") if isinstance(s, dict) else s for s in sources]  # a mixture's entries
     out: list[tuple[Path, bool]] = []
     seen: set[Path] = set()
 
@@ -135,8 +144,13 @@ def resolve_sources(sources: list[str]) -> list[tuple[Path, bool]]:
 
     for s in sources:
         p = Path(s).expanduser()
-        if p.is_file():
+        if str(s).startswith(HUB_PREFIX):  # a Hub dataset, streamed by read_file
+            out.append((Path(s), True))
+        elif p.is_file():
             add(p, True)
+        elif p.is_dir() and (hf := hf_folder_files(p)) is not None:
+            for f in hf:
+                add(f, True)
         elif p.is_dir():
             if walk(p) == 0:
                 raise LmforgeError(f"source '{s}': folder holds no files with a known extension "
@@ -267,9 +281,8 @@ def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[s
         try:
             dec = choose_encoding(path, f.peek(SAMPLE_BYTES)[:SAMPLE_BYTES], complete=False)
             decodings.append(dec)
-            if dec.encoding in ("utf-16", "utf-32"):  # lines are not split on b"\n"; rare, so read whole
-                text = dec.decode(f.read(), 0)
-                yield from _split_lines(text) if by_line else [text]
+            if dec.encoding in ("utf-16", "utf-32"):  # b"\n" may sit inside a character: decode, then cut
+                yield from _wide_lines(f, dec, by_line)
                 return
             offset, line = 0, 1
             while data := f.readline() if by_line else f.read(SAMPLE_BYTES) + f.readline():
@@ -282,6 +295,21 @@ def _decoded(path: Path, decodings: list[Decoding], by_line: bool) -> Iterator[s
                 yield text
         except _READ_ERRORS as e:
             raise LmforgeError(f"{path}: cannot read ({e})") from None
+
+
+def _wide_lines(f: BinaryIO, dec: Decoding, by_line: bool) -> Iterator[str]:
+    """A UTF-16/32 file decoded a MiB at a time and handed on in lines, or in chunks that end at a line end."""
+    feed, rest, offset = dec.incremental(), "", 0
+    while True:
+        data = f.read(SAMPLE_BYTES)
+        text = rest + feed(data, offset, final=not data)
+        offset += len(data)
+        cut = text.rfind("\n") + 1 if data else len(text)
+        text, rest = text[:cut], text[cut:]
+        if text:
+            yield from _split_lines(text) if by_line else [text]
+        if not data:
+            return
 
 
 def _lines(path: Path, decodings: list[Decoding]) -> Iterator[tuple[int, str]]:
@@ -355,28 +383,10 @@ def _read_csv(path: Path, field: str, decodings: list[Decoding]) -> Iterator[Doc
         raise LmforgeError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        src = pa.BufferReader(_read_all(path)) if _kind(path)[1] else str(path)
-        pf = pq.ParquetFile(src)
-    except (pa.ArrowException, OSError) as e:
-        raise LmforgeError(f"{path}: not a valid Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(names)}); "
-                           "set data.text_field to the column that holds the text")
-    row = 0
-    for batch in pf.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is not None:
-                if not isinstance(value, str):
-                    raise LmforgeError(f"{path}: row {row}: column '{field}' is "
-                                       f"{type(value).__name__}, not text")
-                yield Document(value, str(path), row)
+def _read_columnar(path: Path, field: str, row_filter: RowFilter | None) -> Iterator[Document]:
+    ext, comp = _kind(path)
+    for row, text in read_columnar(path, ext, field, row_filter, (lambda: _open(path)) if comp else None):
+        yield Document(text, str(path), row)
 
 
 def _bounded(doc: Document, limit: int) -> Iterator[Document]:
@@ -389,7 +399,7 @@ def _bounded(doc: Document, limit: int) -> Iterator[Document]:
 
 
 def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataConfig.max_doc_bytes,
-              decodings: list[Decoding] | None = None) -> Iterator[Document]:
+              decodings: list[Decoding] | None = None, row_filter: RowFilter | None = None) -> Iterator[Document]:
     """Documents of one file, by extension, none longer than `max_doc_bytes` (0: no limit).
 
     A text or code file is one document, or several when it is longer (see the module docstring);
@@ -397,10 +407,18 @@ def read_file(path: Path, text_field: str = "text", max_doc_bytes: int = DataCon
     `decodings` receives how the file's bytes were decoded.
     """
     decodings = decodings if decodings is not None else []
+    if str(path).startswith(HUB_PREFIX):
+        for row, text in read_hub(str(path), text_field, row_filter):
+            yield from _bounded(Document(text, str(path), row), max_doc_bytes)
+        return
     ext, _ = _kind(path)
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    if ext in readers or ext == ".parquet":
-        records = readers[ext](path, text_field, decodings) if ext in readers else _read_parquet(path, text_field)
+    if row_filter is not None and ext not in COLUMNAR_EXTS:
+        raise LmforgeError(f"{path}: data.filter ({row_filter.spec}) applies to columnar sources only "
+                           f"({', '.join(sorted(COLUMNAR_EXTS))}, datasets folders); unset it for this file")
+    if ext in readers or ext in COLUMNAR_EXTS:
+        records = (readers[ext](path, text_field, decodings) if ext in readers
+                   else _read_columnar(path, text_field, row_filter))
         for doc in records:
             yield from _bounded(doc, max_doc_bytes)
     else:
@@ -441,24 +459,31 @@ def _report_rest(notes: Counter) -> None:
 
 
 def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None,
-                   max_doc_bytes: int = DataConfig.max_doc_bytes) -> Iterator[Document]:
+                   max_doc_bytes: int = DataConfig.max_doc_bytes, row_filter: str = "") -> Iterator[Document]:
     """Every non-empty document of `sources`, in a deterministic order, none over `max_doc_bytes`.
 
     Binary files named explicitly are errors; those found by walking a folder or a glob are
     skipped, counted in `stats.skipped_files` and reported once at the end. How each file was
     decoded is in `stats.decoding` (files that were not clean UTF-8).
     """
+    yield from read_files(resolve_sources(sources), text_field, stats, max_doc_bytes, row_filter)
+
+
+def read_files(files: list[tuple[Path, bool]], text_field: str = "text", stats: SourceStats | None = None,
+               max_doc_bytes: int = DataConfig.max_doc_bytes, row_filter: str = "") -> Iterator[Document]:
+    """`iter_documents` of files already resolved, (path, strict) as `resolve_sources` gives them: a slice
+    of a corpus reads exactly as it does inside the whole."""
     stats = stats if stats is not None else SourceStats()
     if max_doc_bytes and max_doc_bytes < MIN_DOC_BYTES:
         raise LmforgeError(f"data.max_doc_bytes must be 0 (no limit) or at least {MIN_DOC_BYTES}, "
                            f"got {max_doc_bytes}")
-    files = resolve_sources(sources)
+    keep = RowFilter(row_filter) if row_filter else None
     skipped: list[str] = []
     notes: Counter = Counter()
     for path, strict in files:
         decodings: list[Decoding] = []
         try:
-            for doc in read_file(path, text_field, max_doc_bytes, decodings):
+            for doc in read_file(path, text_field, max_doc_bytes, decodings, keep):
                 if doc.text.strip():
                     stats.documents += 1
                     yield doc

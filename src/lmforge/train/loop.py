@@ -291,6 +291,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
             total = state["total_steps"] or tc.max_steps
             if step % tc.log_every == 0 or step == total:
                 row = meter.row(step, total, optimizer.param_groups[0]["lr"], clock.eta_s(step, total))
+                row.update(objective.data_metrics())
                 sink.log(step, row)
                 progress.update(step, total, row, row["eta_s"])
             if state["eval_every"] and (step % state["eval_every"] == 0 or step == total):

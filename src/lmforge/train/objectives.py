@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.data.loader import LMBatches, TokenWindows
+from lmforge.data.loader import LMBatches, MixtureBatches, TokenWindows
 from lmforge.train.context import SequenceSplit
 
 
@@ -58,6 +58,10 @@ class Objective:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {}
 
+    def data_metrics(self) -> dict[str, float]:
+        """Figures about the data read so far, added to every metrics row (a mixture's tokens per source)."""
+        return {}
+
     # The data position, for bit-exact resume. An objective that reads through a resumable
     # `self.stream` (built in setup()) needs nothing more: a state loaded before setup() waits in
     # `pending`, and setup() applies it to the stream it builds.
@@ -93,10 +97,32 @@ class LMObjective(Objective):
         self.train = TokenWindows(self.data_dir / "train", seq_len)
         val_dir = self.data_dir / "val"
         self.val = TokenWindows(val_dir, seq_len) if (val_dir / "manifest.json").is_file() else None
+        # A mixture (data/mixture.py): each source's windows apart, for training and for its own val loss.
+        self.mixture = self.train.manifest.get("mixture")
+        self.source_val: dict[str, TokenWindows] = {}
+        if self.mixture and self.val is not None:
+            have = {m["name"]: m["tokens"] for m in self.val.manifest.get("mixture", [])}
+            self.source_val = {m["name"]: TokenWindows(val_dir, seq_len, source=m["name"])
+                               for m in self.mixture if have.get(m["name"], 0) > seq_len}
 
     def setup(self, model, device, rank, world, accum):
         self.device, self.rank, self.world = device, rank, world
-        self.use_stream(LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed))
+        if self.mixture:
+            pools = [TokenWindows(self.train.split_dir, self.seq_len, source=m["name"]) for m in self.mixture]
+            self.use_stream(MixtureBatches(pools, [m["name"] for m in self.mixture],
+                                           [m["weight"] for m in self.mixture], self.micro_batch, accum,
+                                           rank, world, self.seed))
+        else:
+            self.use_stream(LMBatches(self.train, self.micro_batch, accum, rank, world, self.seed))
+
+    def data_metrics(self) -> dict[str, float]:
+        """A mixture's realised mix so far: tokens (and their share) per source, over all ranks."""
+        if not isinstance(self.stream, MixtureBatches):
+            return {}
+        tokens = self.stream.tokens_per_source()
+        total = max(sum(tokens.values()), 1)
+        return {**{f"mix_tokens_{n}": t for n, t in tokens.items()},
+                **{f"mix_share_{n}": t / total for n, t in tokens.items()}}
 
     def next_batches(self, model):
         """(inputs, labels) micro-batches; under context parallel (inputs, labels, positions) of this rank's
@@ -123,11 +149,31 @@ class LMObjective(Objective):
         if self.val is None:
             return bench
         m = _inner(model)
-        n = min(len(self.val), self.eval_batches * self.micro_batch) if self.eval_batches > 0 else len(self.val)
+        per_source = {name: self._val_loss(m, windows) for name, windows in self.source_val.items()}
+        if per_source:  # a mixture: the loss of the training mix, each source at its weight
+            weights = {x["name"]: x["weight"] for x in self.mixture if x["name"] in per_source}
+            loss = sum(weights[n] * v for n, v in per_source.items()) / sum(weights.values())
+        else:
+            loss = self._val_loss(m, self.val)
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        bpt = bytes_per_token(self.val.manifest)
+        if per_source:  # bits per byte of each source at its own bytes per token, weighted as the loss is
+            sources = {x["name"]: bytes_per_token(x) for x in self.val.manifest.get("mixture", [])}
+            if all(sources.get(n) for n in per_source):
+                out["val_bpb"] = sum(weights[n] * v / math.log(2) / sources[n]
+                                     for n, v in per_source.items()) / sum(weights.values())
+        elif bpt:
+            out["val_bpb"] = loss / math.log(2) / bpt
+        out.update({f"val_loss_{n}": v for n, v in per_source.items()})
+        return {**out, **bench}
+
+    def _val_loss(self, m: nn.Module, val: TokenWindows) -> float:
+        """Mean loss over the first eval_batches micro-batches of `val`, shared out over the ranks."""
+        n = min(len(val), self.eval_batches * self.micro_batch) if self.eval_batches > 0 else len(val)
         idx = list(range(self.rank * self.micro_batch, n, self.world * self.micro_batch))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in idx:
-            x, y = self.val.batch(range(i, min(i + self.micro_batch, n)))
+            x, y = val.batch(range(i, min(i + self.micro_batch, n)))
             x, y = x.to(self.device), y.to(self.device)
             positions = None
             if self.split:
@@ -138,12 +184,7 @@ class LMObjective(Objective):
 
         # Tensor-parallel ranks count once; context-parallel ranks each add their part of the sequences.
         all_reduce_slices(total, self.world * (self.split.size if self.split else 1))
-        loss = (total[0] / total[1].clamp_min(1)).item()
-        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-        bpt = bytes_per_token(self.val.manifest)
-        if bpt:
-            out["val_bpb"] = loss / math.log(2) / bpt
-        return {**out, **bench}
+        return (total[0] / total[1].clamp_min(1)).item()
 
 
 def right_padded_tokens(ids: Tensor, pad_id: int) -> float:
