@@ -28,6 +28,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.config import Config
 from lmforge.console import log, progress
+from lmforge.data import fast_bpe
+from lmforge.data.clean import Cleaner
+from lmforge.data.dedup import Scan
 from lmforge.data.shards import DTYPES, MANIFEST, ShardWriter, token_dtype
 from lmforge.data.sources import SourceStats, count_source_bytes, iter_documents, key_fraction, text_key
 from lmforge.errors import LmforgeError
@@ -39,27 +42,34 @@ BATCH_BYTES = 1 << 20  # text per worker job: large enough to amortise pickling,
 BATCH_DOCS = 2048
 
 _TOK: HFTokenizer | None = None  # the worker process's tokenizer
+_ENC = None  # ... and its tiktoken twin, when prepare uses tiktoken
+CHECK_BYTES = 128 << 10  # text of the corpus's start encoded by both encoders before trusting tiktoken
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer_json: str, tiktoken: bool) -> None:
     """Each worker tokenizes on one thread; the pool is the parallelism (no oversubscription)."""
-    global _TOK
+    global _TOK, _ENC
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = HFTokenizer.from_str(tokenizer_json)
+    _ENC = fast_bpe.build(_TOK) if tiktoken else None
 
 
-def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos_id: int | None = None) -> np.ndarray:
+def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos_id: int | None = None,
+                enc=None) -> np.ndarray:
     """Token ids of `texts`, each followed by the end-of-text id, as one flat array.
 
     With `bos_id` (tokenizers whose post-processor adds a BOS, as Llama's do) each document also
-    starts with it, so training sees text the way that model family does.
+    starts with it, so training sees text the way that model family does. With `enc` (a tiktoken
+    Encoding proven equal to `tok` by fast_bpe) the ids come from tiktoken.
     """
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+    if enc is not None:
+        lists = fast_bpe.encode(enc, texts)
+    else:
+        lists = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
     head = 0 if bos_id is None else 1
-    out = np.empty(sum(len(e.ids) for e in encs) + (1 + head) * len(encs), dtype=DTYPES[dtype])
+    out = np.empty(sum(map(len, lists)) + (1 + head) * len(lists), dtype=DTYPES[dtype])
     i = 0
-    for e in encs:
-        ids = e.ids
+    for ids in lists:
         if head:
             out[i] = bos_id
             i += 1
@@ -71,14 +81,15 @@ def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos
 
 
 def _encode_job(job: tuple[list[str], int, str, int | None]) -> np.ndarray:
-    return encode_docs(_TOK, *job)
+    return encode_docs(_TOK, *job, enc=_ENC)
 
 
 class _Pass:
     """One read-tokenize-write pass over the corpus into temporary split folders."""
 
-    def __init__(self, cfg: Config, dtype: str, force: dict[bytes, str]):
-        self.cfg, self.dtype, self.force = cfg, dtype, dict(force)
+    def __init__(self, cfg: Config, dtype: str, force: dict[bytes, str], scan: Scan | None = None, enc=None):
+        self.cfg, self.dtype, self.force, self.scan, self.enc = cfg, dtype, dict(force), scan, enc
+        self.cleaner = Cleaner(cfg.data.filters, cfg.data.pii)  # its counts matter only without a scan
         self.sources = SourceStats()
         self.docs = dict.fromkeys(SPLITS, 0)
         self.bytes = dict.fromkeys(SPLITS, 0)
@@ -87,18 +98,21 @@ class _Pass:
         self.max_key: bytes | None = None
 
     def batches(self) -> Iterator[tuple[str, list[str], int]]:
-        """(split, texts, utf-8 bytes) batches in corpus order, after dedup and the split decision."""
+        """(split, texts, utf-8 bytes) batches in corpus order, after cleaning, dedup and the split decision."""
         d = self.cfg.data
-        seen: set[bytes] = set()
+        skip = self.scan.skipper() if self.scan is not None else None
+        if self.scan is not None:
+            self.duplicates = self.scan.counts["exact"]
         pending = {s: ([], 0) for s in SPLITS}
         for doc in iter_documents(d.sources, d.text_field, self.sources, d.max_doc_bytes):
-            raw = doc.text.encode("utf-8")
+            if skip is not None and skip.drops(doc):  # filtered or a duplicate, as the scan found
+                continue
+            text = self.cleaner(doc.text, doc.source) if self.cleaner.active else doc.text
+            if text is None:
+                continue
+            doc.text = text
+            raw = text.encode("utf-8")
             key = text_key(raw)
-            if d.dedup:
-                if key in seen:
-                    self.duplicates += 1
-                    continue
-                seen.add(key)
             split = self.force.pop(key, None) or ("val" if key_fraction(key) < d.val_fraction else "train")
             self.min_key = key if self.min_key is None else min(self.min_key, key)
             self.max_key = key if self.max_key is None else max(self.max_key, key)
@@ -136,10 +150,10 @@ def _tokenized(p: _Pass, tok: Tokenizer, workers: int) -> Iterator[tuple[str, np
     if workers <= 1:
         with _one_thread():
             for split, texts, size in p.batches():
-                yield split, encode_docs(tok.tok, texts, tok.eot_id, p.dtype, bos), size
+                yield split, encode_docs(tok.tok, texts, tok.eot_id, p.dtype, bos, p.enc), size
         return
     ctx = mp.get_context("spawn")  # fork is unsafe with rich's refresh thread and torch loaded
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(),)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(), p.enc is not None)) as pool:
         inflight: deque = deque()  # bounded, so reading never runs far ahead of tokenizing
         for split, texts, size in p.batches():
             inflight.append((split, pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype, bos),)), size))
@@ -174,6 +188,61 @@ def _clear(d: Path) -> None:
         f.unlink()
 
 
+def choose_encoder(tok: HFTokenizer, d) -> tuple[object | None, fast_bpe.Choice]:
+    """tiktoken when `data.encoder` allows it and it gives tokenizers' ids, on the probe and on the
+    corpus's first `CHECK_BYTES`; else tokenizers. `data.encoder=tiktoken` makes a refusal an error."""
+    if d.encoder == "tokenizers":
+        return None, fast_bpe.Choice("tokenizers", "data.encoder=tokenizers")
+    enc, choice = fast_bpe.convert(tok)
+    if enc is not None:
+        sample, size = [], 0
+        for doc in iter_documents(d.sources, d.text_field, SourceStats(), d.max_doc_bytes):
+            sample.append(doc.text)
+            size += len(doc.text)
+            if size >= CHECK_BYTES:
+                break
+        bad = fast_bpe.same_ids(enc, tok, sample)
+        if bad is not None:
+            enc, choice = None, fast_bpe.Choice("tokenizers", f"tiktoken ids differ on the corpus at {bad[:60]!r}")
+    if enc is None and d.encoder == "tiktoken":
+        raise LmforgeError(f"data.encoder=tiktoken, but {choice.reason}; use data.encoder=auto or tokenizers")
+    return enc, choice
+
+
+def _scan(cfg: Config, workers: int, data_dir: Path) -> Scan | None:
+    """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup), or None if neither is on."""
+    d = cfg.data
+    if not (d.dedup or d.near_dedup):
+        return None
+    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers)
+    t0 = time.perf_counter()
+    try:
+        scan.run(SourceStats())
+    except BaseException:
+        scan.close()
+        raise
+    scan.seconds = time.perf_counter() - t0
+    return scan
+
+
+def _write_reports(data_dir: Path, p: _Pass, scan: Scan | None) -> dict:
+    """dedup.json and filters.json beside the split folders; returns the summary's view of them."""
+    cleaner = scan.cleaner if scan is not None else p.cleaner
+    out: dict = {}
+    if scan is not None:
+        rep = scan.report()  # no timings in it: the data folder is byte-identical across reruns
+        atomic_write_json(data_dir / "dedup.json", rep)
+        out["near_duplicates_dropped"] = rep.get("near_duplicates", 0)
+        out["scan_seconds"] = round(scan.seconds, 3)
+    if cleaner.active:
+        rep = cleaner.report()
+        atomic_write_json(data_dir / "filters.json", rep)
+        out["filtered"] = {k: {"documents": v["documents"], "bytes": v["bytes"]} for k, v in rep["filters"].items()}
+        if rep["pii"] is not None:
+            out["pii_masked"] = rep["pii"]
+    return out
+
+
 def prepare(cfg: Config) -> dict:
     """Tokenize `cfg.data.sources` with RUN/tokenizer into RUN/data/{train,val}; return a summary.
 
@@ -193,10 +262,14 @@ def prepare(cfg: Config) -> dict:
     total_mb = count_source_bytes(d.sources) / 1e6
     data_dir = run / "data"
 
+    enc, choice = choose_encoder(tok.tok, d)
+    log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    scan = _scan(cfg, workers, data_dir)
     dirs = {s: AtomicDir(data_dir / s) for s in SPLITS}
     tmps = {s: dirs[s].__enter__() for s in SPLITS}
     try:
-        p = _Pass(cfg, dtype, {})
+        p = _Pass(cfg, dtype, {}, scan, enc)
         res = _run_pass(p, tok, tmps, workers, total_mb)
         n = p.docs["train"] + p.docs["val"]
         if n == 0:
@@ -212,12 +285,14 @@ def prepare(cfg: Config) -> dict:
                 "assigning one document explicitly (second pass)[/dim]")
             for s in SPLITS:
                 _clear(tmps[s])
-            p = _Pass(cfg, dtype, force)
+            p = _Pass(cfg, dtype, force, scan, enc)
             res = _run_pass(p, tok, tmps, workers, total_mb)
         writers, seconds = res["writers"], res["seconds"]
-        summary: dict = {"workers": workers, "seconds": round(seconds, 3),
+        cleaning = _write_reports(data_dir, p, scan)
+        seconds += cleaning.get("scan_seconds", 0.0)
+        summary: dict = {"workers": workers, "seconds": round(seconds, 3), "encoder": choice.name,
                          "duplicates_dropped": p.duplicates, "skipped_files": p.sources.skipped_files,
-                         "decoding": p.sources.decoding}
+                         "decoding": p.sources.decoding, **cleaning}
         for s in SPLITS:
             w = writers[s]
             manifest = {
@@ -228,6 +303,7 @@ def prepare(cfg: Config) -> dict:
                 "skipped_files": p.sources.skipped_files, "files": p.sources.files, "split": s,
                 "val_fraction": d.val_fraction, "max_doc_bytes": d.max_doc_bytes,
                 "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer"),
+                "encoder": choice.name, **{k: v for k, v in cleaning.items() if k != "scan_seconds"},
             }
             atomic_write_json(tmps[s] / MANIFEST, manifest)
             summary[s] = {"tokens": w.tokens, "documents": p.docs[s], "bytes": p.bytes[s],
@@ -236,6 +312,9 @@ def prepare(cfg: Config) -> dict:
         for s in SPLITS:
             dirs[s].__exit__(type(e), e, e.__traceback__)
         raise
+    finally:
+        if scan is not None:
+            scan.close()
     dirs["train"].__exit__(None, None, None)
     if p.docs["val"]:
         dirs["val"].__exit__(None, None, None)
@@ -252,6 +331,8 @@ def prepare(cfg: Config) -> dict:
     summary["bytes_per_token"] = round(nbytes / max(tokens, 1), 4)
     log(f"prepare: train {summary['train']['tokens']:,} tokens ({summary['train']['documents']:,} docs), "
         f"val {summary['val']['tokens']:,} tokens ({summary['val']['documents']:,} docs); "
-        f"{p.duplicates:,} duplicates dropped; {summary['mb_per_s']:.1f} MB/s, "
+        f"{p.duplicates:,} duplicates dropped"
+        + (f", {summary['near_duplicates_dropped']:,} near-duplicates" if d.near_dedup else "")
+        + f"; {summary['mb_per_s']:.1f} MB/s, "
         f"{summary['tokens_per_s']:,} tokens/s on {workers} worker(s) -> {data_dir}")
     return summary
