@@ -46,7 +46,6 @@ from lmforge.errors import LmforgeError
 EXACT_PARTS = 64
 BAND_PARTS = 16
 BATCH_BYTES = 1 << 20
-CHUNK_ROWS = 2048  # shingles hashed at once: CHUNK_ROWS x num_perm uint64 stays in cache
 EXAMPLES = 5
 _P = np.uint64(0x100000001B3)  # odd, so invertible modulo 2**64
 _M64 = (1 << 64) - 1
@@ -67,11 +66,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_POW: dict[int, np.ndarray] = {}  # base -> base**i mod 2**64, grown as batches need
+
+
 def _powers(base: int, n: int) -> np.ndarray:
-    """base**i mod 2**64 for i in [0, n)."""
-    out = np.full(n, base, dtype=np.uint64)
-    out[0] = 1
-    return np.cumprod(out, dtype=np.uint64)
+    """base**i mod 2**64 for i in [0, n) (a view of a cached table)."""
+    have = _POW.get(base)
+    if have is None or len(have) < n:
+        size = max(n, 2 * BATCH_BYTES)
+        out = np.full(size, base, dtype=np.uint64)
+        out[0] = 1
+        with np.errstate(over="ignore"):
+            have = _POW[base] = np.cumprod(out, dtype=np.uint64)
+    return have[:n]
 
 
 def shingles(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,30 +129,36 @@ def shingles(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
         return _mix(h[order]), o[order]
 
 
-def hash_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (odd multiplier, offset) of each hash function h(x) = (a x + b) >> 32."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
+def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint32 MinHash signatures of shape (len(texts), num_perm), mask of texts that have shingles).
 
-
-def signatures(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uint32 MinHash signatures of shape (len(texts), num_perm), mask of texts that have shingles)."""
+    One-permutation hashing: each shingle is hashed once; its low bits pick one of `num_perm` bins
+    and its high 32 bits compete for that bin's minimum. Bins no shingle fell into take the value of
+    the next filled bin to the right (circularly) plus a multiple of the distance ("rotation"
+    densification, Shrivastava and Li 2014), so two documents agree on a bin with probability close
+    to their Jaccard similarity, as with num_perm independent hash functions, at 1/num_perm the cost.
+    """
     h, owner = shingles(texts, ngram)
-    sig = np.full((len(texts), len(a)), 0xFFFFFFFF, dtype=np.uint32)
-    shift = np.uint64(32)
+    n, k = len(texts), num_perm
+    full = np.uint64(np.iinfo(np.uint64).max)
     with np.errstate(over="ignore"):
-        for lo in range(0, len(h), CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, len(h))
-            vals = ((h[lo:hi, None] * a[None, :] + b[None, :]) >> shift).astype(np.uint32)
-            own = owner[lo:hi]
-            seg = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
-            docs = own[seg]
-            sig[docs] = np.minimum(sig[docs], np.minimum.reduceat(vals, seg, axis=0))
-    has = np.zeros(len(texts), dtype=bool)
-    has[owner] = True
-    return sig, has
+        x = _mix(h ^ _mix(np.asarray([seed], dtype=np.uint64)))
+        cell = owner * k + ((x & np.uint64(0xFFFFFFFF)) % np.uint64(k)).astype(np.int64)
+        sig = np.full(n * k, full, dtype=np.uint64)
+        np.minimum.at(sig, cell, x >> np.uint64(32))
+        sig = sig.reshape(n, k)
+        empty = sig == full
+        has = ~empty.all(axis=1)
+        rows = np.flatnonzero(empty.any(axis=1) & has)
+        if len(rows):
+            e = empty[rows]
+            pos = np.arange(k)
+            idx = np.concatenate([np.where(e, 4 * k, pos), np.where(e, 4 * k, pos + k)], axis=1)
+            nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, :k]
+            src = sig[rows[:, None], nxt % k]
+            dense = src + (nxt - pos).astype(np.uint64) * np.uint64(0x9E3779B1)
+            sig[rows] = np.where(e, dense & np.uint64(0xFFFFFFFF), sig[rows])
+    return sig.astype(np.uint32), has
 
 
 def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
@@ -158,9 +171,9 @@ def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
         return _mix(x.sum(axis=2, dtype=np.uint64) + np.arange(bands, dtype=np.uint64))
 
 
-def _signature_job(job: tuple[list[str], int, np.ndarray, np.ndarray, int]) -> tuple:
-    texts, ngram, a, b, bands = job
-    sig, has = signatures(texts, ngram, a, b)
+def _signature_job(job: tuple[list[str], int, int, int, int]) -> tuple:
+    texts, ngram, num_perm, seed, bands = job
+    sig, has = signatures(texts, ngram, num_perm, seed)
     return sig, has, band_keys(sig, bands)
 
 
@@ -218,8 +231,7 @@ class Scan:
         if d.near_dedup:
             _validate(d.minhash)
         self.folder.mkdir(parents=True, exist_ok=True)
-        a, b = hash_params(d.minhash.num_perm, d.minhash.seed)
-        job = (d.minhash.ngram, a, b, d.minhash.bands)
+        job = (d.minhash.ngram, d.minhash.num_perm, d.minhash.seed, d.minhash.bands)
         pool = None
         if d.near_dedup and self.workers > 1:
             pool = mp.get_context("spawn").Pool(self.workers)
