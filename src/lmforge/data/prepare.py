@@ -43,7 +43,7 @@ BATCH_DOCS = 2048
 
 _TOK: HFTokenizer | None = None  # the worker process's tokenizer
 _ENC = None  # ... and its tiktoken twin, when prepare uses tiktoken
-CHECK_BYTES = 128 << 10  # text of the corpus's start encoded by both encoders before trusting tiktoken
+CHECK_BYTES = 32 << 10  # text of the corpus's start encoded by both encoders before trusting tiktoken
 
 
 def _init_worker(tokenizer_json: str, tiktoken: bool) -> None:
