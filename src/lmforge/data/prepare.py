@@ -1,12 +1,15 @@
 """`lmforge prepare`: documents -> token ids in parallel -> RUN/data/{train,val}/ shards + manifest.
 
 Documents are what `iter_documents` gives: a long text file is cut into documents of at most
-`data.max_doc_bytes`, so a corpus of one file still has a validation split. The main process reads
-them, drops exact duplicates and assigns each to train or val by a hash of its text (stable across
-reruns, machines and worker counts). Batches of documents go to a pool of worker processes that
-tokenize them; results come back in submission order and are streamed into shard files, so the
-output is byte-identical for any number of workers and the corpus is never held in memory. Each
-split folder is built under a temporary name and renamed into place.
+`data.max_doc_bytes`, so a corpus of one file still has a validation split. With dedup, near dedup
+or filters on, a scan (data/dedup.py, data/clean.py) first finds the documents to drop, on disk.
+The main process then reads the documents again, skips those, applies the filters' line rules and
+PII masking, and assigns each to train or val by a hash of its text (stable across reruns, machines
+and worker counts). Batches of documents go to a pool of worker processes that tokenize them (in
+tiktoken when data/fast_bpe.py proves it gives tokenizers' ids); results come back in submission
+order and are streamed into shard files, so the output is byte-identical for any number of workers
+and the corpus is never held in memory. Each split folder is built under a temporary name and
+renamed into place; dedup.json and filters.json go beside them.
 
 The manifest records, besides counts and the tokenizer's hash, `decoding`: every source file that
 was not clean UTF-8, with the encoding used and the bytes replaced, so a user can audit it.
