@@ -5,13 +5,13 @@ writes, into a scratch folder on disk, never into one in-memory set:
 
 - exact dedup: (16-byte text hash, number) records into 64 partition files by the hash's top bits;
   each partition is sorted on its own, and every document whose hash an earlier one has is dropped;
-- near dedup (`data.near_dedup`): a MinHash signature per document (`data.minhash.num_perm` hashes
-  over word `ngram`-shingles, computed in worker processes with numpy), appended to a signature
-  file, and one LSH key per band (`bands` bands of num_perm / bands rows) into per-band partition
-  files. Documents that share a band key are candidates; a candidate pair whose signatures agree
-  on at least `threshold` of their hashes (the estimated Jaccard similarity) is a duplicate pair.
-  Pairs are joined into clusters (union-find); each cluster keeps its first document in corpus
-  order and drops the rest.
+- near dedup (`data.near_dedup`): a MinHash signature per document (`data.minhash.num_perm` values
+  over word `ngram`-shingles by one-permutation hashing, computed in worker processes with numpy),
+  appended to a signature file, and one LSH key per band (`bands` bands of num_perm / bands rows)
+  into per-band partition files. Documents that share a band key are candidates; a candidate pair
+  whose signatures agree on at least `threshold` of their values (the estimated Jaccard
+  similarity) is a duplicate pair. Pairs are joined into clusters (union-find); each cluster keeps
+  its first document in corpus order and drops the rest.
 
 Memory holds one partition at a time, the candidate pairs, and the sorted numbers of the dropped
 documents, which the tokenizing pass walks with a cursor. Everything depends only on the text and
@@ -23,9 +23,9 @@ of two-byte UTF-8 (accented Latin, Cyrillic, Greek) inside words, and each chara
 bytes (CJK) starting a word of its own, so Chinese is shingled by characters. A document with fewer
 words than `ngram` is one shingle of all its words.
 
-Why numpy and not `datasketch`: datasketch hashes each shingle with SHA-1 in a Python loop and
-builds a MinHash object per document; on the benchmark corpus it is over 10x slower than this
-vectorised version (bench/prepare.py --datasketch measures both on the same documents).
+Why numpy and not `datasketch`: datasketch hashes every shingle with SHA-1 in a Python loop and
+applies num_perm hash functions to each; one-permutation hashing over numpy arrays hashes each
+shingle once. bench/prepare.py times both on the same documents (`minhash_numpy_vs_datasketch`).
 """
 
 from __future__ import annotations
@@ -392,13 +392,15 @@ class _Skipper:
 
     def __init__(self, scan: Scan):
         self.scan, self.i, self.n = scan, 0, 0
-        self.want = {e[k]: (e, k) for e in scan.examples for k in ("kept", "dropped")}
+        self.want: dict[int, list[tuple[dict, str]]] = {}
+        for e in scan.examples:
+            for k in ("kept", "dropped"):
+                self.want.setdefault(e[k], []).append((e, k))
 
     def drops(self, doc: Document) -> bool:
         n, drop = self.n, self.scan.drop
         self.n += 1
-        if n in self.want:
-            e, k = self.want[n]
+        for e, k in self.want.get(n, ()):
             e[f"{k}_source"] = f"{doc.source}:{doc.line}"
             e[f"{k}_text"] = doc.text[:300]
         while self.i < len(drop) and drop[self.i] < n:

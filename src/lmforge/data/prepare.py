@@ -1,8 +1,8 @@
 """`lmforge prepare`: documents -> token ids in parallel -> RUN/data/{train,val}/ shards + manifest.
 
 Documents are what `iter_documents` gives: a long text file is cut into documents of at most
-`data.max_doc_bytes`, so a corpus of one file still has a validation split. With dedup, near dedup
-or filters on, a scan (data/dedup.py, data/clean.py) first finds the documents to drop, on disk.
+`data.max_doc_bytes`, so a corpus of one file still has a validation split. With dedup (the default)
+or near dedup on, a scan (data/dedup.py) first finds the documents to drop, on disk, filters included.
 The main process then reads the documents again, skips those, applies the filters' line rules and
 PII masking, and assigns each to train or val by a hash of its text (stable across reruns, machines
 and worker counts). Batches of documents go to a pool of worker processes that tokenize them (in
