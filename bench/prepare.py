@@ -77,6 +77,22 @@ def peer_ids(hf_json: str, texts: list[str]) -> tuple[float, np.ndarray]:
     return dt, warm, np.concatenate([np.asarray(e.ids + [0], dtype=np.int64) for e in enc])
 
 
+def peer_one_thread(hf_json: str, texts: list[str]) -> float:
+    """encode_batch_fast on one thread (fresh tokenizer): the peer of one prepare worker."""
+    hf = HFTokenizer.from_str(hf_json)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        t0 = time.perf_counter()
+        hf.encode_batch_fast(texts, add_special_tokens=False)
+        return time.perf_counter() - t0
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def datasketch_seconds(texts: list[str], ngram: int, num_perm: int) -> dict:
     """datasketch's MinHash against lmforge's numpy signatures on the same documents and shingle size."""
     out = {}
@@ -140,7 +156,7 @@ def main() -> None:
 
         runs = {f"workers_{w}": [] for w in worker_counts}
         runs["near_dedup"] = []
-        batch, warm, same, encoder = [], [], True, ""
+        batch, warm, single, same, encoder = [], [], [], True, ""
         top = max(worker_counts)
         for _ in range(args.repeats):  # interleaved, so load on the shared machine hits all alike
             for w in worker_counts:
@@ -158,6 +174,7 @@ def main() -> None:
             dt, dt_warm, theirs = peer_ids(hf_json, texts)
             batch.append(dt)
             warm.append(dt_warm)
+            single.append(peer_one_thread(hf_json, texts))
             same = same and np.array_equal(ours, theirs)
         sketch = datasketch_seconds(_first_mb(texts, args.datasketch_mb), cfg.data.minhash.ngram,
                                     cfg.data.minhash.num_perm)
@@ -174,6 +191,9 @@ def main() -> None:
         "token_ids_identical": bool(same),
         "tokenizers_encode_batch_fast": {"threads": os.cpu_count(), "mb_per_s": spread([mb / s for s in batch]),
                                          "seconds": [round(s, 2) for s in batch]},
+        "tokenizers_encode_batch_fast_1_thread": {"mb_per_s": spread([mb / s for s in single]),
+                                                  "seconds": [round(s, 2) for s in single],
+                                                  "ratio_prepare_workers_1": None},
         "tokenizers_encode_batch_fast_warm": {"threads": os.cpu_count(), "mb_per_s": spread([mb / s for s in warm]),
                                               "seconds": [round(s, 2) for s in warm]},
         "near_dedup": {"workers": top, "near_duplicates_dropped": near.get("near_duplicates_dropped"),
@@ -192,6 +212,10 @@ def main() -> None:
         result[f"prepare_workers_{w}"] = {"mb_per_s": spread([mb / s for s in t]), "seconds": [round(s, 2) for s in t],
                                           "ratio_vs_encode_batch_fast": round(peer / statistics.median(t), 3),
                                           "ratio_vs_encode_batch_fast_warm": round(peer_warm / statistics.median(t), 3)}
+    if "workers_1" in runs:
+        result["tokenizers_encode_batch_fast_1_thread"]["ratio_prepare_workers_1"] = round(
+            statistics.median(single) / statistics.median(runs["workers_1"]), 3)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
 
 

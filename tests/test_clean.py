@@ -12,7 +12,7 @@ from test_data import make_cfg, tok_run, write_jsonl  # noqa: F401  (tok_run is 
 from tokenizers import Regex, normalizers, pre_tokenizers
 
 from lmforge.config import FilterConfig
-from lmforge.data import fast_bpe
+from lmforge.data import dedup, fast_bpe
 from lmforge.data.clean import Cleaner, top_ngram_fraction, words
 from lmforge.data.dedup import signatures
 from lmforge.data.prepare import encode_docs, prepare
@@ -62,7 +62,9 @@ def test_signatures_estimate_jaccard_and_handle_cjk():
     assert words("中文text 和 code_1") == ["中", "文", "text", "和", "code_1"]
 
 
-def test_near_dedup_removes_planted_keeps_distinct_and_is_deterministic(tok_run, tmp_path):  # noqa: F811
+def test_near_dedup_removes_planted_keeps_distinct_and_is_deterministic(tok_run, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(dedup, "POOL_MIN_WORKERS", 2)  # workers=2: signatures in a pool, workers=1: inline
+    monkeypatch.setattr(dedup, "BATCH_BYTES", 4096)  # many batches, so their order across the pool matters
     src, groups, planted = _corpus(tmp_path)
     outs = []
     for workers in (1, 2):

@@ -47,6 +47,8 @@ EXACT_PARTS = 64
 BAND_PARTS = 16
 BATCH_BYTES = 1 << 20
 EXAMPLES = 5
+POOL_MIN_WORKERS = 4  # below this many workers the scan computes signatures in the reading process
+FLUSH_BYTES = 8 << 20  # records buffered per partition set before they are appended to the files
 _P = np.uint64(0x100000001B3)  # odd, so invertible modulo 2**64
 _M64 = (1 << 64) - 1
 
@@ -182,11 +184,24 @@ class _Parts:
 
     def __init__(self, folder: Path, name: str, parts: int, dtype: np.dtype):
         self.folder, self.name, self.parts, self.dtype = folder, name, parts, dtype
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_bytes = 0
 
     def path(self, p: int) -> Path:
         return self.folder / f"{self.name}-{p:03d}.bin"
 
     def add(self, part: np.ndarray, records: np.ndarray) -> None:
+        self.pending.append((part, records))
+        self.pending_bytes += records.nbytes
+        if self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        part = np.concatenate([p for p, _ in self.pending])
+        records = np.concatenate([r for _, r in self.pending])
+        self.pending, self.pending_bytes = [], 0
         order = np.argsort(part, kind="stable")
         part, records = part[order], records[order]
         bounds = np.searchsorted(part, np.arange(self.parts + 1))
@@ -196,6 +211,7 @@ class _Parts:
                     f.write(records[bounds[p]:bounds[p + 1]].tobytes())
 
     def read(self, p: int) -> np.ndarray:
+        self.flush()
         f = self.path(p)
         return np.fromfile(f, dtype=self.dtype) if f.exists() else np.zeros(0, dtype=self.dtype)
 
@@ -232,9 +248,9 @@ class Scan:
             _validate(d.minhash)
         self.folder.mkdir(parents=True, exist_ok=True)
         job = (d.minhash.ngram, d.minhash.num_perm, d.minhash.seed, d.minhash.bands)
-        pool = None
-        if d.near_dedup and self.workers > 1:
-            pool = mp.get_context("spawn").Pool(self.workers)
+        pool = None  # signatures cost about a quarter of reading: a pool pays only with cores to spare
+        if d.near_dedup and self.workers >= POOL_MIN_WORKERS:
+            pool = mp.get_context("spawn").Pool(self.workers - 1)
         try:
             inflight: deque = deque()
             for texts, ordinals in self._batches(stats):
