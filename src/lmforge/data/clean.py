@@ -56,7 +56,11 @@ def words(text: str) -> list[str]:
 
 
 def _is_code(source: str) -> bool:
-    return Path(source).suffix.lower() not in PROSE_EXTS and not source.endswith((".gz", ".zst", ".zstd"))
+    """A document from a file whose extension (under .gz/.zst) is not prose or records: code."""
+    p = Path(source)
+    if p.suffix.lower() in (".gz", ".zst", ".zstd"):
+        p = p.with_suffix("")
+    return p.suffix.lower() not in PROSE_EXTS
 
 
 class _Tally:
