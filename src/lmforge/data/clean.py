@@ -44,10 +44,12 @@ TERMINAL = tuple(".!?\"'”’)」』。！？…")
 BULLETS = ("•", "●", "○", "▪", "◦", "‣", "⁃", "*", "-", "–", "—", "·")
 ELLIPSES = ("...", "…")
 _PARA = re.compile(r"\n\s*\n")
-EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
-IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
-IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
-                  r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}(?![\w:])")
+# Each pattern starts only where a run begins (the lookbehinds), so a scan is linear in the text.
+EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+IPV4 = re.compile(rf"(?<![\d.])(?=\d{{1,3}}\.\d)(?:{_OCTET}\.){{3}}{_OCTET}(?![\d.])")
+IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f]{1,4}:[0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
+                  r"|(?<![\w:])(?=[0-9A-Fa-f]{1,4}:[0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}(?![\w:])")
 
 
 def words(text: str) -> list[str]:
@@ -198,7 +200,10 @@ class Cleaner:
         return False
 
     def _mask(self, text: str) -> str:
-        for name, rx, repl in (("email", EMAIL, "<EMAIL>"), ("ipv4", IPV4, "<IP>"), ("ipv6", IPV6, "<IP>")):
+        for name, rx, repl, mark in (("email", EMAIL, "<EMAIL>", "@"), ("ipv4", IPV4, "<IP>", "."),
+                                     ("ipv6", IPV6, "<IP>", ":")):
+            if mark not in text:
+                continue
             text, n = rx.subn(repl, text)
             self.pii_counts[name] += n
         return text
