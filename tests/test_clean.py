@@ -165,9 +165,10 @@ def test_min_chars_and_pii():
     assert r["pii"] == {"email": 1, "ipv4": 1, "ipv6": 1}
 
 
-def test_filters_report_beside_manifest(tok_run, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("dedup", [True, False])  # filters inside the scan, or in the tokenizing pass
+def test_filters_report_beside_manifest(tok_run, tmp_path, dedup):  # noqa: F811
     src = write_jsonl(tmp_path / "f.jsonl", FILTER_DOCS)
-    cfg = make_cfg(tok_run, tmp_path, [src], val_fraction=0.0)
+    cfg = make_cfg(tok_run, tmp_path, [src], val_fraction=0.0, dedup=dedup)
     cfg.data.filters.lines = True
     summary = prepare(cfg)
     rep = json.loads((tmp_path / "run" / "data" / "filters.json").read_text())
@@ -213,3 +214,19 @@ def test_prepare_refuses_tiktoken_when_not_convertible(tok_run, tmp_path):  # no
     with pytest.raises(LmforgeError, match="data.encoder=tiktoken, but not convertible"):
         prepare(make_cfg(tok_run, tmp_path, [src], encoder="tiktoken"))
     assert prepare(make_cfg(tok_run, tmp_path, [src], encoder="auto"))["encoder"] == "tokenizers"
+
+
+def test_tiktoken_gpt2_style_byte_level_regex():
+    """A tokenizer that splits with ByteLevel's own (GPT-2) regex converts too, ids equal on the probe."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, min_frequency=1, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([fast_bpe.PROBE * 3, " ".join(VOCAB) * 20, HAN * 20], trainer)
+    enc, choice = fast_bpe.convert(tok)
+    assert choice.name == "tiktoken", choice.reason
+    assert fast_bpe.same_ids(enc, tok, [fast_bpe.PROBE, "  hello   world\n\n", "don't 中文 😀 x=1"]) is None
