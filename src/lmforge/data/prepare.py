@@ -49,7 +49,7 @@ _ENC = None  # ... and its tiktoken twin, when prepare uses tiktoken
 CHECK_BYTES = 32 << 10  # text of the corpus's start encoded by both encoders before trusting tiktoken
 
 
-def _init_worker(tokenizer_json: str, tiktoken: bool) -> None:
+def _init_worker(tokenizer_json: str, tiktoken: bool = False) -> None:
     """Each worker tokenizes on one thread; the pool is the parallelism (no oversubscription)."""
     global _TOK, _ENC
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
