@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.config import Config
+from lmforge.config import Config, DataConfig
 from lmforge.console import log, progress
 from lmforge.data import fast_bpe
 from lmforge.data.clean import Cleaner
@@ -191,7 +191,7 @@ def _clear(d: Path) -> None:
         f.unlink()
 
 
-def choose_encoder(tok: HFTokenizer, d) -> tuple[object | None, fast_bpe.Choice]:
+def choose_encoder(tok: HFTokenizer, d: DataConfig) -> tuple[object | None, fast_bpe.Choice]:
     """tiktoken when `data.encoder` allows it and it gives tokenizers' ids, on the probe and on the
     corpus's first `CHECK_BYTES`; else tokenizers. `data.encoder=tiktoken` makes a refusal an error."""
     if d.encoder == "tokenizers":
