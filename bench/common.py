@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -83,3 +84,29 @@ def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
     if missing or unexpected:
         raise RuntimeError(f"transformers twin does not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return twin
+
+
+def prepare_shared(work: Path, corpus: list[str], recipe: str | None = None,
+                   overrides: list[str] | None = None) -> Path:
+    """Tokenizer + prepared shards once, in WORK/shared (reused when present), for runs that compare models."""
+    from lmforge.config import load_config
+    from lmforge.stages import run_prepare, run_tokenizer
+
+    shared = work / "shared"
+    cfg = load_config(recipe, [f"run_dir={shared}", *(overrides or [])])
+    cfg.data.sources = corpus
+    if not (shared / "tokenizer" / "tokenizer.json").is_file():
+        run_tokenizer(cfg)
+    if not (shared / "data" / "train" / "manifest.json").is_file():
+        run_prepare(cfg)
+    return shared
+
+
+def run_dir_on(shared: Path, run: Path) -> Path:
+    """A run directory that reads the shared tokenizer and shards (symlinked), with no metrics of an earlier run."""
+    run.mkdir(parents=True, exist_ok=True)
+    for sub in ("tokenizer", "data"):
+        if not (run / sub).exists():
+            (run / sub).symlink_to(shared / sub, target_is_directory=True)
+    (run / "metrics.jsonl").unlink(missing_ok=True)
+    return run

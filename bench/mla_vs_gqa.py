@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import log, machine
+from common import log, machine, prepare_shared, run_dir_on
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,31 +51,11 @@ def model_keys(a: argparse.Namespace) -> dict[str, list[str]]:
     return {"mla": mla, "gqa": gqa}
 
 
-def prepare(work: Path, corpus: list[str]) -> Path:
-    from lmforge.config import load_config
-    from lmforge.stages import run_prepare, run_tokenizer
-
-    shared = work / "shared"
-    cfg = load_config(overrides=[f"run_dir={shared}", "tokenizer.vocab_size=4096", "tokenizer.max_train_bytes=2000000",
-                                 "data.val_fraction=0.05"])
-    cfg.data.sources = corpus
-    if not (shared / "tokenizer" / "tokenizer.json").is_file():
-        run_tokenizer(cfg)
-    if not (shared / "data" / "train" / "manifest.json").is_file():
-        run_prepare(cfg)
-    return shared
-
-
 def train(name: str, keys: list[str], a: argparse.Namespace, seed: int, shared: Path, work: Path) -> dict:
     from lmforge.checkpoint import load_model
     from lmforge.model.mla import kv_cache_bytes_per_token
 
-    run = work / f"{name}-seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    for sub in ("tokenizer", "data"):
-        if not (run / sub).exists():
-            (run / sub).symlink_to(shared / sub, target_is_directory=True)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
+    run = run_dir_on(shared, work / f"{name}-seed{seed}")
     cmd = [sys.executable, "-m", "lmforge", "pretrain", f"run_dir={run}", f"seed={seed}", *keys,
            f"train.max_steps={a.steps}", f"train.seq_len={a.seq_len}", "train.micro_batch=8", "train.lr=3e-3",
            "train.warmup_steps=20", f"train.eval_every={a.steps}", "train.eval_batches=20",
@@ -110,7 +90,8 @@ def main() -> None:
 
     corpus = [a.corpus] if a.corpus else [str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")]
     work = Path(a.work or tempfile.mkdtemp(prefix="mla-vs-gqa-"))
-    shared = prepare(work, corpus)
+    shared = prepare_shared(work, corpus, overrides=["tokenizer.vocab_size=4096", "tokenizer.max_train_bytes=2000000",
+                                                     "data.val_fraction=0.05"])
     keys = model_keys(a)
     import torch
 

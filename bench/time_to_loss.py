@@ -30,35 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import log, spread
+from common import log, prepare_shared, run_dir_on, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def prepare_shared(recipe: str, corpus: list[str], work: Path) -> Path:
-    """Tokenizer + prepared shards once, in WORK/shared (reused when present)."""
-    from lmforge.config import load_config
-    from lmforge.stages import run_prepare, run_tokenizer
-
-    shared = work / "shared"
-    cfg = load_config(recipe, [f"run_dir={shared}"])
-    cfg.data.sources = corpus
-    if not (shared / "tokenizer" / "tokenizer.json").is_file():
-        run_tokenizer(cfg)
-    if not (shared / "data" / "train" / "manifest.json").is_file():
-        run_prepare(cfg)
-    return shared
-
-
 def launch(name: str, recipe: str, sets: list[str], seed: int, minutes: float, shared: Path, work: Path,
            threads: int) -> tuple[subprocess.Popen, Path, float]:
-    run = work / f"{name}-seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    for sub in ("tokenizer", "data"):
-        link = run / sub
-        if not link.exists():
-            link.symlink_to(shared / sub, target_is_directory=True)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
+    run = run_dir_on(shared, work / f"{name}-seed{seed}")
     cmd = [sys.executable, "-m", "lmforge", "pretrain", recipe, f"run_dir={run}", f"seed={seed}",
            f"train.max_minutes={minutes}", "train.resume=none", "train.save_every=0", "train.progress=false",
            *sets]
@@ -114,7 +93,7 @@ def main() -> None:
     corpus = args.corpus or [default_corpus()]
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-ttl-"))
     t_prep = time.perf_counter()
-    shared = prepare_shared(args.recipe, corpus, work)
+    shared = prepare_shared(work, corpus, args.recipe)
     prep_s = time.perf_counter() - t_prep
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     seeds = [int(s) for s in args.seeds.split(",") if s]

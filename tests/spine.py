@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +27,9 @@ CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "json/__init__.py", "textw
 # A model small enough that a step takes milliseconds on one CPU core.
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=64",
         "train.seq_len=32", "train.micro_batch=4", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_every=0",
-        "train.log_every=1", "train.progress=false", "train.keep_last=5"]
+        "train.log_every=1", "train.progress=false", "train.keep_last=5",
+        # Pinned: `auto` measures bf16 against fp32 on this CPU, and pinned losses must not depend on the machine.
+        "train.precision=fp32"]
 
 
 # Each family variant of the decoder the parallel plans cover, as overrides of one tiny model (the
@@ -155,3 +158,38 @@ def lmforge_batch(jobs: dict[str, list[str]], torchrun: int = 0, timeout: int = 
         text, _, rc = body.rpartition("@@@ rc ")
         out[label] = (int(rc.split()[0]), text) if rc else (-1, body)
     return {label: out.get(label, (-1, err[-3000:])) for label in jobs}
+
+
+def losses(run: Path) -> dict[int, float]:
+    """{step: training loss} from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold bit-identical weights."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].equal(wb[k]), f"{k} differs between {a} and {b}"
+
+
+def assert_resume_exact(base_run: Path, root: Path, args: list[str], kill_after: int, last: int) -> tuple[Path, Path]:
+    """`lmforge pretrain *args` straight, and SIGKILLed right after step `kill_after` then resumed, end equal.
+
+    Equal means the same loss at every step and bit-identical weights at step `last`. The killed run
+    needs a process of its own; the straight run and the resume share one launch. Returns both runs.
+    """
+    straight, killed = copy_run(base_run, root / "straight"), copy_run(base_run, root / "killed")
+    r = lmforge("pretrain", f"run_dir={killed}", *args, env={"LMFORGE_FAULT": f"step:{kill_after}"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    done = lmforge_batch({"straight": ["pretrain", f"run_dir={straight}", *args],
+                          "resumed": ["pretrain", f"run_dir={killed}", *args]})
+    assert done["straight"][0] == 0, done["straight"][1][-3000:]
+    assert done["resumed"][0] == 0 and "resumed" in done["resumed"][1], done["resumed"][1][-3000:]
+    step = f"step_{last:06d}"
+    assert_same_weights(straight / "checkpoints" / step, killed / "checkpoints" / step)
+    assert losses(straight) == losses(killed)
+    return straight, killed

@@ -69,3 +69,22 @@ def test_a_remembered_layout_is_kept_fitted_or_replaced_whole(tmp_path, monkeypa
     assert (fallback.pp, fallback.dp_shard, fallback.pp_schedule) == (1, -1, "1f1b")
     given = config_from_args([f"run_dir={run}", "parallel.pp=2"]).parallel
     assert (given.pp, given.dp_shard, given.pp_schedule) == (2, -1, "1f1b")
+
+
+def test_a_preset_given_to_a_remembered_run_replaces_its_model(tmp_path, capsys):
+    """The remembered lmforge.yaml holds every resolved model key, and explicit keys win over a preset: without
+    replacing the section, `model.preset=small` on a tiny run kept the tiny model and said nothing."""
+    from lmforge.cli import config_from_args
+    from lmforge.model.presets import preset_values
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lmforge.yaml").write_text("model:\n  preset: tiny\n  n_layer: 2\n  n_embd: 64\n  n_head: 4\n"
+                                      "train:\n  lr: 0.01\n")
+    small = preset_values("small")
+    cfg = config_from_args([f"run_dir={run}", "model.preset=small", "model.dropout=0.1"])
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (small["n_layer"], small["n_embd"]) != (2, 64)
+    assert cfg.model.dropout == 0.1 and cfg.train.lr == 0.01  # keys given win; other sections stay remembered
+    assert "remembers another model" in capsys.readouterr().err
+    kept = config_from_args([f"run_dir={run}", "model.dropout=0.1"]).model
+    assert (kept.n_layer, kept.n_embd) == (2, 64)

@@ -320,3 +320,26 @@ def test_chat_command_over_piped_stdin(tmp_path):
     fresh = ChatSession(model, tok, params, system="Be brief.")
     fresh.send("你好?")
     assert fresh.messages[-1]["content"] != r2 or r1 == ""  # r2 really depended on the history
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(attention="mla", n_kv_head=0, kv_lora_rank=24, qk_rope_head_dim=8,
+                                                  qk_nope_head_dim=16, v_head_dim=16), dict(sliding_window=4)],
+                         ids=["dense", "mla", "window"])
+def test_repeats_share_one_prefill_and_sample_as_the_repeated_list(variant):
+    """GRPO's group: each prompt prefilled once, its cache copied G times, the same seeded samples as
+    listing the prompt G times (the generator is drawn in the same order, over the same rows)."""
+    model = make_model(300, **variant)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.2)
+    prompts = PROMPTS[:3]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    shared = generate_samples(model, prompts, params, generator=torch.Generator().manual_seed(5), repeats=4,
+                              logprobs=True)
+    assert calls[0] == (3, max(len(p) for p in prompts))  # the prefill ran once per prompt, not per sample
+    hook.remove()
+    listed = generate_samples(model, [p for p in prompts for _ in range(4)], params,
+                              generator=torch.Generator().manual_seed(5), logprobs=True)
+    assert [s.tokens for s in shared] == [s.tokens for s in listed]
+    assert len({tuple(s.tokens) for s in shared[:4]}) > 1  # a group's samples differ: it really sampled
+    for a, b in zip(shared, listed):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

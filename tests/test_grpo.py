@@ -92,13 +92,15 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
     runs = [run_grpo(grpo_config(tmp_path, base, data, name, *extra)) for name in ("a", "b")]
     rows = [[json.loads(line) for line in (tmp_path / n / "grpo" / "metrics.jsonl").read_text().splitlines()]
             for n in ("a", "b")]
-    timing = ("time", "tokens_per_s", "generated_tokens_per_s", "mfu", "mfu_peak_flops", "memory_gb", "eta_s")
+    timing = ("time", "tokens_per_s", "generated_tokens_per_s", "mfu", "mfu_peak_flops", "memory_gb", "eta_s",
+              "rollout_tokens_per_s")
     strip = [[{k: v for k, v in r.items() if k not in timing} for r in rs] for rs in rows]
     assert strip[0] == strip[1]  # same seed: same rollouts, same updates
     first = rows[0][0]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "clip_ratio", "kl",
                 "truncated", "reward/exact_match", "reward/format"):
         assert key in first, key
+    assert first["rollout_tokens_per_s"] > 0
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert first["clip_ratio"] == 0.0  # first use of a rollout batch: ratio 1
     assert first["truncated"] == 1.0  # an untrained model never stops within 6 tokens...

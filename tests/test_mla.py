@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import pytest
 import torch
 from infer_helpers import one_thread  # noqa: F401 (fixture)
-from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, lmforge_batch, prepared_run
+from spine import TINY, assert_resume_exact, copy_run, lmforge, lmforge_batch, losses, prepared_run
 from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from lmforge.checkpoint import latest_checkpoint, load_model, save_checkpoint
@@ -258,11 +256,6 @@ def base_run(tmp_path_factory):
     return prepared_run(tmp_path_factory.mktemp("spine"))
 
 
-def losses(run) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_pretrain_mla_tiny_loss_falls_and_matches_golden(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "r")
     r = lmforge("pretrain", f"run_dir={run}", *MLA_TINY, "train.max_steps=60", "train.save_every=60")
@@ -276,18 +269,7 @@ def test_pretrain_mla_tiny_loss_falls_and_matches_golden(base_run, tmp_path):
 
 
 def test_kill_and_resume_is_bit_exact(base_run, tmp_path):
-    common = [*MLA_TINY, "train.max_steps=16", "train.save_every=8"]
-    straight = copy_run(base_run, tmp_path / "straight")
-    assert lmforge("pretrain", f"run_dir={straight}", *common).returncode == 0
-    killed = copy_run(base_run, tmp_path / "killed")
-    r = lmforge("pretrain", f"run_dir={killed}", *common, env={"LMFORGE_FAULT": "step:11"})
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-    r = lmforge("pretrain", f"run_dir={killed}", *common)
-    assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
-    a = load_file(straight / "checkpoints" / "step_000016" / "model.safetensors")
-    b = load_file(killed / "checkpoints" / "step_000016" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(straight) == losses(killed)
+    assert_resume_exact(base_run, tmp_path, [*MLA_TINY, "train.max_steps=16", "train.save_every=8"], 11, 16)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -4,15 +4,14 @@ training from the CLI falls and resumes bit for bit, and aux-free balancing even
 from __future__ import annotations
 
 import json
-import signal
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 from infer_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
-from spine import TINY, copy_run, lmforge, prepared_run
-from test_pretrain import assert_same_weights, metrics
+from spine import TINY, assert_resume_exact, copy_run, prepared_run
+from test_pretrain import metrics
 
 from lmforge.checkpoint import load_model, read_model_config
 from lmforge.config import ConfigError, ModelConfig, MoEConfig, load_config
@@ -183,26 +182,15 @@ GOLDEN = [6.226090908050537, 6.260886192321777, 6.284327983856201, 6.24819040298
 def test_cli_training_falls_logs_load_and_resumes_bit_exact(base_run, tmp_path):
     common = [*TINY, *MOE, "model.moe.balance=aux_free", "model.moe.bias_update_rate=0.01", "model.moe.z_loss=1e-3",
               "train.max_steps=24", "train.save_every=8"]
-    straight = copy_run(base_run, tmp_path / "straight")
-    r = lmforge("pretrain", f"run_dir={straight}", *common)
-    assert r.returncode == 0, r.stderr
+    straight, killed = assert_resume_exact(base_run, tmp_path, common, 13, 24)
     rows = [m for m in metrics(straight) if "loss" in m]
     losses = [m["loss"] for m in rows]
     assert sum(losses[-4:]) / 4 < losses[0] - 0.5, losses
     assert losses[:10] == pytest.approx(GOLDEN, abs=1e-4)
     assert "moe_imbalance_max" in rows[-1] and len(rows[-1]["moe_tokens_per_expert"]) == 2
     assert sum(rows[-1]["moe_tokens_per_expert"][0]) == 4 * 32 * 2  # every token in two experts, one step a row
-
-    killed = copy_run(base_run, tmp_path / "killed")
-    r = lmforge("pretrain", f"run_dir={killed}", *common, env={"LMFORGE_FAULT": "step:13"})
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-    r = lmforge("pretrain", f"run_dir={killed}", *common)
-    assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
-    assert_same_weights(straight / "checkpoints" / "step_000024", killed / "checkpoints" / "step_000024")
     bias = load_model(killed / "checkpoints" / "step_000024").state_dict()
     assert bias["model.layers.0.mlp.gate.e_score_correction_bias"].abs().sum() > 0  # it moved, and was saved
-    assert {m["step"]: m["loss"] for m in metrics(straight) if "loss" in m} == \
-        {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
 
 
 def test_gguf_and_model_parallel_refuse_experts(tmp_path):
@@ -255,3 +243,20 @@ def test_model_info_shows_total_and_active_parameters(capsys):
     dense = Transformer(load_config(overrides=["model.preset=moe-tiny", "model.vocab_size=256"]).model)
     per_expert = 3 * 64 * 96  # gate, up and down of one 96-wide expert
     assert dense.num_params() - dense.num_params(active=True) == 2 * (8 - 2) * per_expert
+
+
+def test_lora_default_adapts_what_is_linear_and_names_the_experts_it_leaves(tmp_path, capsys):
+    """The default targets name the MLP projections, which an MoE layer holds as stacked 3-D experts: the
+    default adapts attention and the dense first layer, and says so; named explicitly, experts are refused."""
+    from lmforge.config import LoRAConfig
+    from lmforge.train.lora import apply_lora
+
+    wrapped = apply_lora(tiny(experts=4, top_k=2, first_dense_layers=1), LoRAConfig(enabled=True, r=4), tmp_path)
+    adapted = {n.split(".lora_A")[0] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert any(".layers.0.mlp.gate_proj" in n for n in adapted)  # the dense layer's MLP
+    assert not any(".layers.1.mlp." in n for n in adapted) and any(".layers.1.self_attn.q_proj" in n for n in adapted)
+    assert "mixture-of-experts MLPs hold their experts as stacked weights" not in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="gate_proj"):
+        apply_lora(tiny(experts=4, top_k=2), LoRAConfig(enabled=True, r=4, target_modules=["gate_proj"]), tmp_path)
+    apply_lora(tiny(experts=4, top_k=2), LoRAConfig(enabled=True, r=4), tmp_path)
+    assert "mixture-of-experts MLPs hold their experts as stacked weights" in capsys.readouterr().err

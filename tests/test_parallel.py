@@ -65,15 +65,15 @@ LAYOUTS = {
 }
 
 
-def _pretrain(run: Path, extra: list[str]) -> list[str]:
-    return ["pretrain", f"run_dir={run}", *COMMON, *extra]
+def _pretrain(run: Path, extra: list[str], save_every: int = 5) -> list[str]:
+    return ["pretrain", f"run_dir={run}", *COMMON, f"train.save_every={save_every}", *extra]
 
 
 @pytest.fixture(scope="module")
 def single(base_run, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("single")
     runs = {name: copy_run(base_run, root / name) for name in REFS}
-    for name, (rc, err) in lmforge_batch({n: _pretrain(runs[n], REFS[n]) for n in REFS}).items():
+    for name, (rc, err) in lmforge_batch({n: _pretrain(runs[n], REFS[n], STEPS) for n in REFS}).items():
         assert rc == 0, err[-3000:]
         (runs[name] / "stderr.log").write_text(err)  # the sample drawn at the end is printed there
     return runs
@@ -86,7 +86,8 @@ def layouts(base_run, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     out = {}
     for procs, jobs in LAYOUTS.items():
         runs = {name: copy_run(base_run, root / name) for name in jobs}
-        done = lmforge_batch({n: _pretrain(runs[n], jobs[n]) for n in jobs}, torchrun=procs)
+        # Compared at the last step only: one save a run (a sharded save is most of a tiny run's time).
+        done = lmforge_batch({n: _pretrain(runs[n], jobs[n], STEPS) for n in jobs}, torchrun=procs)
         out.update({n: (runs[n], *done[n]) for n in jobs})
     return out
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from spine import TINY, copy_run, lmforge, prepared_run
+from spine import TINY, assert_same_weights, copy_run, lmforge, prepared_run
 
 from lmforge.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from lmforge.quickstart import unigram_loss
@@ -27,13 +27,6 @@ def metrics(run: Path) -> list[dict]:
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(ckpt / "model.safetensors")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
 
 
 def test_loss_falls_and_eval_reports(base_run, tmp_path):

@@ -110,6 +110,51 @@ def test_bf16_on_cpu_trains_close_to_fp32(base_run, fp32, tmp_path):
     assert out[-1] < out[0] - 0.3
 
 
+def test_auto_precision_follows_the_measurement(monkeypatch, capsys):
+    """`auto` on a CPU is bf16 autocast exactly when the measured bf16 product is faster (both branches forced)."""
+    from lmforge.train import loop
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "bf16_speedup", lambda *shape: 3.0)
+    assert loop.autocast_dtype("auto", cpu, (128, 64, 192)) is torch.bfloat16
+    monkeypatch.setattr(loop, "bf16_speedup", lambda *shape: 0.2)  # emulated bf16: five times slower
+    assert loop.autocast_dtype("auto", cpu, (128, 64, 192)) is None
+    assert "0.20x as fast in bf16 as in fp32 on this CPU, so training uses fp32" in capsys.readouterr().err
+    assert loop.autocast_dtype("bf16", cpu) is torch.bfloat16 and loop.autocast_dtype("fp32", cpu) is None
+    from lmforge.train.mfu import bf16_speedup
+
+    assert bf16_speedup(64, 64, 64) > 0  # the real probe runs
+
+
+def test_auto_bf16_resumes_bit_exactly_in_the_precision_it_chose(base_run, fp32, tmp_path, monkeypatch):
+    """A run whose measurement chose bf16 resumes in bf16 even when the machine now measures otherwise."""
+    from safetensors.torch import load_file
+
+    from lmforge.stages import run_pretrain
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "bf16_speedup", lambda *shape: 3.0)
+    straight = tmp_path / "straight"
+    out = train_losses(base_run, straight, "train.precision=auto", "train.save_every=5")
+    assert out != fp32 and out == pytest.approx(fp32, abs=0.02, rel=0) and out[-1] < out[0] - 0.3
+    # The state right after step 5's checkpoint, as a kill at step 7 leaves it (the kill itself:
+    # test_pretrain's crash tests); the resumed half runs where bf16 now measures slower.
+    resumed = copy_run(base_run, tmp_path / "resumed")
+    (resumed / "checkpoints").mkdir()
+    ckpts = straight / "checkpoints"
+    import shutil
+
+    shutil.copytree(ckpts / "step_000005", resumed / "checkpoints" / "step_000005")
+    shutil.copy(straight / "lmforge.yaml", resumed / "lmforge.yaml")
+    monkeypatch.setattr(loop, "bf16_speedup", lambda *shape: 0.2)
+    run_pretrain(load_config(overrides=[f"run_dir={resumed}", *TINY, *STEPS, "train.precision=auto",
+                                        "train.save_every=5"]))
+    assert losses(resumed)[-5:] == out[-5:]
+    a = load_file(ckpts / "step_000010" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_000010" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_muon_trains_through_the_loop(base_run, fp32, tmp_path):
     run = tmp_path / "run"
     out = train_losses(base_run, run, "train.optimizer=muon", "train.muon_lr=0.02")
@@ -130,15 +175,17 @@ def test_compile_matches_eager(base_run, tmp_path):
 
     Both run as CLI processes with the same thread count; a fresh inductor cache shows that kernels were
     really compiled (the loop falls back to eager where compiling fails, which would pass unnoticed).
+    The sample at the end runs eagerly: compiling for it recompiled the block three times.
     """
     cache = tmp_path / "inductor"
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCH_LOGS": "recompiles"}
     runs = {}
     for name, flag in (("eager", "false"), ("compiled", "true")):
         run = copy_run(base_run, tmp_path / name)
         r = lmforge("pretrain", f"run_dir={run}", *TINY, *STEPS, "model.n_layer=1", "train.max_steps=4",
                     f"train.compile={flag}", env=env, timeout=900)
         assert r.returncode == 0, r.stderr
+        assert "sample at step 4" in r.stderr and "Recompiling" not in r.stderr, r.stderr[-3000:]
         runs[name] = losses(run)
         if flag == "false":
             assert not cache.exists() or not list(cache.rglob("*.so"))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from infer_helpers import one_thread  # noqa: F401 (fixture)
+from spine import losses
 
 from lmforge.config import ConfigError, ModelConfig, load_config
 from lmforge.infer.engine import generate_ids
@@ -274,13 +275,6 @@ def base_run(tmp_path_factory):
     return prepared_run(tmp_path_factory.mktemp("swa"))
 
 
-def losses(run) -> dict[int, float]:
-    import json
-
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["loss"] for m in rows if "loss" in m}
-
-
 def test_model_info_shows_the_pattern_and_the_cache(capsys):
     from lmforge.cli import main
 
@@ -318,21 +312,9 @@ def test_swa_tiny_trains_from_the_cli(base_run, tmp_path):
 
 
 def test_swa_resume_after_kill_is_bit_exact(base_run, tmp_path):
-    import signal
+    from spine import TINY, assert_resume_exact
 
-    from spine import TINY, copy_run, lmforge
-    from test_pretrain import assert_same_weights
-
-    common = [*TINY, *SWA, "train.max_steps=16", "train.save_every=8"]
-    straight = copy_run(base_run, tmp_path / "straight")
-    assert lmforge("pretrain", f"run_dir={straight}", *common).returncode == 0
-    killed = copy_run(base_run, tmp_path / "killed")
-    r = lmforge("pretrain", f"run_dir={killed}", *common, env={"LMFORGE_FAULT": "step:11"})
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-    r = lmforge("pretrain", f"run_dir={killed}", *common)
-    assert r.returncode == 0 and "resumed" in r.stderr, r.stderr
-    assert_same_weights(straight / "checkpoints" / "step_000016", killed / "checkpoints" / "step_000016")
-    assert losses(straight) == losses(killed)
+    assert_resume_exact(base_run, tmp_path, [*TINY, *SWA, "train.max_steps=16", "train.save_every=8"], 11, 16)
 
 
 def test_a_pipeline_stage_applies_the_window():

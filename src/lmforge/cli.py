@@ -60,7 +60,7 @@ COMMANDS: dict[str, Command] = {
     "chat": Command("lmforge.infer.cli:cmd_chat", "interactive terminal chat with a checkpoint",
                     ("run_dir", "device", "generate")),
     "serve": Command("lmforge.infer.server:cmd_serve", "OpenAI-compatible HTTP server with a web chat page",
-                     ("run_dir", "device", "generate.checkpoint")),
+                     ("run_dir", "device", "generate.checkpoint", "serve")),
     "export": Command("lmforge.export.cli:cmd_export", "`export hf|gguf CKPT OUT`: Hugging Face folder or GGUF file"),
     "import": Command("lmforge.export.cli:cmd_import", "`import hf PATH OUT`: a Llama/Qwen folder -> checkpoint"),
     "model": Command("lmforge.stages:cmd_model",
@@ -69,7 +69,7 @@ COMMANDS: dict[str, Command] = {
     "run": Command("lmforge.stages:cmd_run", "run the stages a recipe lists, in order, resumable",
                    ("run_dir", "seed", "device", "stages", "tokenizer", *DATA_KEYS, "model", "model.moe", "train",
                     "parallel", "eval",
-                    "generate", "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train",
+                    "generate", "serve", "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train",
                     "rm", "rm.train", "grpo", "grpo.lora", "grpo.train")),
     "plot": Command("lmforge.plot:cmd_plot", "PNG + HTML of runs' curves: loss, bits/byte, lr, tokens/s, grad norm"),
     "monitor": Command("lmforge.monitor:cmd_monitor", "live view of a run: metrics, ETA, checkpoints, sample, alive?"),
@@ -221,7 +221,10 @@ def config_from_args(items: list[str]):
         saved = Path(run_dir) / "lmforge.yaml" if run_dir else None
         if saved is not None and saved.is_file():
             recipe, remembered = str(saved), True
-    cfg = load_config(recipe, overrides)
+    if remembered and "model.preset" in keys:
+        cfg = _with_new_model(recipe, overrides)
+    else:
+        cfg = load_config(recipe, overrides)
     if remembered and cfg.train.resume == "none" and "train.resume" not in keys:
         # Older versions saved a fresh start into the run's config, so every restart started afresh
         # again; a fresh start is asked for on the command line, never inherited.
@@ -232,6 +235,28 @@ def config_from_args(items: list[str]):
             _replace_remembered_layout(cfg, recipe, given)
         else:
             _fit_remembered_layout(cfg, recipe)
+    return cfg
+
+
+def _with_new_model(saved: str, overrides: list[str]):
+    """`model.preset=X` on a run that remembers its model replaces the remembered model section whole.
+
+    The remembered config holds every resolved model key (n_layer, n_embd, ...), and explicit keys win
+    over a preset, so merging would keep the old model and silently ignore the preset. The other
+    sections (data, train, ...) are still remembered; a checkpoint of the old model then refuses to
+    resume into the new one, with the way out named.
+    """
+    from lmforge.config import load_config
+
+    base = load_config(saved, [])
+    old = base.model
+    base.model = schema.ModelConfig()
+    cfg = load_config(None, overrides, base=base)
+    if cfg.model != old:
+        from lmforge.console import log
+
+        log(f"{saved} remembers another model; this launch takes model.preset={cfg.model.preset} and the "
+            "model.* keys given")
     return cfg
 
 

@@ -191,7 +191,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's learning rate for matrices
     muon_momentum: float = 0.95  # Muon's momentum
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0: off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where measured (CPU) or known (CUDA) fast
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (0: 1024); never all fp32 logits
@@ -244,6 +244,15 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)  # strings that end a completion
     seed: int = 0  # sampling seed
     stream: bool = True  # print text as it is generated
+
+
+@dataclass
+class ServeConfig:
+    """`lmforge serve`'s batch and its bounds (flags of the same names win)."""
+
+    max_batch: int = 16  # sequences decoded together (continuous batching); 1: one request at a time
+    max_waiting: int = 64  # requests queued for the batch beyond this get 429 with Retry-After
+    max_cached_tokens: int = 0  # KV-cache positions the batch holds, padding included; 0: max(max_batch, 8) x context
 
 
 # --- post-training (lmforge.train.sft / dpo / reward / grpo) ----------------------------------------
@@ -353,6 +362,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)

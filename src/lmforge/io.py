@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 _UMASK = os.umask(0)
@@ -86,6 +86,23 @@ def read_json(path: str | Path, hint: str = "") -> object:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
+
+
+def json_lines(path: str | Path, lines: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank JSON Lines line; a bad line is `file:line: invalid JSON`.
+
+    Every JSONL reader (corpora, chat and preference data, benchmarks) goes through here, so the
+    message a user sees for a broken line is the same everywhere.
+    """
+    from lmforge.errors import LmforgeError
+
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
 
 
 def pid_alive(pid: int) -> bool:

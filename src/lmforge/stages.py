@@ -90,7 +90,10 @@ def build_model(cfg: Config, vocab_size: int):
         raise LmforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"{vocab_size} tokens; set model.vocab_size=0 to size it from the tokenizer")
     if cfg.train.seq_len > cfg.model.max_seq_len:
-        raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        preset = f" (the {cfg.model.preset} preset's context)" if cfg.model.preset else ""
+        raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+                           f"{preset}: set train.seq_len={cfg.model.max_seq_len} (or less), or a larger "
+                           "model.max_seq_len")
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model).train()
 

@@ -22,6 +22,7 @@ import torch
 
 from lmforge.data.loader import EpochStream
 from lmforge.errors import LmforgeError
+from lmforge.io import json_lines
 from lmforge.model.loss import IGNORE
 from lmforge.tokenizer import CHAT_TEMPLATE, IM_END, IM_START
 
@@ -76,13 +77,7 @@ def read_records(paths: list[str], what: str = "examples") -> list[Record]:
             line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise LmforgeError(f"{path}:{line}: not valid UTF-8; convert the file to UTF-8") from None
         if suffix in (".jsonl", ".ndjson"):
-            items = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise LmforgeError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            items = list(json_lines(path, text.splitlines()))
         elif suffix == ".json":
             items = list(_json_array_items(path, text))
         else:

@@ -32,12 +32,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, sample_next
+
+if TYPE_CHECKING:
+    from lmforge.model.mla import LatentCache
+    from lmforge.model.transformer import KVCache
 
 # on_token(row, token_id) -> True to finish that row now (None/False: go on).
 OnToken = Callable[[int, int], "bool | None"]
@@ -115,12 +120,73 @@ def score_logits(logits: torch.Tensor, targets: torch.Tensor, top: int = 0, voca
     return out
 
 
+def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len: int, track_seen: bool
+                    ) -> tuple[KVCache | LatentCache, torch.Tensor, torch.Tensor | None]:
+    """Left-pad the prompts into one (B, L) forward: (a cache of max_len positions holding them, the
+    logits (B, L, V), the (B, V) seen-token mask for the repetition penalty when track_seen).
+
+    Padding repeats each row's first token: any id works under the mask, and this one keeps the
+    repetition-penalty mask exact. Every row's positions start at 0, as if it ran alone.
+    """
+    device = _device_of(model)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.tensor([[p[0]] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pads = L - lens
+    cols = torch.arange(L, device=device).unsqueeze(0)
+    positions = (cols - pads.unsqueeze(1)).clamp(min=0)
+    cache = model.new_cache(B, max_len)
+    if bool((pads > 0).any()):
+        cache.key_mask[:, :L] = cols >= pads.unsqueeze(1)
+        cache.has_padding = True
+    seen = None
+    if track_seen:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+    return cache, model(ids, positions=positions, cache=cache), seen
+
+
+def prompt_scores(prefill: torch.Tensor, prompts: Sequence[Sequence[int]], top_logprobs: int | None,
+                  vocab_limit: int | None) -> list[list[TokenScore | None]]:
+    """Each prompt token's TokenScore but the first's (None) from the left-padded prefill's logits:
+    the logits at column c predict the token at column c + 1."""
+    L = prefill.shape[1]
+    out = []
+    for b, p in enumerate(prompts):
+        pad = L - len(p)
+        targets = torch.tensor(list(p[1:]), dtype=torch.long, device=prefill.device)
+        out.append([None, *score_logits(prefill[b, pad:L - 1], targets, top_logprobs or 0, vocab_limit)])
+    return out
+
+
+def sample_step(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                generator: torch.Generator | None, *, logprobs: bool = False, vocab_limit: int | None = None,
+                top_logprobs: int | None = None) -> tuple[torch.Tensor, list[float] | None, list[TokenScore] | None]:
+    """One decoding step's choice for the (B, V) logits of one request's live rows: (next ids, their
+    log-probabilities when asked, their TokenScores when top_logprobs is set).
+
+    Shared by `generate_samples` and the server's continuous batch (infer/batching.py): a request's rows
+    go through exactly these operations, with its own generator, whichever path runs it, so both give
+    the same tokens for the same logits. `logits` is modified in place (the vocabulary mask).
+    """
+    raw = logits.clone() if top_logprobs is not None else None  # before the vocabulary mask
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")
+    nxt = sample_next(logits, params, seen, generator)
+    scores = score_logits(raw, nxt, top_logprobs, vocab_limit) if raw is not None else None
+    lp = None
+    if logprobs:
+        scaled = logits.float() / (params.temperature if not params.greedy else 1.0)
+        lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+    return nxt, lp, scores
+
+
 @torch.inference_mode()
 def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                      stop_ids: set[int] | frozenset[int] = frozenset(),
                      generator: torch.Generator | None = None, on_token: OnToken | None = None,
                      logprobs: bool = False, vocab_limit: int | None = None, top_logprobs: int | None = None,
-                     score_prompt: bool = False) -> list[Sample]:
+                     score_prompt: bool = False, repeats: int = 1) -> list[Sample]:
     """Sample continuations for a batch of token-id prompts.
 
     model: a Transformer in eval mode (DDP / torch.compile wrappers are unwrapped here).
@@ -130,6 +196,10 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     score_prompt: also score every prompt token but the first (Sample.prompt_scores, with
     top_logprobs alternatives). With max_new_tokens=0 the prompts are only scored, and may then
     fill the whole context.
+    repeats: sample each prompt this many times (GRPO's group) from one prefill: the prompt's cache
+    rows and last logits are copied for its repeats. The rows come out prompt-major, as for the
+    prompts each listed `repeats` times, and they draw from the generator in the same order, so
+    the result is the same as that longer list's (up to the float rounding of a narrower prefill).
     """
     from lmforge.checkpoint import unwrap
 
@@ -140,6 +210,9 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
         return []
     score_only = params.max_new_tokens == 0
     check_prompts(model, prompts, room=0 if score_only else 1)
+    if repeats < 1:
+        raise LmforgeError(f"repeats must be >= 1, got {repeats}")
+    unique, prompts = prompts, [p for p in prompts for _ in range(repeats)]
     device = _device_of(model)
     if generator is None:
         generator = make_generator(params, device)
@@ -153,44 +226,25 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     L = int(lens.max())
     steps = int(budgets.max())
 
-    # Padding repeats each row's first token: any id works under the mask, and this one keeps the
-    # repetition-penalty mask below exact.
-    ids = torch.tensor([[p[0]] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    pads = L - lens
-    cols = torch.arange(L, device=device).unsqueeze(0)
-    positions = (cols - pads.unsqueeze(1)).clamp(min=0)
-    cache = model.new_cache(B, L + steps)
-    if bool((pads > 0).any()):
-        cache.key_mask[:, :L] = cols >= pads.unsqueeze(1)
-        cache.has_padding = True
-
-    vocab = model.cfg.vocab_size
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True)
-
-    prefill = model(ids, positions=positions, cache=cache)
-    if score_prompt:  # logits at column c predict the token at column c + 1
-        for b in range(B):
-            p = int(pads[b])
-            results[b].prompt_scores = [None, *score_logits(prefill[b, p:L - 1], ids[b, p + 1:],
-                                                            top_logprobs or 0, vocab_limit)]
+    cache, prefill, seen = prefill_prompts(model, unique, L + steps, params.repetition_penalty != 1.0)
+    if score_prompt:
+        for b, scores in enumerate(prompt_scores(prefill, unique, top_logprobs, vocab_limit)):
+            for r in range(repeats):
+                results[b * repeats + r].prompt_scores = list(scores)
     if steps == 0:
         return results
     logits = prefill[:, -1]
     del prefill
+    if repeats > 1:  # each prompt's rows, copied for its repeats
+        index = torch.arange(len(unique), device=device).repeat_interleave(repeats)
+        cache.select(index)
+        logits = logits[index]
+        seen = seen[index] if seen is not None else None
     rows = torch.arange(B, device=device)  # original row of each live batch entry
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     for step in range(steps):
-        raw = logits.clone() if top_logprobs is not None else None  # before the vocabulary mask
-        if vocab_limit is not None and vocab_limit < vocab:
-            logits[:, vocab_limit:] = float("-inf")
-        nxt = sample_next(logits, params, seen, generator)
-        step_scores = score_logits(raw, nxt, top_logprobs, vocab_limit) if raw is not None else None
-        if logprobs:
-            scaled = logits.float() / (params.temperature if not params.greedy else 1.0)
-            lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+        nxt, lp, step_scores = sample_step(logits, params, seen, generator, logprobs=logprobs,
+                                           vocab_limit=vocab_limit, top_logprobs=top_logprobs)
         done = torch.isin(nxt, stop_tensor) | (step + 1 >= budgets[rows])
         tokens, done_list, row_list = nxt.tolist(), done.tolist(), rows.tolist()
         for j, r in enumerate(row_list):

@@ -1,21 +1,29 @@
 """`lmforge serve`: an OpenAI-compatible HTTP server with a small web chat page at `/`.
 
     lmforge serve CKPT_OR_RUN_DIR [--host 127.0.0.1] [--port 8000] [--quantize int8|int4] [--api-key KEY]
+                  [--max-batch 16] [--max-waiting 64] [--max-cached-tokens N]
 
 Endpoints: GET /v1/models (and /v1/models/ID), POST /v1/completions, POST /v1/chat/completions
 (with `stream: true` as server-sent events ending in `data: [DONE]`), GET /health, GET / (the
 chat page). With an API key (--api-key or LMFORGE_API_KEY), every /v1 route needs
 `Authorization: Bearer KEY`; / and /health stay open, and the page asks for the key.
 
-Why the standard library's ThreadingHTTPServer and not FastAPI/uvicorn: the model runs one
-generation at a time behind a lock anyway (correctness first: outputs can never mix), so an async
-stack buys no throughput here, while zero extra dependencies keeps `pip install lmforge` small and
-the whole request path readable in two files. What a production front end would add is done by
-hand: a body-size limit checked before reading, a listen backlog that absorbs bursts of
-connections, a per-read timeout on the body, which is read whole before the request may take one
-of the bounded waiting slots (429 past them), so a stalled client never holds one; an optional
-API key compared in constant time, OpenAI-shaped JSON errors for every 4xx, and binding to
-127.0.0.1 unless told otherwise. Put a reverse proxy in front to expose it beyond one machine.
+Requests are decoded together in one continuously refilled batch (infer/batching.py): a scheduler
+thread owns the model, admits waiting requests between decoding steps while the batch has rows and
+cache room (`--max-batch`, `--max-cached-tokens`), and drops the rows of finished requests and of
+clients that went away. Each request is sampled with its own parameters and seed, so its answer is the
+one it gets alone. `--max-batch 1` serves one request at a time, as does a decoder the batch cannot
+hold (sliding-window layers), which the start-up log names.
+
+Why the standard library's ThreadingHTTPServer and not FastAPI/uvicorn: handler threads only parse,
+queue and write, while the model runs in the one scheduler thread, so an async stack buys no
+throughput here, and zero extra dependencies keeps `pip install lmforge` small and the whole request
+path readable in three files. What a production front end would add is done by hand: a body-size
+limit checked before reading, a listen backlog that absorbs bursts of connections, a per-read timeout
+on the body, which is read whole before the request may take one of the bounded waiting places (429
+with Retry-After past them), so a stalled client never holds one; an optional API key compared in
+constant time, OpenAI-shaped JSON errors for every 4xx, and binding to 127.0.0.1 unless told
+otherwise. Put a reverse proxy in front to expose it beyond one machine.
 """
 
 from __future__ import annotations
@@ -25,8 +33,11 @@ import hmac
 import ipaddress
 import json
 import os
+import queue
+import select
+import socket
 import sys
-import threading
+import time
 import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,8 +46,10 @@ from pathlib import Path
 
 from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import complete_ids, context_length
+from lmforge.infer.batching import Busy, Job, Scheduler
+from lmforge.infer.engine import context_length
 from lmforge.infer.openai_api import (
+    MAX_N,
     ApiError,
     ApiRequest,
     chunk,
@@ -53,19 +66,20 @@ class ClientGone(Exception):
 
 
 class ModelService:
-    """The model, its tokenizer and the lock that serializes generations."""
+    """The model, its tokenizer and the scheduler that owns them (infer/batching.py)."""
 
-    def __init__(self, model, tokenizer, name: str, max_tokens: int, max_waiting: int = 64):
+    def __init__(self, model, tokenizer, name: str, max_tokens: int, max_waiting: int = 64, max_batch: int = 16,
+                 max_cached_tokens: int = 0):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context = context_length(model)
         self.max_tokens = max(1, min(max_tokens, self.context - 1))
-        self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(max_waiting)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_waiting=max_waiting,
+                                   max_cached_tokens=max_cached_tokens or max(max_batch, MAX_N) * self.context).start()
 
-    def run(self, req: ApiRequest, on_text=None):
-        with self.lock:
-            return complete_ids(self.model, self.tokenizer, req.prompts, req.params, on_text=on_text,
-                                top_logprobs=req.top_logprobs, score_prompt=req.echo and req.top_logprobs is not None)
+    def submit(self, req: ApiRequest) -> Job:
+        """Queue the request's choices (Busy: the queue is full; LmforgeError: it can never fit)."""
+        return self.scheduler.submit(Job(req.prompts, req.params, req.top_logprobs,
+                                         score_prompt=req.echo and req.top_logprobs is not None, stream=req.stream))
 
 
 class Server(ThreadingHTTPServer):
@@ -219,9 +233,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self._check_key():
             return
         s = self.server.service
-        # The body is read and checked before a waiting slot is taken: the slots bound requests
-        # queued for the model, and a client still sending (or stalled) must not hold one.
-        slot = False
+        # The body is read and checked before the request is queued: the queue bounds requests waiting
+        # for the model, and a client still sending (or stalled) must not hold a place in it.
         try:
             try:
                 body = self._body()
@@ -231,19 +244,25 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 req = parse_request(body, chat=routes[path], tokenizer=s.tokenizer, context=s.context,
                                     max_tokens_limit=s.max_tokens, model_name=s.name)
+                job = s.submit(req)
             except ApiError as e:
                 self._error(e)
                 return
-            slot = s.slots.acquire(blocking=False)
-            if not slot:
-                self._error(ApiError(429, "too many requests waiting; retry later", code="server_busy",
-                                     kind="rate_limit_error"))
+            except Busy as e:
+                self._error(ApiError(429, str(e), code="server_busy", kind="rate_limit_error"),
+                            headers={"Retry-After": str(e.retry_after)})
                 return
-            if req.stream:
-                self._stream(req)
-            else:
-                completions = s.run(req)
-                self._json(200, response(req, new_id(req.chat), s.name, completions, s.tokenizer))
+            except LmforgeError as e:
+                self._error(ApiError(400, str(e), "max_tokens", "request_too_large"))
+                return
+            try:
+                if req.stream:
+                    self._stream(req, job)
+                else:
+                    self._json(200, response(req, new_id(req.chat), s.name, self._wait(job), s.tokenizer))
+            except BaseException:
+                job.cancel()  # whatever ended this request, its rows leave the batch
+                raise
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             self.close_connection = True
         except Exception:  # a bug, not the client's fault: log it, answer 500 in the same shape
@@ -252,9 +271,41 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(ApiError(500, "internal error (see the server log)", kind="server_error"), close=True)
             except OSError:
                 pass
-        finally:
-            if slot:
-                s.slots.release()
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end: the socket reads as end-of-file (a pipelined next
+        request would read as data, and is left where it is)."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _events(self, job: Job):
+        """The job's events as the scheduler sends them; ClientGone once the client has left."""
+        checked = time.monotonic()
+        while True:
+            try:
+                event = job.events.get(timeout=0.25)
+            except queue.Empty:
+                event = None
+            if time.monotonic() - checked >= 0.25:  # text events may never leave the queue empty
+                if self._client_gone():
+                    raise ClientGone()
+                checked = time.monotonic()
+            if event is None:
+                continue
+            yield event
+            if event[0] != "text":
+                return
+
+    def _wait(self, job: Job) -> list:
+        for kind, *rest in self._events(job):
+            if kind == "error":
+                raise rest[0]
+            if kind == "done":
+                return rest[0]
+        raise AssertionError("the scheduler ended a job without an answer")
 
     # --- server-sent events -------------------------------------------------------------------
     def _write_chunk(self, data: bytes) -> None:
@@ -268,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
         payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
         self._write_chunk(f"data: {payload}\n\n".encode())
 
-    def _stream(self, req: ApiRequest) -> None:
+    def _stream(self, req: ApiRequest, job: Job) -> None:
         s = self.server.service
         rid = new_id(req.chat)
         self.send_response(200)
@@ -282,16 +333,18 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(chunk(req, rid, s.name, i, role=True))
             elif req.echo:
                 self._event(chunk(req, rid, s.name, i, text=req.prompt_texts[i]))
-        try:
-            completions = s.run(req, on_text=lambda row, text: self._event(chunk(req, rid, s.name, row, text=text)))
-        except ClientGone:
-            raise
-        except Exception:  # headers are sent: report in-band, as OpenAI does, then end the stream
-            traceback.print_exc(file=sys.stderr)
-            self._event(ApiError(500, "internal error (see the server log)", kind="server_error").body())
-            self._write_chunk(b"")
-            self.close_connection = True
-            return
+        completions = None
+        for kind, *rest in self._events(job):
+            if kind == "text":
+                self._event(chunk(req, rid, s.name, rest[0], text=rest[1]))
+            elif kind == "done":
+                completions = rest[0]
+            else:  # headers are sent: report in-band, as OpenAI does, then end the stream
+                traceback.print_exception(rest[0], file=sys.stderr)
+                self._event(ApiError(500, "internal error (see the server log)", kind="server_error").body())
+                self._write_chunk(b"")
+                self.close_connection = True
+                return
         for i, c in enumerate(completions):
             self._event(chunk(req, rid, s.name, i, finish_reason=c.finish_reason))
         if req.include_usage:
@@ -323,6 +376,18 @@ def api_key_from(flag: str | None, env: dict[str, str]) -> str | None:
     return env.get("LMFORGE_API_KEY", "").strip() or None
 
 
+def batch_settings(args, serve) -> tuple[int, int, int]:
+    """(max_batch, max_waiting, max_cached_tokens): each flag wins over its `serve.*` key."""
+    values = []
+    for flag, key, low in (("max_batch", "max_batch", 1), ("max_waiting", "max_waiting", 1),
+                           ("max_cached_tokens", "max_cached_tokens", 0)):
+        value = getattr(serve, key) if getattr(args, flag) is None else getattr(args, flag)
+        if value < low:
+            raise LmforgeError(f"--{flag.replace('_', '-')} (serve.{key}) must be at least {low}, got {value}")
+        values.append(value)
+    return values[0], values[1], values[2]
+
+
 def cmd_serve(argv: list[str]) -> int:
     from lmforge.infer.cli import add_model_args, split_items
 
@@ -336,7 +401,14 @@ def cmd_serve(argv: list[str]) -> int:
                          "cannot read in the process list; without either, no key)")
     ap.add_argument("--max-tokens", type=int, default=512, help="upper bound (and chat default) for max_tokens")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    ap.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond this get 429")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="sequences decoded together, joining and leaving as they come (serve.max_batch, default "
+                         "16); 1: one request at a time")
+    ap.add_argument("--max-waiting", type=int, default=None,
+                    help="requests queued for the batch beyond this get 429 + Retry-After (serve.max_waiting, 64)")
+    ap.add_argument("--max-cached-tokens", type=int, default=None,
+                    help="KV-cache positions the batch may hold, padding included; a request waits until it fits "
+                         "(serve.max_cached_tokens; default max(max-batch, 8) x context, room for 8 choices)")
     ap.add_argument("--read-timeout", type=float, default=10.0,
                     help="seconds a client may pause while sending a request body (then 408)")
     ap.add_argument("--verbose", action="store_true", help="log every request")
@@ -346,13 +418,19 @@ def cmd_serve(argv: list[str]) -> int:
     api_key = api_key_from(args.api_key, dict(os.environ))
     if args.read_timeout <= 0:
         raise LmforgeError(f"--read-timeout must be > 0 seconds, got {args.read_timeout}")
-    if args.max_waiting < 1:
-        raise LmforgeError(f"--max-waiting must be at least 1, got {args.max_waiting}")
+    max_batch, max_waiting, max_cached = batch_settings(args, cfg.serve)
 
     from lmforge.infer.loading import load_for_inference
 
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
-    service = ModelService(model, tokenizer, args.model_name or model_name(ckpt), args.max_tokens, args.max_waiting)
+    service = ModelService(model, tokenizer, args.model_name or model_name(ckpt), args.max_tokens, max_waiting,
+                           max_batch, max_cached)
+    sched = service.scheduler
+    if sched.batched:
+        mode = f"continuous batching of up to {max_batch} sequences, {sched.max_cached_tokens} cache positions"
+    else:
+        mode = "one request at a time" + (f": {sched.refusal}" if max_batch > 1 else " (--max-batch 1)")
+    print(f"lmforge serve: {mode}, at most {max_waiting} waiting", file=sys.stderr, flush=True)
     server = Server((args.host, args.port), service, args.max_body_bytes, args.verbose, api_key, args.read_timeout)
     host, port = server.server_address[:2]
     access = "API key required" if api_key else "no API key"

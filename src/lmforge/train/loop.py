@@ -29,11 +29,12 @@ from lmforge.console import console, log
 from lmforge.errors import LmforgeError
 from lmforge.model.moe import load_metrics, moe_layers
 from lmforge.model.spec import spec_for
+from lmforge.model.transformer import ffn_dim
 from lmforge.rundir import RunFolder, eval_results_of, remembered
 from lmforge.train import dist
 from lmforge.train.context import SequenceSplit
 from lmforge.train.metrics import MetricsSink
-from lmforge.train.mfu import MatmulCeiling
+from lmforge.train.mfu import MatmulCeiling, bf16_speedup
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_factor, set_lr
 from lmforge.train.parallelize import Layout, build_layout, check_supported, gathered, loss_context
@@ -51,14 +52,52 @@ class TrainResult:
     generated_tokens_per_s: float = 0.0  # tokens sampled per second (GRPO's rollouts)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device, mlp_shape: tuple[int, int, int] = (1024, 1024, 1024)
+                   ) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on `device` (None: plain fp32).
+
+    `auto` on a CPU measures: bf16 autocast when the model's MLP product (`mlp_shape`: tokens of a
+    micro-batch, width, hidden width) runs faster in bf16 than in fp32 here, fp32 otherwise, and the
+    log says which and why. Master weights, optimizer state and the loss stay fp32 either way.
+    """
     if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            return torch.bfloat16 if precision == "bf16" else None
-        return None
+        if precision == "auto":
+            speedup = bf16_speedup(*mlp_shape)
+            pick = speedup > 1.1  # a margin: at parity bf16 only costs accuracy
+            log(f"train.precision=auto: a {mlp_shape[0]}x{mlp_shape[1]} @ {mlp_shape[1]}x{mlp_shape[2]} product "
+                f"runs {speedup:.2f}x as fast in bf16 as in fp32 on this CPU, so training uses "
+                f"{'bf16 autocast' if pick else 'fp32'} (set train.precision=fp32 or bf16 to choose)")
+            return torch.bfloat16 if pick else None
+        return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+_AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _run_autocast(cfg: Config, device: torch.device, saved: dict) -> torch.dtype | None:
+    """This run's autocast dtype, the same on every rank and across a resume.
+
+    A measured choice (`auto` on a CPU) can come out differently on another rank or on another day; a
+    resumed run keeps the precision it was trained in (a resume is bit-exact only then), and under
+    several processes rank 0's measurement decides for all.
+    """
+    if cfg.train.precision == "auto" and device.type != "cuda" and saved.get("precision") in ("fp32", "bf16"):
+        log(f"train.precision=auto: {saved['precision']}, as the run this resumes was trained")
+        return torch.bfloat16 if saved["precision"] == "bf16" else None
+    amp = autocast_dtype(cfg.train.precision, device, _mlp_shape(cfg))
+    if cfg.train.precision == "auto" and device.type != "cuda" and dist.world_size() > 1:
+        amp = dist.all_gather_object(amp)[0]
+    return amp
+
+
+def _mlp_shape(cfg: Config) -> tuple[int, int, int]:
+    """(tokens, width, hidden width) of one micro-batch's MLP product: the matmul that dominates a step."""
+    m = cfg.model
+    tokens = min(cfg.train.micro_batch * cfg.train.seq_len, 4096)  # enough rows to time the kernel, not the call
+    return tokens, m.n_embd, ffn_dim(m)
 
 
 def rng_state() -> dict:
@@ -145,7 +184,6 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     tc = cfg.train
     ckpt_dir = out_dir / "checkpoints"
     device = d.device
-    amp = autocast_dtype(tc.precision, device)
     if tc.precision == "fp16" and device.type != "cuda":
         raise LmforgeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     layout = build_layout(cfg.parallel, d.world, d.rank, device)
@@ -161,6 +199,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
     # Trained weights load into the plain model, before anything shards it: the same on every layout.
     resume_from = ckpt.resume_target(tc.resume, ckpt_dir)
     saved, rng = _load_weights(resume_from, model, device) if resume_from is not None else ({}, {})
+    amp = _run_autocast(cfg, device, saved)
     inner = ckpt.unwrap(model)
     flops_tok = inner.flops_per_token(tc.seq_len)
     n_params = inner.num_params()  # the whole model's, before a pipeline stage keeps only its layers
@@ -205,7 +244,7 @@ def _train(cfg: Config, d: dist.Dist, folder: RunFolder, model: nn.Module, objec
         rngs = dist.all_gather_object(rng_state())
         weights = ckpt.full_model_state(model, stages=pipe.group if pipe else None)
         trainer_state = {**state, "objective": objective.state_dict(), "world": d.world, "accum": accum,
-                         "layout": layout.describe()}
+                         "layout": layout.describe(), "precision": _AMP_NAMES[amp]}
         if scaler.is_enabled():
             trainer_state["scaler"] = scaler.state_dict()
         path = ckpt.save_checkpoint(ckpt_dir / f"step_{step:06d}", inner, tokenizer_dir=tokenizer_dir,
@@ -460,9 +499,14 @@ def _sample(sample_fn, model: nn.Module, is_main: bool, layout: Layout) -> str:
 
     Under tensor parallel every forward is a collective of the tp group, so every rank samples along
     (the samplers are seeded or greedy, and the logits are whole on every rank: the same tokens
-    everywhere) and the main rank's text is kept."""
+    everywhere) and the main rank's text is kept.
+
+    Compiled blocks run eagerly here: a sample is a few dozen tokens without gradients through a
+    growing cache, and compiling for it cost three recompilations (grad mode, the mask, its length),
+    more than the rest of a short compiled run.
+    """
     inner = ckpt.unwrap(model)
-    with gathered(inner):
+    with gathered(inner), torch.compiler.set_stance("force_eager"):
         return sample_fn(inner) if is_main or layout.tp > 1 else ""
 
 

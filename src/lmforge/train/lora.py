@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -56,11 +57,18 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 
 def _peft():
+    # peft imports torchao, whose import registers enums with torch's pytree and logs one deprecation
+    # warning per enum through torch's logger: noise on every LoRA run that the user can do nothing about.
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
         import peft
     except ImportError:
         raise LmforgeError("LoRA needs the `peft` package: pip install 'lmforge[lora]' "
                            "(or, in a source checkout, pip install -e '.[lora]')") from None
+    finally:
+        pytree.setLevel(level)
     return peft
 
 
@@ -162,10 +170,18 @@ def apply_lora(model: nn.Module, lc: LoRAConfig, base_path: str | Path) -> nn.Mo
         raise LmforgeError(f"lora.r must be positive, got {lc.r}")
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = list(lc.target_modules)
-    if getattr(model.cfg, "attention", "mha") == "mla" and targets == LoRAConfig().target_modules:
-        # The default names Attention's q/k/v projections; latent attention has its own (model/mla.py).
-        targets = [t for t in targets if t not in ("q_proj", "k_proj", "v_proj")]
-        targets += [t for t in MLA_PROJECTIONS if t in present]
+    if targets == LoRAConfig().target_modules:
+        if getattr(model.cfg, "attention", "mha") == "mla":
+            # The default names Attention's q/k/v projections; latent attention has its own (model/mla.py).
+            targets = [t for t in targets if t not in ("q_proj", "k_proj", "v_proj")]
+            targets += [t for t in MLA_PROJECTIONS if t in present]
+        absent = [t for t in targets if t not in present]
+        if absent:
+            # An MoE layer's experts are stacked 3-D weights, not linear layers: the default adapts the
+            # rest (attention, dense and shared-expert MLPs) and says what it left out.
+            log(f"LoRA: the model has no linear {', '.join(absent)} layers (mixture-of-experts MLPs hold their "
+                "experts as stacked weights, which LoRA does not adapt); adapting the others")
+            targets = [t for t in targets if t in present]
     missing = [t for t in targets if t not in present]
     if missing or not targets:
         raise LmforgeError(f"lora.target_modules: {missing or '[]'} not in the model's linear layers "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import json_lines
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -60,13 +61,7 @@ def rows(path: Path, header: bool | None = True) -> Iterator[tuple[str, Any]]:
         for i, item in enumerate(items):
             yield f"{path}:item {i + 1}", _object(item, f"{path}:item {i + 1}")
         return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    for i, item in json_lines(path, text.splitlines()):
         yield f"{path}:{i}", _object(item, f"{path}:{i}")
 
 

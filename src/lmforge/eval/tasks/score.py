@@ -166,19 +166,18 @@ def run_task(model: nn.Module, tok, task: Task, k: int = 0, seed: int = 1234, ch
              batch_size: int = 16, max_new_tokens: int = 256, samples: int = 1, temperature: float = 0.8,
              exec_timeout: float = 10.0) -> list[dict]:
     """Per doc: its metrics (acc, acc_norm, exact_match or pass@k) and what the model chose or said."""
+    if task.kind in ("code", "gen"):
+        prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
+                   for i, d in enumerate(task.docs)]
     if task.kind == "code":
         from lmforge.eval.tasks.code import score_code
 
-        prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
-                   for i, d in enumerate(task.docs)]
         n = max(1, samples)
         flat = greedy_replies(model, tok, [p for p in prompts for _ in range(n)], max_new_tokens, batch_size,
                               task.stop, temperature if n > 1 else 0.0, seed)
         return [{**score_code(d, flat[i * n:(i + 1) * n], timeout=exec_timeout), "where": d.where,
                  "reply": flat[i * n]} for i, d in enumerate(task.docs)]
     if task.kind == "gen":
-        prompts = [render_context(tok, fewshot_prefix(task, i, k, seed), d.context(), chat)
-                   for i, d in enumerate(task.docs)]
         replies = greedy_replies(model, tok, prompts, max_new_tokens, batch_size, task.stop)
         return [{**score_gen(task, d, r), "where": d.where, "reply": r} for d, r in zip(task.docs, replies)]
     per_doc = mc_requests(task, tok, k, seed, chat)
