@@ -114,3 +114,13 @@ def test_task_errors(corpus, tmp_path):
     with pytest.raises(LmforgeError, match="other settings"):
         run_prepare(_cfg(run, [str(code)], num_tasks=2, task_index=1, val_fraction=0.3))
         run_prepare(_cfg(run, [str(code)], num_tasks=2, merge=True))
+
+
+def test_near_dedup_is_refused_across_tasks(tmp_path):
+    """The merge drops exact duplicates between tasks by their hashes; near-duplicates between tasks would pass."""
+    from lmforge.data.tasks import check_tasks
+
+    with pytest.raises(ConfigError, match="data.near_dedup") as e:
+        check_tasks(_cfg(tmp_path / "run", ["x.txt"], num_tasks=2, near_dedup=True))
+    assert e.value.key == "data.near_dedup"
+    check_tasks(_cfg(tmp_path / "run", ["x.txt"], num_tasks=1, near_dedup=True))

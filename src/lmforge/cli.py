@@ -25,7 +25,8 @@ from lmforge.errors import LmforgeError
 # Keys a command reads, for its --help: a section ("train"), a single key ("data.sources"), or a
 # per-stage train section ("sft.train"), which lists as one line pointing at `train`.
 RUN_KEYS = ("run_dir", "seed", "device")
-PRETRAIN_KEYS = (*RUN_KEYS, "tokenizer", "data", "model", "train")
+DATA_KEYS = ("data", "data.minhash", "data.filters")
+PRETRAIN_KEYS = (*RUN_KEYS, "tokenizer", *DATA_KEYS, "model", "train")
 
 
 class Command(NamedTuple):
@@ -40,7 +41,7 @@ COMMANDS: dict[str, Command] = {
     "tokenizer": Command("lmforge.stages:cmd_tokenizer", "train a byte-level BPE tokenizer -> RUN/tokenizer",
                          ("run_dir", "tokenizer", "data.sources", "data.text_field", "model.max_seq_len")),
     "prepare": Command("lmforge.stages:cmd_prepare", "tokenize a corpus into shards -> RUN/data/<split>",
-                       ("run_dir", "data")),
+                       ("run_dir", *DATA_KEYS)),
     "pretrain": Command("lmforge.stages:cmd_pretrain", "train a model on prepared shards -> RUN/checkpoints",
                         (*RUN_KEYS, "model", "model.moe", "train", "parallel")),
     "sft": Command("lmforge.train.sft:cmd_sft", "supervised fine-tuning on chat examples (full or LoRA/QLoRA)",
@@ -66,7 +67,7 @@ COMMANDS: dict[str, Command] = {
                      "`model info PRESET [--gpus N --gpu-mem M]`: parameters, FLOPs, memory per GPU by layout",
                      ("model", "model.moe")),
     "run": Command("lmforge.stages:cmd_run", "run the stages a recipe lists, in order, resumable",
-                   ("run_dir", "seed", "device", "stages", "tokenizer", "data", "model", "model.moe", "train",
+                   ("run_dir", "seed", "device", "stages", "tokenizer", *DATA_KEYS, "model", "model.moe", "train",
                     "parallel", "eval",
                     "generate", "serve", "demo", "sft", "sft.lora", "sft.train", "dpo", "dpo.lora", "dpo.train",
                     "rm", "rm.train", "grpo", "grpo.lora", "grpo.train")),

@@ -46,6 +46,41 @@ class TokenizerConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Heuristic quality filters (data/clean.py), each off by default; thresholds from Gopher and C4."""
+
+    lines: bool = False  # C4 line rules: terminal punctuation, min words, javascript/cookie; lorem ipsum docs
+    min_line_words: int = 3  # lines: a kept line has at least this many words (a CJK character is a word)
+    repetition: bool = False  # Gopher repetition: duplicate lines/paragraphs, top n-gram share
+    max_dup_line_frac: float = 0.30  # share of lines that repeat an earlier line
+    max_dup_line_char_frac: float = 0.20  # share of characters in repeated lines
+    max_dup_para_frac: float = 0.30  # share of paragraphs that repeat an earlier one
+    max_dup_para_char_frac: float = 0.20  # share of characters in repeated paragraphs
+    max_top_ngram_frac: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])  # top 2-, 3-, 4-gram
+    words: bool = False  # Gopher word statistics
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_len: float = 3.0  # over non-CJK words
+    max_mean_word_len: float = 10.0
+    max_symbol_ratio: float = 0.1  # (# + ellipses) per word
+    max_bullet_lines: float = 0.9  # share of lines starting with a bullet
+    max_ellipsis_lines: float = 0.3  # share of lines ending with an ellipsis
+    min_chars: int = 0  # documents shorter than this (characters) are dropped; 0: off
+    code: bool = False  # also apply the prose filters (lines, repetition, words) to code files
+
+
+@dataclass
+class MinHashConfig:
+    """Near-duplicate detection (data/dedup.py): word n-gram MinHash, LSH bands, verified similarity."""
+
+    ngram: int = 5  # words per shingle
+    num_perm: int = 128  # hash functions in a signature
+    bands: int = 16  # LSH bands (num_perm / bands rows each); more bands find lower similarities
+    threshold: float = 0.8  # estimated Jaccard similarity at which a candidate pair is a duplicate
+    seed: int = 1  # of the hash functions
+
+
+@dataclass
 class DataConfig:
     sources: list[str | dict] = field(default_factory=list)  # files, folders, globs; {path, name, weight}: a mixture
     text_field: str = "text"  # the field holding the text in .jsonl/.json/.csv/.parquet/.arrow, datasets folders
@@ -58,6 +93,12 @@ class DataConfig:
     num_tasks: int = 1  # prepare on many machines: the corpus's files cut into this many tasks (data/tasks.py)
     task_index: int = 0  # which task this `prepare` is (0 .. num_tasks-1), e.g. $SLURM_ARRAY_TASK_ID
     merge: bool = False  # join the num_tasks tasks' output into RUN/data (`lmforge prepare --merge`)
+    near_dedup: bool = False  # drop near-duplicate documents (MinHash + LSH, across all sources)
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    pii: bool = False  # mask e-mail addresses (<EMAIL>) and IP addresses (<IP>)
+    # auto: tiktoken when it is proven to give tokenizers' ids, else tokenizers | tokenizers | tiktoken (or error)
+    encoder: Literal["auto", "tokenizers", "tiktoken"] = "auto"
 
 
 @dataclass

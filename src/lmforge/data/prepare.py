@@ -1,12 +1,15 @@
 """`lmforge prepare`: documents -> token ids in parallel -> RUN/data/{train,val}/ shards + manifest.
 
 Documents are what `iter_documents` gives: a long text file is cut into documents of at most
-`data.max_doc_bytes`, so a corpus of one file still has a validation split. The main process reads
-them, drops exact duplicates and assigns each to train or val by a hash of its text (stable across
-reruns, machines and worker counts). Batches of documents go to a pool of worker processes that
-tokenize them; results come back in submission order and are streamed into shard files, so the
-output is byte-identical for any number of workers and the corpus is never held in memory. Each
-split folder is built under a temporary name and renamed into place.
+`data.max_doc_bytes`, so a corpus of one file still has a validation split. With dedup (the default)
+or near dedup on, a scan (data/dedup.py) first finds the documents to drop, on disk, filters included.
+The main process then reads the documents again, skips those, applies the filters' line rules and
+PII masking, and assigns each to train or val by a hash of its text (stable across reruns, machines
+and worker counts). Batches of documents go to a pool of worker processes that tokenize them (in
+tiktoken when data/fast_bpe.py proves it gives tokenizers' ids); results come back in submission
+order and are streamed into shard files, so the output is byte-identical for any number of workers
+and the corpus is never held in memory. Each split folder is built under a temporary name and
+renamed into place; dedup.json (near dedup) and filters.json go beside them.
 
 The manifest records, besides counts and the tokenizer's hash, `decoding`: every source file that
 was not clean UTF-8, with the encoding used and the bytes replaced, so a user can audit it.
@@ -27,9 +30,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.config import Config, ConfigError
+from lmforge.config import Config, ConfigError, DataConfig
 from lmforge.console import log, progress
+from lmforge.data import fast_bpe
 from lmforge.data.adopt import adopt, token_files
+from lmforge.data.clean import Cleaner
+from lmforge.data.dedup import Scan
 from lmforge.data.mixture import SourceSpec, is_mixture, mixture_weights, parse_sources, source_path
 from lmforge.data.shards import DTYPES, MANIFEST, ShardWriter, token_dtype
 from lmforge.data.sources import (
@@ -50,33 +56,40 @@ BATCH_BYTES = 1 << 20  # text per worker job: large enough to amortise pickling,
 BATCH_DOCS = 2048
 
 _TOK: HFTokenizer | None = None  # the worker process's tokenizer
+_ENC = None  # ... and its tiktoken twin, when prepare uses tiktoken
+CHECK_BYTES = 32 << 10  # text of the corpus's start encoded by both encoders before trusting tiktoken
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer_json: str, tiktoken: bool = False) -> None:
     """Each worker tokenizes on one thread; the pool is the parallelism (no oversubscription)."""
-    global _TOK
+    global _TOK, _ENC
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = HFTokenizer.from_str(tokenizer_json)
+    _ENC = fast_bpe.build(_TOK) if tiktoken else None
 
 
-def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos_id: int | None = None) -> np.ndarray:
+def encode_docs(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str, bos_id: int | None = None,
+                enc=None) -> np.ndarray:
     """Token ids of `texts`, each followed by the end-of-text id, as one flat array.
 
     With `bos_id` (tokenizers whose post-processor adds a BOS, as Llama's do) each document also
-    starts with it, so training sees text the way that model family does.
+    starts with it, so training sees text the way that model family does. With `enc` (a tiktoken
+    Encoding proven equal to `tok` by fast_bpe) the ids come from tiktoken.
     """
-    return encode_docs_lengths(tok, texts, eot_id, dtype, bos_id)[0]
+    return encode_docs_lengths(tok, texts, eot_id, dtype, bos_id, enc)[0]
 
 
 def encode_docs_lengths(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: str,
-                        bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        bos_id: int | None = None, enc=None) -> tuple[np.ndarray, np.ndarray]:
     """`encode_docs`, and each document's token count (its end-of-text included)."""
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+    if enc is not None:
+        lists = fast_bpe.encode(enc, texts)
+    else:
+        lists = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
     head = 0 if bos_id is None else 1
-    out = np.empty(sum(len(e.ids) for e in encs) + (1 + head) * len(encs), dtype=DTYPES[dtype])
+    out = np.empty(sum(map(len, lists)) + (1 + head) * len(lists), dtype=DTYPES[dtype])
     i = 0
-    for e in encs:
-        ids = e.ids
+    for ids in lists:
         if head:
             out[i] = bos_id
             i += 1
@@ -84,19 +97,20 @@ def encode_docs_lengths(tok: HFTokenizer, texts: list[str], eot_id: int, dtype: 
         i += len(ids)
         out[i] = eot_id
         i += 1
-    return out, np.fromiter((len(e.ids) + 1 + head for e in encs), dtype=np.int64, count=len(encs))
+    return out, np.fromiter((len(ids) + 1 + head for ids in lists), dtype=np.int64, count=len(lists))
 
 
 def _encode_job(job: tuple[list[str], int, str, int | None]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_docs_lengths(_TOK, *job)
+    return encode_docs_lengths(_TOK, *job, enc=_ENC)
 
 
 class _Pass:
     """One read-tokenize-write pass over the corpus into temporary split folders."""
 
     def __init__(self, cfg: Config, dtype: str, force: dict[bytes, str], groups: list[tuple[str, list]],
-                 files: list[tuple[int, Path, bool]] | None = None):
-        self.cfg, self.dtype, self.force = cfg, dtype, dict(force)
+                 files: list[tuple[int, Path, bool]] | None = None, scan: Scan | None = None, enc=None):
+        self.cfg, self.dtype, self.force, self.scan, self.enc = cfg, dtype, dict(force), scan, enc
+        self.cleaner = Cleaner(cfg.data.filters, cfg.data.pii)  # its counts matter only without a scan
         self.groups = groups  # (name, paths): one unnamed group of everything, or a mixture's sources
         self.files = files  # (group, path, strict): a slice of the corpus (data.num_tasks), else all of it
         self.record: dict | None = None  # {(split, group): [(ordinal, key, bytes)]} of every document kept
@@ -129,14 +143,26 @@ class _Pass:
                 yield g, doc
 
     def batches(self) -> Iterator[tuple[str, int, list[str], int]]:
-        """(split, group, texts, utf-8 bytes) batches in corpus order, after dedup and the split decision."""
+        """(split, group, texts, utf-8 bytes) batches in corpus order, after cleaning, dedup and the split
+        decision. With a scan (prepare), the scan decided what to drop; without one (a task of many), exact
+        duplicates within the task are dropped here and the merge drops those between tasks."""
         d = self.cfg.data
+        skip = self.scan.skipper() if self.scan is not None else None
+        if self.scan is not None:
+            self.duplicates = self.scan.counts["exact"]
         seen: set[bytes] = set()
         pending = {k: ([], 0) for k in self.docs}
         for g, doc in self.documents():
+            if skip is not None and skip.drops(doc):  # filtered or a duplicate, as the scan found
+                continue
+            if self.cleaner.active:
+                text = self.cleaner(doc.text, doc.source)
+                if text is None:
+                    continue
+                doc.text = text
             raw = doc.text.encode("utf-8")
             key = text_key(raw)
-            if d.dedup:
+            if d.dedup and skip is None:
                 if key in seen:
                     self.duplicates += 1
                     continue
@@ -182,10 +208,10 @@ def _tokenized(p: _Pass, tok: Tokenizer, workers: int) -> Iterator[tuple[str, in
     if workers <= 1:
         with _one_thread():
             for split, g, texts, size in p.batches():
-                yield split, g, *encode_docs_lengths(tok.tok, texts, tok.eot_id, p.dtype, bos), size
+                yield split, g, *encode_docs_lengths(tok.tok, texts, tok.eot_id, p.dtype, bos, p.enc), size
         return
     ctx = mp.get_context("spawn")  # fork is unsafe with rich's refresh thread and torch loaded
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(),)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.tok.to_str(), p.enc is not None)) as pool:
         inflight: deque = deque()  # bounded, so reading never runs far ahead of tokenizing
         for split, g, texts, size in p.batches():
             job = pool.apply_async(_encode_job, ((texts, tok.eot_id, p.dtype, bos),))
@@ -288,6 +314,67 @@ def forced_splits(p: _Pass, specs: list[SourceSpec] | None) -> dict[bytes, str]:
     return force
 
 
+def choose_encoder(tok: HFTokenizer, d: DataConfig) -> tuple[object | None, fast_bpe.Choice]:
+    """tiktoken when `data.encoder` allows it and it gives tokenizers' ids, on the probe and on the
+    corpus's first `CHECK_BYTES`; else tokenizers. `data.encoder=tiktoken` makes a refusal an error."""
+    if d.encoder == "tokenizers":
+        return None, fast_bpe.Choice("tokenizers", "data.encoder=tokenizers")
+    enc, choice = fast_bpe.convert(tok)
+    if enc is not None:
+        sample, size = [], 0
+        for doc in iter_documents([source_path(e) for e in d.sources], d.text_field, SourceStats(), d.max_doc_bytes,
+                                  d.filter):
+            sample.append(doc.text)
+            size += len(doc.text)
+            if size >= CHECK_BYTES:
+                break
+        bad = fast_bpe.same_ids(enc, tok, sample)
+        if bad is not None:
+            enc, choice = None, fast_bpe.Choice("tokenizers", f"tiktoken ids differ on the corpus at {bad[:60]!r}")
+    if enc is None and d.encoder == "tiktoken":
+        raise LmforgeError(f"data.encoder=tiktoken, but {choice.reason}; use data.encoder=auto or tokenizers")
+    return enc, choice
+
+
+def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, list]]) -> Scan | None:
+    """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup), or None if neither is on.
+    It reads the documents in the order the tokenizing pass will."""
+    d = cfg.data
+    if not (d.dedup or d.near_dedup):
+        return None
+    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers)
+    t0 = time.perf_counter()
+    try:
+        reader = _Pass(cfg, "uint16", {}, groups)
+        scan.run(doc for _, doc in reader.documents())
+    except BaseException:
+        scan.close()
+        raise
+    scan.seconds = time.perf_counter() - t0
+    return scan
+
+
+def _write_reports(data_dir: Path, p: _Pass, scan: Scan | None) -> dict:
+    """dedup.json and filters.json beside the split folders; returns the summary's view of them."""
+    cleaner = scan.cleaner if scan is not None else p.cleaner
+    out: dict = {}
+    for stale in ("dedup.json", "filters.json"):  # an earlier prepare's, with other settings
+        (data_dir / stale).unlink(missing_ok=True)
+    if scan is not None:
+        out["scan_seconds"] = round(scan.seconds, 3)
+    if scan is not None and p.cfg.data.near_dedup:  # exact duplicates alone are the manifest's duplicates_dropped
+        rep = scan.report()  # no timings in it: the data folder is byte-identical across reruns
+        atomic_write_json(data_dir / "dedup.json", rep)
+        out["near_duplicates_dropped"] = rep.get("near_duplicates", 0)
+    if cleaner.active:
+        rep = cleaner.report()
+        atomic_write_json(data_dir / "filters.json", rep)
+        out["filtered"] = {k: {"documents": v["documents"], "bytes": v["bytes"]} for k, v in rep["filters"].items()}
+        if rep["pii"] is not None:
+            out["pii_masked"] = rep["pii"]
+    return out
+
+
 def prepare(cfg: Config) -> dict:
     """Tokenize `cfg.data.sources` with RUN/tokenizer into RUN/data/{train,val}; return a summary.
 
@@ -313,10 +400,14 @@ def prepare(cfg: Config) -> dict:
     total_mb = count_source_bytes(paths) / 1e6
     data_dir = run / "data"
 
+    enc, choice = choose_encoder(tok.tok, d)
+    log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    scan = _scan(cfg, workers, data_dir, groups)
     dirs = {s: AtomicDir(data_dir / s) for s in SPLITS}
     tmps = {s: dirs[s].__enter__() for s in SPLITS}
     try:
-        p = _Pass(cfg, dtype, {}, groups)
+        p = _Pass(cfg, dtype, {}, groups, scan=scan, enc=enc)
         res = _run_pass(p, tok, tmps, workers, total_mb)
         if p.split_docs("train") + p.split_docs("val") == 0:
             raise LmforgeError(f"no documents in {', '.join(paths)}: every file is empty or "
@@ -326,23 +417,29 @@ def prepare(cfg: Config) -> dict:
             log("[dim]the hash split left a split empty; assigning one document explicitly (second pass)[/dim]")
             for s in SPLITS:
                 _clear(tmps[s])
-            p = _Pass(cfg, dtype, force, groups)
+            p = _Pass(cfg, dtype, force, groups, scan=scan, enc=enc)
             res = _run_pass(p, tok, tmps, workers, total_mb)
         writers, seconds = res["writers"], res["seconds"]
-        summary: dict = {"workers": workers, "seconds": round(seconds, 3),
+        cleaning = _write_reports(data_dir, p, scan)
+        seconds += cleaning.get("scan_seconds", 0.0)
+        summary: dict = {"workers": workers, "seconds": round(seconds, 3), "encoder": choice.name,
                          "duplicates_dropped": p.duplicates, "skipped_files": p.sources.skipped_files,
-                         "decoding": p.sources.decoding}
-        weights = write_manifests(p, tok, writers, specs, tmps, summary)
+                         "decoding": p.sources.decoding, **cleaning}
+        extra = {"encoder": choice.name, **{k: v for k, v in cleaning.items() if k != "scan_seconds"}}
+        weights = write_manifests(p, tok, writers, specs, tmps, summary, extra)
     except BaseException as e:
         for s in SPLITS:
             dirs[s].__exit__(type(e), e, e.__traceback__)
         raise
+    finally:
+        if scan is not None:
+            scan.close()
     finish_dirs(dirs, tmps, data_dir, p.split_docs("val") > 0)
     return report(summary, p, specs, weights, seconds, workers, data_dir)
 
 
 def write_manifests(p: _Pass, tok: Tokenizer, writers: dict, specs: list[SourceSpec] | None,
-                    tmps: dict[str, Path], summary: dict) -> list[float]:
+                    tmps: dict[str, Path], summary: dict, extra: dict | None = None) -> list[float]:
     """Each split's manifest into its folder; the counts go to `summary`. Returns the mixture's weights."""
     d, run = p.cfg.data, Path(p.cfg.run_dir)
     weights = mixture_weights(specs, [writers["train", g].tokens for g in range(len(p.groups))]) if specs else []
@@ -350,7 +447,7 @@ def write_manifests(p: _Pass, tok: Tokenizer, writers: dict, specs: list[SourceS
             "sources": list(d.sources), "text_field": d.text_field, "duplicates_dropped": p.duplicates,
             "skipped_files": p.sources.skipped_files, "files": p.sources.files,
             "val_fraction": d.val_fraction, "max_doc_bytes": d.max_doc_bytes,
-            "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer")}
+            "decoding": p.sources.decoding, "tokenizer": str(run / "tokenizer"), **(extra or {})}
     for s in SPLITS:
         manifest = _split_manifest(p, s, writers, specs, weights, base)
         atomic_write_json(tmps[s] / MANIFEST, manifest)
@@ -388,6 +485,8 @@ def report(summary: dict, p: _Pass, specs: list[SourceSpec] | None, weights: lis
         mix = "; mixture " + ", ".join(f"{m} {w:.3f}" for m, w in zip([g[0] for g in groups], weights, strict=True))
     log(f"prepare: train {summary['train']['tokens']:,} tokens ({summary['train']['documents']:,} docs), "
         f"val {summary['val']['tokens']:,} tokens ({summary['val']['documents']:,} docs); "
-        f"{p.duplicates:,} duplicates dropped; {summary['mb_per_s']:.1f} MB/s, "
+        f"{p.duplicates:,} duplicates dropped"
+        + (f", {summary['near_duplicates_dropped']:,} near-duplicates" if p.cfg.data.near_dedup else "")
+        + f"; {summary['mb_per_s']:.1f} MB/s, "
         f"{summary['tokens_per_s']:,} tokens/s on {workers} worker(s) -> {data_dir}{mix}")
     return summary

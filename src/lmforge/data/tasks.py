@@ -19,6 +19,7 @@ fingerprint of both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from lmforge.data.prepare import (
     SPLITS,
     _Pass,
     _run_pass,
+    choose_encoder,
     finish_dirs,
     forced_splits,
     open_writers,
@@ -55,6 +57,12 @@ def check_tasks(cfg: Config) -> None:
     d = cfg.data
     if d.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be at least 1, got {d.num_tasks}", "data.num_tasks")
+    if d.near_dedup and d.num_tasks > 1:
+        # Exact duplicates between tasks are dropped at the merge by their hashes; near-duplicates would
+        # need every task's signatures compared there, which the merge does not do.
+        raise ConfigError("data.near_dedup=true runs on one machine: with data.num_tasks > 1 near-duplicates "
+                          "between tasks would be kept; set data.num_tasks=1 or data.near_dedup=false",
+                          "data.near_dedup")
     if not 0 <= d.task_index < d.num_tasks:
         raise ConfigError(f"data.task_index must be in 0..{d.num_tasks - 1} (data.num_tasks={d.num_tasks}), "
                           f"got {d.task_index}", "data.task_index")
@@ -88,7 +96,8 @@ def _fingerprint(cfg: Config, tok: Tokenizer, files: list[tuple[int, Path, bool]
     """What every task and the merge must agree on: the settings that change the result, and the files."""
     d = cfg.data
     what = {"sources": d.sources, "text_field": d.text_field, "filter": d.filter, "val_fraction": d.val_fraction,
-            "dedup": d.dedup, "max_doc_bytes": d.max_doc_bytes, "num_tasks": d.num_tasks, "tokenizer": tok.hash,
+            "dedup": d.dedup, "max_doc_bytes": d.max_doc_bytes, "filters": dataclasses.asdict(d.filters),
+            "pii": d.pii, "num_tasks": d.num_tasks, "tokenizer": tok.hash,
             "files": [(g, str(p), _size(p)) for g, p, _ in files]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -114,7 +123,9 @@ def prepare_task(cfg: Config) -> dict:
         tmps = {s: tmp / s for s in SPLITS}
         for t in tmps.values():
             t.mkdir()
-        p = _Pass(cfg, dtype, {}, groups, files=mine)
+        enc, choice = choose_encoder(tok.tok, d)
+        log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
+        p = _Pass(cfg, dtype, {}, groups, files=mine, enc=enc)
         p.record = {}
         res = _run_pass(p, tok, tmps, workers, total_mb)
         parts = []
@@ -131,7 +142,8 @@ def prepare_task(cfg: Config) -> dict:
                           "shards": [{"file": str(folder / s["file"]), "tokens": s["tokens"]} for s in w.shards]})
         atomic_write_json(tmp / MANIFEST, {
             "task_index": d.task_index, "num_tasks": d.num_tasks, "fingerprint": _fingerprint(cfg, tok, files),
-            "dtype": dtype, "parts": parts, "duplicates_dropped": p.duplicates, "files": p.sources.files,
+            "dtype": dtype, "parts": parts, "duplicates_dropped": p.duplicates, "encoder": choice.name,
+            "files": p.sources.files,
             "skipped_files": p.sources.skipped_files, "decoding": p.sources.decoding,
             "seconds": round(res["seconds"], 3)})
     docs = sum(p.docs.values())
@@ -262,7 +274,10 @@ def merge_tasks(cfg: Config) -> dict:
         seconds = time.perf_counter() - t0
         summary: dict = {"workers": d.num_tasks, "seconds": round(seconds, 3), "duplicates_dropped": p.duplicates,
                          "skipped_files": p.sources.skipped_files, "decoding": p.sources.decoding}
-        weights = write_manifests(p, tok, writers, specs, tmps, summary)
+        # Every task's encoder gave tokenizers' ids (fast_bpe proves it before use); the manifest names it
+        # as one prepare's would.
+        encoders = sorted({m.get("encoder", "tokenizers") for m in manifests})
+        weights = write_manifests(p, tok, writers, specs, tmps, summary, {"encoder": "+".join(encoders)})
     except BaseException as e:
         for s in SPLITS:
             dirs[s].__exit__(type(e), e, e.__traceback__)
