@@ -6,7 +6,8 @@
 Both sides are real `lmforge pretrain` runs on one tokenizer and one prepared dataset (default corpus: the
 running Python's standard-library sources, as `lmforge quickstart`), the same seed, batch and schedule
 shape, and the same wall-clock budget (`train.max_minutes`, which fixes each run's step count from its own
-measured step time, so the faster side takes more steps). The MoE side has `--experts` experts of width
+measured step time, so the faster side takes more steps; about four validation passes fall inside it,
+the same share of each run). The MoE side has `--experts` experts of width
 dense_ffn / top_k per layer (the default expert width); the dense peer's MLP is widened or narrowed until
 its parameter count equals the MoE model's *active* count (what one token passes through: attention, the
 router, top_k experts, embeddings), so both spend about the same FLOPs per token.
@@ -80,7 +81,7 @@ def launch(name: str, keys: list[str], a: argparse.Namespace, seed: int, shared:
     (run / "metrics.jsonl").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "lmforge", "pretrain", f"run_dir={run}", f"seed={seed}", *keys,
            "train.max_steps=0", f"train.max_minutes={a.minutes}", f"train.seq_len={a.seq_len}",
-           f"train.micro_batch={a.micro_batch}", "train.lr=3e-3", "train.warmup_steps=20", "train.eval_every=0",
+           f"train.micro_batch={a.micro_batch}", "train.lr=3e-3", "train.warmup_steps=20", "train.eval_every=100000",
            "train.eval_batches=20", "train.save_every=0", "train.resume=none", "train.progress=false",
            "train.log_every=10", "train.sample_every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
