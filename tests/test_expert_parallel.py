@@ -3,7 +3,8 @@
 Golden losses, as tests/test_parallel.py has them for the dense layouts: the same tiny MoE, data and
 global batch trained by one process and under parallel.ep=2 (each rank 4 of the 8 experts, tokens sent
 by all-to-all, FSDP2 over both ranks for the rest) must give the same losses, validation losses and final
-weights, with AdamW and with Muon (3-D experts). An ep=2 run killed after step 5 resumes bit for bit, and
+weights, with AdamW and with Muon (3-D experts), and with activation checkpointing (whose recompute
+sends the tokens again). An ep=2 run killed after step 6 resumes bit for bit, and
 a checkpoint written under ep=2 resumes on one process (DCP reshards the optimizer state).
 """
 
@@ -54,8 +55,11 @@ def runs(base_run, tmp_path_factory) -> dict[str, Path]:
     out = {f"{kind}_{opt}": copy_run(base_run, root / f"{kind}_{opt}") for kind in ("one", "ep") for opt in OPTIMIZERS}
     for rc, err in lmforge_batch({f"one_{o}": _job(out[f"one_{o}"], *x) for o, x in OPTIMIZERS.items()}).values():
         assert rc == 0, err[-3000:]
-    done = lmforge_batch({f"ep_{o}": _job(out[f"ep_{o}"], "parallel.ep=2", *x) for o, x in OPTIMIZERS.items()},
-                         torchrun=2)
+    out["ep_recompute"] = copy_run(base_run, root / "ep_recompute")
+    jobs = {f"ep_{o}": _job(out[f"ep_{o}"], "parallel.ep=2", *x) for o, x in OPTIMIZERS.items()}
+    # activation checkpointing runs each block's forward again in backward: the all-to-alls with it
+    jobs["ep_recompute"] = _job(out["ep_recompute"], "parallel.ep=2", "train.activation_checkpointing=true")
+    done = lmforge_batch(jobs, torchrun=2)
     for rc, err in done.values():
         assert rc == 0, err[-3000:]
         assert "(dp_shard 2, ep 2)" in err, err[-3000:]
@@ -78,6 +82,12 @@ def test_ep_equals_one_process(runs, opt):
     assert not torch.equal(got["model.layers.1.mlp.experts.down_proj"], load_file(
         ep / "checkpoints" / "step_000004" / "model.safetensors")["model.layers.1.mlp.experts.down_proj"])
     assert got["model.layers.0.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+
+
+def test_ep_with_activation_checkpointing_equals_one_process(runs):
+    assert _column(runs["ep_recompute"], "loss") == pytest.approx(_column(runs["one_adamw"], "loss"), rel=1e-5)
+    for k, v in _final(runs["one_adamw"]).items():
+        torch.testing.assert_close(_final(runs["ep_recompute"])[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_ep_checkpoint_resumes_on_one_process(runs, base_run, tmp_path):
