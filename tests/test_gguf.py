@@ -16,8 +16,10 @@ from infer_helpers import make_checkpoint, make_model, one_thread  # noqa: F401 
 
 from lmforge.checkpoint import model_state, save_checkpoint
 from lmforge.cli import main as cli_main
+from lmforge.config import MoEConfig
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf import export_gguf, tensor_names
+from lmforge.model.moe import expert_dim
 from lmforge.model.transformer import ffn_dim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,10 +199,28 @@ def gguf_forward(path, ids: list[int]) -> np.ndarray:
         a /= a.sum(-1, keepdims=True)
         x = x + np.einsum("hts,shd->thd", a, v).reshape(T, C) @ W[p + "attn_output.weight"].T
         h = rms(x, W[p + "ffn_norm.weight"], eps)
+        if p + "ffn_gate_inp.weight" in W:
+            x = x + moe_ffn(h, W, p, field(r, f"{arch}.expert_used_count"))
+            continue
         g = h @ W[p + "ffn_gate.weight"].T
         x = x + ((g / (1 + np.exp(-g))) * (h @ W[p + "ffn_up.weight"].T)) @ W[p + "ffn_down.weight"].T
     out = W.get("output.weight", W["token_embd.weight"])
     return rms(x, W["output_norm.weight"], eps) @ out.T
+
+
+def moe_ffn(h: np.ndarray, W: dict, p: str, k: int) -> np.ndarray:
+    """llama.cpp's build_moe_ffn as qwen3moe calls it: softmax gating over ffn_gate_inp, the top k experts,
+    their weights renormalised to sum to 1, each a SwiGLU of ffn_{gate,up,down}_exps (3-D: expert first)."""
+    logits = h @ W[p + "ffn_gate_inp.weight"].T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    for t in range(h.shape[0]):
+        top = np.argsort(-probs[t])[:k]
+        for e, wt in zip(top, probs[t, top] / probs[t, top].sum()):
+            g, u = W[p + "ffn_gate_exps.weight"][e] @ h[t], W[p + "ffn_up_exps.weight"][e] @ h[t]
+            out[t] += wt * (W[p + "ffn_down_exps.weight"][e] @ ((g / (1 + np.exp(-g))) * u))
+    return out
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -277,5 +297,87 @@ def test_tokenizers_llama_cpp_cannot_be_told_are_refused(tmp_path):
 
     ckpt, _ = adopted_checkpoint(tmp_path, sentencepiece_model(tmp_path / "sp.model", **LLAMA2_SPM))
     with pytest.raises(LmforgeError, match="not a byte-level BPE tokenizer.*convert_hf_to_gguf"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# --- mixture of experts: llama.cpp's qwen3moe ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3moe")
+    ckpt, model, tok = make_checkpoint(root, qk_norm=True, tie_embeddings=False, moe=MoEConfig(experts=4, top_k=2))
+    return model, {kind: export_gguf(ckpt, root / f"m-{kind}.gguf", kind) for kind in ("f16", "q8_0", "q4_0")}
+
+
+def test_moe_metadata_is_what_the_converter_writes_for_qwen3_moe(moe_exported):
+    model, files = moe_exported
+    cfg = model.cfg
+    r = gguf.GGUFReader(files["f16"])
+    assert field(r, "general.architecture") == "qwen3moe"
+    hidden = expert_dim(cfg, ffn_dim(cfg))
+    expect = {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": hidden,
+              "feed_forward_length": ffn_dim(cfg), "block_count": cfg.n_layer, "embedding_length": cfg.n_embd,
+              "attention.head_count": cfg.n_head, "attention.head_count_kv": cfg.n_kv_head,
+              "context_length": cfg.max_seq_len, "rope.dimension_count": 16, "attention.key_length": 16,
+              "attention.value_length": 16, "vocab_size": cfg.vocab_size}
+    for key, value in expect.items():
+        assert field(r, f"qwen3moe.{key}") == value, key
+    names = {t.name: tuple(t.shape.tolist()) for t in r.tensors}
+    C, E, V = cfg.n_embd, 4, cfg.vocab_size
+    want = {"token_embd.weight": (C, V), "output.weight": (C, V), "output_norm.weight": (C,)}
+    for i in range(cfg.n_layer):  # GGUF shapes fastest-first, as llama.cpp's loader asks for them
+        want.update({f"blk.{i}.attn_norm.weight": (C,), f"blk.{i}.ffn_norm.weight": (C,),
+                     f"blk.{i}.attn_q.weight": (C, C), f"blk.{i}.attn_k.weight": (C, 32),
+                     f"blk.{i}.attn_v.weight": (C, 32), f"blk.{i}.attn_output.weight": (C, C),
+                     f"blk.{i}.attn_q_norm.weight": (16,), f"blk.{i}.attn_k_norm.weight": (16,),
+                     f"blk.{i}.ffn_gate_inp.weight": (C, E), f"blk.{i}.ffn_gate_exps.weight": (C, hidden, E),
+                     f"blk.{i}.ffn_up_exps.weight": (C, hidden, E), f"blk.{i}.ffn_down_exps.weight": (hidden, C, E)})
+    assert names == want
+
+
+@pytest.mark.parametrize("kind, tol", [("f16", 2e-3), ("q8_0", 0.02), ("q4_0", 0.13)])
+def test_moe_every_tensor_round_trips(moe_exported, kind, tol):
+    model, files = moe_exported
+    got = tensors(gguf.GGUFReader(files[kind]))
+    state = model_state(model)
+    seen = set()
+    for ours, t in state.items():
+        src = t.float().numpy()
+        i = ours.split(".")[2] if ours.startswith("model.layers.") else None
+        if ours.endswith("mlp.experts.gate_up_proj"):  # gate rows first, then up rows (transformers' layout)
+            h = src.shape[1] // 2
+            pairs = [(f"blk.{i}.ffn_gate_exps.weight", src[:, :h]), (f"blk.{i}.ffn_up_exps.weight", src[:, h:])]
+        else:
+            pairs = [(tensor_names(model.cfg)[ours], src)]
+        for name, want in pairs:
+            values, qtype, _ = got[name]
+            seen.add(name)
+            assert qtype == (Q.F32 if want.ndim == 1 else Q.F16 if kind == "f16" else
+                             Q.Q8_0 if kind == "q8_0" or name in ("token_embd.weight", "output.weight") else Q.Q4_0)
+            scale = np.abs(want).max(axis=-1, keepdims=True) if want.ndim > 1 else np.abs(want).max()
+            assert np.all(np.abs(values - want) <= tol * scale + 1e-6), (name, np.abs(values - want).max())
+    assert seen == set(got)
+
+
+def test_moe_llama_cpp_semantics_give_our_logits(moe_exported):
+    model, files = moe_exported
+    ids = [5, 17, 42, 7, 100, 3, 250, 64, 11, 99, 12]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    theirs = gguf_forward(files["f16"], ids)
+    assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("moe, why", [
+    (dict(first_dense_layers=1), r"model.moe.first_dense_layers=1: llama.cpp's qwen3moe graph makes every layer"),
+    (dict(norm_topk_prob=False), r"model.moe.norm_topk_prob=false"),
+    (dict(shared_experts=1), r"model.moe.shared_experts=1"),
+    (dict(router="sigmoid"), r"model.moe.router=sigmoid"),
+])
+def test_moe_gguf_refuses_what_qwen3moe_cannot_run(tmp_path, moe, why):
+    ckpt, _, _ = make_checkpoint(tmp_path, qk_norm=True, moe=MoEConfig(experts=4, **moe))
+    with pytest.raises(LmforgeError, match=why):
         export_gguf(ckpt, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()

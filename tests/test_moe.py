@@ -193,12 +193,12 @@ def test_cli_training_falls_logs_load_and_resumes_bit_exact(base_run, tmp_path):
     assert bias["model.layers.0.mlp.gate.e_score_correction_bias"].abs().sum() > 0  # it moved, and was saved
 
 
-def test_gguf_and_model_parallel_refuse_experts(tmp_path):
+def test_gguf_and_model_parallel_refuse_what_they_cannot_hold(tmp_path):
     from lmforge.export.gguf import export_gguf
     from lmforge.train.parallelize import parallelize_decoder
 
-    ckpt, model, _ = make_checkpoint(tmp_path, qk_norm=True, moe=MoEConfig(experts=4))
-    with pytest.raises(LmforgeError, match="model.moe.experts=4"):
+    ckpt, model, _ = make_checkpoint(tmp_path, qk_norm=True, moe=MoEConfig(experts=4, first_dense_layers=1))
+    with pytest.raises(LmforgeError, match="model.moe.first_dense_layers=1"):  # qwen3moe: every layer sparse
         export_gguf(ckpt, tmp_path / "m.gguf")
 
     class Sizes:  # the layout fields parallelize_decoder reads before it refuses

@@ -169,6 +169,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "zbv", "dualpipev", "gpipe"] = "1f1b"  # pipeline schedule
     pp_microbatches: int = 0  # micro-batches per pipeline step; 0: train.micro_batch split into single sequences
+    ep: int = 1  # expert parallel: MoE experts split over this many of the dp_shard ranks, tokens sent by all-to-all
     cp: int = 1  # context parallel (pretraining): each sequence split across this many processes, ring attention
     fsdp_cpu_offload: bool = False  # keep FSDP's parameters, gradients and optimizer state in CPU memory
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory, one more gather)

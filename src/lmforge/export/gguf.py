@@ -8,7 +8,9 @@ Written with the `gguf` package (llama.cpp's own Python writer), following what 
 convert_hf_to_gguf.py does for the same Hugging Face model, so llama.cpp reads our file exactly
 as it reads a converted Llama / Qwen2 / Qwen3:
 
-- Architecture: `llama`; `qwen3` when QK-norm is on; `qwen2` when only q/k/v carry biases.
+- Architecture: `llama`; `qwen3` when QK-norm is on; `qwen2` when only q/k/v carry biases; `qwen3moe`
+  for mixture-of-experts models Qwen3-MoE can hold (router ffn_gate_inp, experts ffn_{gate,up,down}_exps,
+  keys expert_count / expert_used_count / expert_feed_forward_length, see `tensor_names`).
 - RoPE layout. Our weights (like transformers') rotate halves of each head: (x_i, x_{i+D/2}).
   llama.cpp's `llama` graph rotates adjacent pairs (x_2i, x_2i+1), so the converter permutes the
   rows of q_proj / k_proj (and their biases) within every head; we do the same permutation
@@ -45,6 +47,7 @@ from lmforge.checkpoint import model_state
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
+from lmforge.model.moe import expert_dim, hf_problems, is_moe_layer
 from lmforge.model.spec import spec_for
 from lmforge.model.transformer import ffn_dim
 from lmforge.model.transformer import head_dim as model_head_dim
@@ -72,14 +75,27 @@ def gguf_arch(cfg: ModelConfig) -> str:
         problems.append(f"model.sliding_window={cfg.sliding_window}: the llama / qwen GGUF graphs written here have "
                         "no sliding window")
     if cfg.moe.experts:
-        problems.append(f"model.moe.experts={cfg.moe.experts}: GGUF export of mixture-of-experts models (llama.cpp's "
-                        "qwen3moe) is not written yet; export to Hugging Face (`lmforge export hf`) and convert "
-                        "that folder with llama.cpp's convert_hf_to_gguf.py")
+        problems += moe_problems(cfg)
     if problems:
         raise LmforgeError("cannot export to GGUF: " + "; ".join(problems))
+    if cfg.moe.experts:
+        return "qwen3moe"
     if cfg.qk_norm:
         return "qwen3"
     return "qwen2" if cfg.attn_qkv_bias else "llama"
+
+
+def moe_problems(cfg: ModelConfig) -> list[str]:
+    """What llama.cpp's qwen3moe graph cannot run of an MoE config: what Qwen3-MoE cannot hold, and two things
+    its graph fixes (every layer sparse; the top-k weights renormalised, as build_moe_ffn is called there)."""
+    out = hf_problems(cfg)
+    if cfg.moe.first_dense_layers:
+        out.append(f"model.moe.first_dense_layers={cfg.moe.first_dense_layers}: llama.cpp's qwen3moe graph makes "
+                   "every layer a mixture-of-experts layer")
+    if not cfg.moe.norm_topk_prob:
+        out.append("model.moe.norm_topk_prob=false: llama.cpp's qwen3moe graph always renormalises the top-k "
+                   "routing weights")
+    return out
 
 
 def rope_permute(w: Tensor, n_head: int) -> Tensor:
@@ -87,8 +103,13 @@ def rope_permute(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def tensor_names(cfg: ModelConfig) -> dict[str, str]:
-    """lmforge (HF) name -> GGUF name."""
+def tensor_names(cfg: ModelConfig) -> dict[str, str | tuple[str, ...]]:
+    """lmforge (HF) name -> GGUF name; a tuple of names cuts the tensor into that many equal parts along its
+    rows (an MoE layer's gate_up_proj (E, 2 * expert_dim, C) is llama.cpp's ffn_gate_exps and ffn_up_exps).
+
+    MoE layers (qwen3moe, as convert_hf_to_gguf.py writes Qwen3MoeForCausalLM): the router `mlp.gate.weight`
+    (E, C) is ffn_gate_inp, and the 3-D expert stacks keep their (E, rows, cols) layout, which GGUF lists
+    reversed: ffn_gate_exps / ffn_up_exps {C, expert_dim, E}, ffn_down_exps {expert_dim, C, E}."""
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -105,9 +126,13 @@ def tensor_names(cfg: ModelConfig) -> dict[str, str]:
     if cfg.attn_qkv_bias:
         per_layer.update({"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
                           "self_attn.v_proj.bias": "attn_v.bias"})
+    sparse = {k: v for k, v in per_layer.items() if not k.startswith("mlp.")}
+    sparse.update({"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.gate_up_proj": ("ffn_gate_exps.weight",
+                   "ffn_up_exps.weight"), "mlp.experts.down_proj": "ffn_down_exps.weight"})
     for i in range(cfg.n_layer):
-        for ours, theirs in per_layer.items():
-            names[f"model.layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
+        for ours, theirs in (sparse if is_moe_layer(cfg, i) else per_layer).items():
+            names[f"model.layers.{i}.{ours}"] = (tuple(f"blk.{i}.{t}" for t in theirs) if isinstance(theirs, tuple)
+                                                  else f"blk.{i}.{theirs}")
     return names
 
 
@@ -214,6 +239,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
         w.add_feed_forward_length(ffn_dim(cfg))
+        if cfg.moe.experts:  # the keys convert_hf_to_gguf.py writes for Qwen3MoeForCausalLM
+            w.add_expert_count(cfg.moe.experts)
+            w.add_expert_used_count(cfg.moe.top_k)
+            w.add_expert_feed_forward_length(expert_dim(cfg, ffn_dim(cfg)))
         w.add_head_count(cfg.n_head)
         w.add_head_count_kv(n_kv)
         w.add_key_length(head_dim)
@@ -245,15 +274,17 @@ def export_gguf(ckpt: str | Path, out: str | Path, kind: str = "f16") -> Path:
                 t = rope_permute(t, cfg.n_head)
             elif arch == "llama" and ".self_attn.k_proj." in ours:
                 t = rope_permute(t, n_kv)
-            arr = t.cpu().numpy()
-            name = names[ours]
-            qtype = _qtype(name, arr, kind)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                w.add_tensor(name, arr.astype(np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(name, arr.astype(np.float16))
-            else:
-                w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+            targets, arr = names[ours], t.cpu().numpy()
+            parts = [(targets, arr)] if isinstance(targets, str) else zip(targets, np.split(arr, len(targets), -2))
+            for name, arr in parts:
+                arr = np.ascontiguousarray(arr)
+                qtype = _qtype(name, arr, kind)
+                if qtype == gguf.GGMLQuantizationType.F32:
+                    w.add_tensor(name, arr.astype(np.float32))
+                elif qtype == gguf.GGMLQuantizationType.F16:
+                    w.add_tensor(name, arr.astype(np.float16))
+                else:
+                    w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

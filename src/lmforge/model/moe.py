@@ -31,6 +31,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import ModelConfig
 
@@ -68,6 +69,12 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_OK[key]
 
 
+def _local(p: Tensor) -> Tensor:
+    """This rank's experts under expert parallel (train/expert.py holds them as a DTensor cut by expert and
+    sends each rank the tokens of its own); the whole parameter otherwise."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 class Experts(nn.Module):
     """Every expert's SwiGLU weights as 3-D tensors (transformers' Qwen3MoeExperts layout)."""
 
@@ -79,7 +86,7 @@ class Experts(nn.Module):
 
     def forward(self, xs: Tensor, counts: Tensor) -> Tensor:
         """xs: (tokens sorted by expert, C); counts: (E,) tokens per expert. Returns (tokens, C)."""
-        gu, down = self.gate_up_proj, self.down_proj
+        gu, down = _local(self.gate_up_proj), _local(self.down_proj)
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's lists
             dt = torch.get_autocast_dtype(xs.device.type)
             xs, gu, down = xs.to(dt), gu.to(dt), down.to(dt)

@@ -34,6 +34,7 @@ from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ffn_dim
+from lmforge.train.expert import apply_ep, check_ep, whole_experts
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first: tp ranks talk the most
 
@@ -52,6 +53,8 @@ class Layout:
     dp_world: int = 1  # how many slices the global batch is cut into (dp_replicate * dp_shard)
     offload_alone: bool = False  # one process, FSDP2 all the same: its CPU offload is what fits the model
     cp_rank: int = 0  # which part of each sequence of its slice this rank holds (context parallel)
+    ep: int = 1  # expert parallel: ranks among the dp_shard ones that split each MoE layer's experts
+    sparse_mesh: object | None = None  # expert parallel's (efsdp, ep) mesh over the same processes (train/expert.py)
 
     @property
     def data_parts(self) -> int:
@@ -69,7 +72,7 @@ class Layout:
         return self.dp_replicate > 1 and not self.fsdp and self.tp == 1 and self.pp == 1
 
     def describe(self) -> str:
-        parts = [f"{k} {getattr(self, k)}" for k in MESH_DIMS if getattr(self, k) > 1]
+        parts = [f"{k} {getattr(self, k)}" for k in (*MESH_DIMS, "ep") if getattr(self, k) > 1]
         alone = "one process, FSDP2 (parallel.fsdp_cpu_offload)" if self.offload_alone else "one process"
         return ", ".join(parts) or alone
 
@@ -89,12 +92,16 @@ def resolve_sizes(pc: ParallelConfig, world: int) -> dict[str, int]:
         raise LmforgeError(f"parallel sizes multiply to {product} (pp {pc.pp} x dp_replicate {pc.dp_replicate} x "
                            f"dp_shard {sizes['dp_shard']} x cp {pc.cp} x tp {pc.tp}) but {world} process(es) run; "
                            "set parallel.dp_shard=-1 to take the rest, or change the sizes")
+    if pc.ep < 1 or (pc.ep > 1 and sizes["dp_shard"] % pc.ep):
+        raise LmforgeError(f"parallel.ep={pc.ep} must be a positive divisor of parallel.dp_shard="
+                           f"{sizes['dp_shard']}: expert-parallel ranks are data-parallel (FSDP2) ranks that "
+                           "also split the experts, as in torchtitan")
     return sizes
 
 
 def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device) -> Layout:
     sizes = resolve_sizes(pc, world)
-    layout = Layout(**sizes, dp_world=sizes["dp_replicate"] * sizes["dp_shard"])
+    layout = Layout(**sizes, dp_world=sizes["dp_replicate"] * sizes["dp_shard"], ep=pc.ep)
     from torch.distributed.device_mesh import init_device_mesh
 
     if world == 1:
@@ -119,11 +126,20 @@ def build_layout(pc: ParallelConfig, world: int, rank: int, device: torch.device
         layout.cp_rank = mesh["cp"].get_local_rank()
         if "dp_shard" in dims:  # FSDP shards over both (see apply_fsdp)
             mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+    if layout.ep > 1:  # check_supported refuses every other dimension beside it
+        layout.sparse_mesh = init_device_mesh(device.type, (sizes["dp_shard"] // layout.ep, layout.ep),
+                                              mesh_dim_names=("efsdp", "ep"))
     return layout
 
 
 def check_supported(layout: Layout, objective: str) -> None:
     """Refuse, with the reason, the layouts this version does not train."""
+    if layout.ep > 1:
+        others = [f"parallel.{k}={getattr(layout, k)}" for k in ("dp_replicate", "cp", "tp", "pp")
+                  if getattr(layout, k) > 1]
+        if others:
+            raise LmforgeError(f"parallel.ep={layout.ep} with {', '.join(others)}: expert parallel is built "
+                               "with FSDP2 (parallel.dp_shard) alone; train the others without parallel.ep")
     if layout.cp > 1 and objective != "lm":
         raise LmforgeError(f"parallel.cp={layout.cp}: context parallel trains pretraining only; {objective} needs "
                            "whole sequences on each rank (padded rows, per-sequence scores, generation): use "
@@ -165,6 +181,10 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
 
         pipe = build_pipeline(model, layout, pc, tc.micro_batch, tc.loss_chunk, device)
     blocks = list(base.model.layers.values() if isinstance(base.model.layers, nn.ModuleDict) else base.model.layers)
+    experts_units: list[nn.Module] = []
+    if getattr(layout, "ep", 1) > 1:  # first of all: the later steps wrap the dispatching experts
+        check_ep(experts, layout.ep)
+        experts_units = apply_ep(blocks, layout.sparse_mesh["ep"])
     if layout.tp > 1:  # check_supported refused it with pipeline stages
         if base is not model:
             raise LmforgeError(f"parallel.tp={layout.tp}: LoRA adapters are not tensor-parallel; train them "
@@ -180,7 +200,7 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     if pipe is not None and layout.dp_world > 1:  # the stages are what the schedule calls: each is a root
         apply_fsdp(pipe.stages, blocks, layout, pc, device, amp)
     elif layout.fsdp:
-        apply_fsdp([model], blocks, layout, pc, device, amp)
+        apply_fsdp([model], blocks, layout, pc, device, amp, experts_units)
     return pipe or model
 
 
@@ -355,7 +375,7 @@ def apply_compile(blocks: list[nn.Module]) -> None:
 
 
 def apply_fsdp(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, pc: ParallelConfig,
-               device: torch.device, amp: torch.dtype | None) -> None:
+               device: torch.device, amp: torch.dtype | None, experts: list[nn.Module] = ()) -> None:
     """FSDP2 (ZeRO-3): each block one unit, then each root (embeddings, final norm, head): the model, or
     under pipeline parallel each of this rank's stages (torch's pipeline schedules drive FSDP's gradient
     sync per micro-batch when a stage's module is an FSDP unit).
@@ -366,6 +386,9 @@ def apply_fsdp(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, 
     has it): the weights are sharded over dp_shard x cp and the gradient reduction averages over them
     (hence the loss scale of train/step.py). The last block is not resharded after forward: backward
     needs it at once.
+    Under expert parallel each layer's experts are a unit of their own on the sparse mesh's efsdp
+    dimension (their weights are already cut by expert along ep), dividing their gradients by the
+    whole data-parallel size (train/expert.py says why).
     Mixed precision (CUDA, bf16): parameters gathered in bf16, gradients reduced in fp32, master
     weights and optimizer state kept in fp32.
     """
@@ -384,6 +407,11 @@ def apply_fsdp(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, 
         log("parallel.fsdp_cpu_offload: training on the CPU, the state is in host memory already; nothing to offload")
     elif pc.fsdp_cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
+    for unit in experts:
+        fully_shard(unit, **{**kw, "mesh": layout.sparse_mesh["efsdp"]},
+                    reshard_after_forward=pc.fsdp_reshard_after_forward)
+        unit.set_gradient_divide_factor(float(layout.dp_world))
+        _RESHARD[unit] = pc.fsdp_reshard_after_forward
     for i, block in enumerate(blocks):
         reshard = pc.fsdp_reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **kw)
@@ -405,7 +433,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
     (rank 0 alone samples; generation stops when a rank's sequences end). Under FSDP each forward
     would all-gather, and ranks that call it a different number of times wait on each other forever.
     Gathering once on every rank (the same collective everywhere) and keeping the weights until the
-    end avoids that, at the memory of one whole copy of the parameters. Outside FSDP it does nothing.
+    end avoids that, at the memory of one whole copy of the parameters (under expert parallel, every
+    expert as well: train/expert.py whole_experts). Outside FSDP it does nothing.
     Every rank must enter it together.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -419,7 +448,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
-        yield
+        with whole_experts(model):  # expert parallel: each rank all experts, no all-to-all
+            yield
     finally:
         for m in units:
             m.reshard()

@@ -112,19 +112,30 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages: tdist.Pr
     counted once; where sequence parallel leaves it a per-rank partial sum (Partial), the norm sums the
     parts first. Under TP x FSDP every parameter is a DTensor on the same 2-D mesh, so the norms stack.
     Under pipeline parallel each rank holds other parameters: the squares are summed over the stages' group.
+    Under expert parallel the experts are DTensors on another mesh than the dense weights: each mesh's
+    norm is taken on its own and the parts combined (as torchtitan does), then applied as a plain number.
     """
     with_grad = [p for p in params if p.grad is not None]
     grads = [p.grad for p in with_grad]
-    total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
-             else torch.zeros((), device=params[0].device if params else "cpu"))
-    if stages is not None:
-        sq = (total.full_tensor() if hasattr(total, "full_tensor") else total).float() ** 2
-        tdist.all_reduce(sq, group=stages)
-        total = sq.sqrt()
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    if len(by_mesh) > 1:  # expert parallel: the experts' DTensors live on a mesh of their own
+        parts = [torch.nn.utils.get_total_norm(gs, norm_type=2.0, foreach=True) for gs in by_mesh.values()]
+        total = torch.stack([(n.full_tensor() if hasattr(n, "full_tensor") else n).float() for n in parts]).norm()
+    else:
+        total = (torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads
+                 else torch.zeros((), device=params[0].device if params else "cpu"))
+    if stages is not None or len(by_mesh) > 1:
+        if stages is not None:
+            sq = (total.full_tensor() if hasattr(total, "full_tensor") else total).float() ** 2
+            tdist.all_reduce(sq, group=stages)
+            total = sq.sqrt()
         if max_norm > 0 and grads:  # a plain norm (summed over stages) scales gradients of any kind as a number
             coef = min(1.0, max_norm / (total.item() + 1e-6))
             if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+                for gs in by_mesh.values():  # one foreach per mesh: DTensor ops do not mix meshes
+                    torch._foreach_mul_(gs, coef)
         return total
     if max_norm > 0 and grads:  # a DTensor norm scales DTensor gradients on its own mesh
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach=True)  # parameters, not grads
