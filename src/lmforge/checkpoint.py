@@ -60,7 +60,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 STEP_RE = re.compile(r"^step_(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's files, written by lmforge.train.lora
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STAGES = ("pretrain", "sft", "dpo", "rm", "grpo")  # the stages that write checkpoints into a run
+STAGES = ("pretrain", "sft", "dpo", "rm", "grpo", "seq2seq")  # the stages that write checkpoints into a run
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -68,8 +68,11 @@ def tokenizer_dir(cfg: Config) -> Path:
     return d
 
 
-def build_model(cfg: Config, vocab_size: int):
-    """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`."""
+def build_model(cfg: Config, vocab_size: int, start_id: int = -1):
+    """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`.
+
+    start_id: the decoder's first input of a t5 model whose model.decoder_start_id is -1 (the tokenizer's
+    <|endoftext|>)."""
     import torch
 
     from lmforge.checkpoint import resolve_checkpoint
@@ -91,6 +94,8 @@ def build_model(cfg: Config, vocab_size: int):
                            f"{vocab_size} tokens; set model.vocab_size=0 to size it from the tokenizer")
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.model.arch == "t5" and cfg.model.decoder_start_id < 0:
+        cfg.model.decoder_start_id = start_id
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model).train()
 
@@ -146,8 +151,10 @@ def run_pretrain(cfg: Config):
     data_dir = cfg.run_path / "data"
     manifest = read_manifest(data_dir / "train")
     check_tokenizer(manifest, tok, tokenizer_dir=tok_dir)
-    model = build_model(cfg, tok.vocab_size)
+    model = build_model(cfg, tok.vocab_size, tok.eot_id)
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+    if model.cfg.arch == "t5":
+        return _pretrain_t5(cfg, model, tok, tok_dir, data_dir)
     benchmarks = None
     if cfg.eval.train_tasks:
         from lmforge.eval.suite import benchmark_fn
@@ -158,6 +165,25 @@ def run_pretrain(cfg: Config):
     prompt = cfg.train.sample_prompt or data_prompt(tok, data_dir)
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
+    return result
+
+
+def _pretrain_t5(cfg: Config, model, tok, tok_dir: Path, data_dir: Path):
+    """An encoder-decoder pretrains by span corruption (lmforge.data.spans) on the same shards and loop."""
+    from lmforge.data.spans import sentinel_ids
+    from lmforge.train.loop import train
+    from lmforge.train.seq2seq import SpanObjective
+
+    if cfg.eval.train_tasks:
+        raise LmforgeError("eval.train_tasks with model.arch=t5: benchmarks score decoder-only models; unset it")
+    sp = cfg.span
+    objective = SpanObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed, sp.noise_density,
+                              sp.mean_span, sentinel_ids(tok, sp.sentinels), tok.eot_id, cfg.train.loss_chunk,
+                              cfg.train.eval_batches)
+    result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
+                   config_path=cfg.run_path / "lmforge.yaml")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
     return result
@@ -331,7 +357,7 @@ def _lazy(target: str, *args) -> Callable[[Config], object]:
 # eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
 STAGES["bench"] = (_lazy("lmforge.eval.suite:run_suite"), _lazy("lmforge.eval.suite:suite_done"))  # eval.tasks
 STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
-for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
+for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo"), ("seq2seq", "seq2seq")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
 for _name in ("pretrain", "sft", "dpo", "grpo"):
     STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),
