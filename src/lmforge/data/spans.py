@@ -136,13 +136,21 @@ def seq2seq_fields(record: Record) -> tuple[str, str]:
                        f"{', '.join(map(repr, data)) or 'none'}")
 
 
+def source_ids(tok, text: str, source_len: int) -> list[int]:
+    """The encoder input of a source text, as `generate` encodes a prompt (lmforge.infer.engine.encode_prompt):
+    the BOS of tokenizers that add one, its tokens, cut to source_len (an empty source is the end-of-text id)."""
+    ids = list(getattr(tok, "doc_prefix", [])) + (tok.encode(text) if text else [])
+    return ids[:source_len] or [tok.eot_id]
+
+
 def encode_seq2seq(tok, records: Sequence[Record], source_len: int, target_len: int
                    ) -> list[tuple[list[int], list[int]]]:
-    """(source ids, target ids) per record, each cut to its length with the end-of-text id last."""
+    """(source ids, target ids) per record; the target is cut to target_len with the end-of-text id last,
+    the token that stops generation."""
     out = []
     for r in records:
         src, tgt = seq2seq_fields(r)
-        out.append((tok.encode(src)[:source_len - 1] + [tok.eot_id], tok.encode(tgt)[:target_len - 1] + [tok.eot_id]))
+        out.append((source_ids(tok, src, source_len), tok.encode(tgt)[:target_len - 1] + [tok.eot_id]))
     return out
 
 

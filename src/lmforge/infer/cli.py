@@ -127,16 +127,18 @@ def cmd_generate(argv: list[str]) -> int:
 
     check_prompts(model, [encode_prompt(tokenizer, p) for p in prompts])  # fail before printing anything
     stream = cfg.generate.stream and not args.no_stream
+    # An encoder-decoder's output does not continue its input: the two are shown apart.
+    sep = " -> " if getattr(model, "is_encoder_decoder", False) else ""
     if stream:
         for i, prompt in enumerate(prompts):
-            _out(("\n" if i else "") + prompt)
+            _out(("\n" if i else "") + prompt + sep)
             complete(model, tokenizer, [prompt], params, on_text=lambda _row, delta: _out(delta))
             _out("\n")
     else:
         for start in range(0, len(prompts), max(1, args.batch_size)):
             batch = prompts[start:start + max(1, args.batch_size)]
             for j, c in enumerate(complete(model, tokenizer, batch, params)):
-                _out(("\n" if start + j else "") + batch[j] + c.text + "\n")
+                _out(("\n" if start + j else "") + batch[j] + sep + c.text + "\n")
     return 0
 
 

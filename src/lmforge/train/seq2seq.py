@@ -139,7 +139,7 @@ def target_loss(model, examples, pad_id: int, batch: int, device, rank: int = 0,
 
 def exact_match(model, tok, records, source_len: int, max_new_tokens: int, batch: int = 32) -> float:
     """Fraction of records whose greedy output, special tokens dropped and stripped, equals the target."""
-    from lmforge.data.spans import seq2seq_fields
+    from lmforge.data.spans import seq2seq_fields, source_ids
     from lmforge.infer.engine import generate_ids
     from lmforge.infer.sampling import SamplingParams
 
@@ -150,7 +150,7 @@ def exact_match(model, tok, records, source_len: int, max_new_tokens: int, batch
         for i in range(0, len(records), batch):
             chunk = records[i:i + batch]
             pairs = [seq2seq_fields(r) for r in chunk]
-            prompts = [tok.encode(s)[:source_len - 1] + [tok.eot_id] for s, _ in pairs]
+            prompts = [source_ids(tok, s, source_len) for s, _ in pairs]
             outs = generate_ids(model, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                                 stop_ids={tok.eot_id}, vocab_limit=tok.vocab_size)
             hits += sum(tok.decode(o, skip_special_tokens=True).strip() == t.strip()
