@@ -237,9 +237,11 @@ def cmd_model(argv: list[str]) -> int:
         raise LmforgeError("--gpus N needs --gpu-mem, the memory of one GPU (e.g. --gpus 8 --gpu-mem 80GB)")
     gpu_bytes = parse_memory(a.gpu_mem) if a.gpu_mem else 0
     cfg = load_config(overrides=[f"model.preset={a.preset}", f"model.vocab_size={a.vocab}", *a.overrides])
+    seq = a.seq_len or cfg.model.max_seq_len
+    if cfg.model.arch == "t5":
+        return _t5_info(a.preset, cfg.model, seq, a.gpus)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    seq = a.seq_len or cfg.model.max_seq_len
     n = model.num_params()
     m = cfg.model
     kv = f"latent attention, latent {mla_dims(m).kv_lora}" if m.attention == "mla" else f"{m.n_kv_head or m.n_head} kv"
@@ -265,6 +267,37 @@ def cmd_model(argv: list[str]) -> int:
     for k, v in mem.items():
         if k != "host":
             print(f"  {k:<15} {v / 2**30:10.2f} GiB")
+    return 0
+
+
+def _t5_info(preset: str, m, seq: int, gpus: int) -> int:
+    """model info of an encoder-decoder: its two stacks, parameters per stack, FLOPs and the decoding caches."""
+    from dataclasses import replace
+
+    import torch
+
+    from lmforge.model.t5 import T5, decoder_layers, t5_ffn_dim, t5_head_dim
+
+    if gpus:
+        raise LmforgeError("--gpus with model.arch=t5: the memory planner (model/fit.py) models decoder-only layouts; "
+                           "an encoder-decoder trains data parallel only (parallel.dp_replicate / dp_shard)")
+    with torch.device("meta"):
+        model = T5(replace(m, decoder_start_id=max(m.decoder_start_id, 0)))  # the start id changes no count
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    inner = m.n_head * t5_head_dim(m)
+    print(f"preset {preset}: t5, {m.n_layer} encoder + {decoder_layers(m)} decoder blocks x {m.n_embd} wide, "
+          f"{m.n_head} heads of {t5_head_dim(m)}, gated-GELU ffn {t5_ffn_dim(m)}, "
+          f"{m.relative_buckets} relative-position buckets (to distance {m.relative_max_distance}), "
+          f"vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} head")
+    n = model.num_params()
+    print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
+          f"without embeddings; encoder {count(model.encoder) / 1e6:.1f} M, "
+          f"decoder {count(model.decoder) / 1e6:.1f} M)")
+    print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, source and target tokens at "
+          f"length {seq})")
+    kib = 2**10
+    print(f"KV cache / token  {decoder_layers(m) * 2 * inner * 2 / kib:10.1f} KiB  (decoder self-attention, 2-byte "
+          "values; cross-attention keeps the same per source token, computed once)")
     return 0
 
 

@@ -16,18 +16,13 @@ import torch
 from lmforge.config import Config
 from lmforge.console import log
 from lmforge.data.loader import TokenWindows
-from lmforge.data.spans import Seq2SeqBatches, SpanBatches, collate_seq2seq, corrupted_lengths, encode_seq2seq
+from lmforge.data.spans import Seq2SeqBatches, SpanBatches, corrupted_lengths, encode_seq2seq
 from lmforge.errors import LmforgeError
+from lmforge.eval.seq2seq import exact_match, target_loss
 from lmforge.model.loss import IGNORE
+from lmforge.train.dist import all_reduce_slices
 from lmforge.train.objectives import Objective, _inner
 from lmforge.train.sft import finish, load_split, prepare_stage
-
-
-def _reduce(total: torch.Tensor, world: int) -> torch.Tensor:
-    from lmforge.train.dist import all_reduce_slices
-
-    all_reduce_slices(total, world)
-    return total
 
 
 class SpanObjective(Objective):
@@ -76,7 +71,7 @@ class SpanObjective(Objective):
             x, y = stream.collate(range(i, min(i + self.micro_batch, n)), 0)
             total[0] += m(x.to(self.device), labels=y.to(self.device), loss_chunk=self.loss_chunk).double()
             total[1] += y.numel()
-        total = _reduce(total, self.world)
+        all_reduce_slices(total, self.world)
         loss = (total[0] / total[1].clamp_min(1)).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -122,42 +117,6 @@ class Seq2SeqObjective(Objective):
         if self.exact_match is not None:
             out["val_exact_match"] = self.exact_match(m)
         return out
-
-
-def target_loss(model, examples, pad_id: int, batch: int, device, rank: int = 0, world: int = 1,
-                loss_chunk: int = 0) -> torch.Tensor:
-    """(summed target-token loss, target tokens) over `examples`, every rank its share, reduced."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank * batch, len(examples), world * batch):
-        b = {k: v.to(device) for k, v in collate_seq2seq(examples, range(i, min(i + batch, len(examples))),
-                                                         pad_id).items()}
-        total[0] += model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
-                          loss_chunk=loss_chunk).double()
-        total[1] += (b["labels"] != IGNORE).sum()
-    return _reduce(total, world)
-
-
-def exact_match(model, tok, records, source_len: int, max_new_tokens: int, batch: int = 32) -> float:
-    """Fraction of records whose greedy output, special tokens dropped and stripped, equals the target."""
-    from lmforge.data.spans import seq2seq_fields, source_ids
-    from lmforge.infer.engine import generate_ids
-    from lmforge.infer.sampling import SamplingParams
-
-    was = model.training
-    model.eval()
-    hits = 0
-    try:
-        for i in range(0, len(records), batch):
-            chunk = records[i:i + batch]
-            pairs = [seq2seq_fields(r) for r in chunk]
-            prompts = [source_ids(tok, s, source_len) for s, _ in pairs]
-            outs = generate_ids(model, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
-                                stop_ids={tok.eot_id}, vocab_limit=tok.vocab_size)
-            hits += sum(tok.decode(o, skip_special_tokens=True).strip() == t.strip()
-                        for o, (_, t) in zip(outs, pairs))
-    finally:
-        model.train(was)
-    return hits / max(len(records), 1)
 
 
 def check_t5(model, key: str) -> None:
