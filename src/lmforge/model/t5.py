@@ -149,19 +149,37 @@ class T5Block(nn.Module):
         parts.append(T5LayerFF(cfg))
         self.layer = nn.ModuleList(parts)
 
-    def forward(self, x: Tensor, bias: Tensor, self_kv: tuple[Tensor, Tensor] | None = None,
-                enc: Tensor | None = None, cross_bias: Tensor | None = None,
-                cross_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, offset: int = 0, bias: Tensor | None = None,
+                enc: Tensor | None = None, cross_bias: Tensor | None = None, cache: T5Cache | None = None,
+                index: int = 0) -> tuple[Tensor, Tensor]:
+        """(output, the scores' bias). Block 0 makes the bias from its relative position table and `mask`
+        (additive: padding or causality), the later blocks take it from there, as in transformers. Every
+        weight is read inside the block's own forward, so FSDP gathers it (block 0 holds the table)."""
         drop = lambda t: F.dropout(t, self.p, self.training)  # noqa: E731
         sa = self.layer[0]
-        x = x + drop(sa.SelfAttention(sa.layer_norm(x), bias, self_kv))
+        attn = sa.SelfAttention
+        T = x.shape[1]
+        if bias is None:
+            bias = attn.compute_bias(T, offset + T, offset, x.device) + mask
+        h = sa.layer_norm(x)
+        self_kv = cross_kv = None
+        if cache is not None:  # decoding: this step's keys/values joined to the earlier ones
+            k, v = attn.heads(attn.k(h)), attn.heads(attn.v(h))
+            if cache.k[index] is not None:
+                k, v = torch.cat([cache.k[index], k], dim=2), torch.cat([cache.v[index], v], dim=2)
+            cache.k[index], cache.v[index] = k, v
+            self_kv = (k, v)
+            if cache.cross[index] is None:  # the encoder output's keys/values, once
+                cache.cross[index] = cross_keys(self.layer[1].EncDecAttention, enc)
+            cross_kv = cache.cross[index]
+        x = x + drop(attn(h, bias, self_kv))
         if self.is_decoder:
             ca = self.layer[1]
             if cross_kv is None:
                 cross_kv = cross_keys(ca.EncDecAttention, enc)
             x = x + drop(ca.EncDecAttention(ca.layer_norm(x), cross_bias, cross_kv))
         ff = self.layer[-1]
-        return x + drop(ff.DenseReluDense(ff.layer_norm(x)))
+        return x + drop(ff.DenseReluDense(ff.layer_norm(x))), bias
 
 
 def cross_keys(attn: T5Attention, enc: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,6 +197,7 @@ class T5Stack(nn.Module):
 
     @property
     def bias_module(self) -> T5Attention:
+        """The attention that owns this stack's relative position table."""
         return self.block[0].layer[0].SelfAttention
 
 
@@ -261,13 +280,11 @@ class T5(nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Encoder output (B, S, C); attention_mask (B, S) is False at padding."""
         x = F.dropout(self.shared(input_ids), self.cfg.dropout, self.training)
-        S = input_ids.shape[1]
-        bias = self.encoder.bias_module.compute_bias(S, S, 0, input_ids.device)
-        pad = padding_bias(attention_mask, bias.dtype)
-        if pad is not None:
-            bias = bias + pad
+        mask = padding_bias(attention_mask, x.dtype)
+        mask = x.new_zeros(1, 1, 1, input_ids.shape[1]) if mask is None else mask
+        bias = None
         for block in self.encoder.block:
-            x = block(x, bias)
+            x, bias = block(x, mask, bias=bias)
         return F.dropout(self.encoder.final_layer_norm(x), self.cfg.dropout, self.training)
 
     def decode(self, decoder_input_ids: Tensor, enc: Tensor, attention_mask: Tensor | None = None,
@@ -277,31 +294,19 @@ class T5(nn.Module):
         start = cache.length if cache is not None else 0
         x = F.dropout(self.shared(decoder_input_ids), self.cfg.dropout, self.training)
         dev = decoder_input_ids.device
-        bias = self.decoder.bias_module.compute_bias(T, start + T, start, dev)
         causal = torch.arange(start + T, device=dev)[None, :] <= torch.arange(start, start + T, device=dev)[:, None]
-        bias = bias.masked_fill(~causal, torch.finfo(bias.dtype).min)
+        mask = torch.zeros(causal.shape, dtype=x.dtype, device=dev).masked_fill(~causal, torch.finfo(x.dtype).min)
         if cache is not None and cache.cross_bias is not None:
             cross_bias = cache.cross_bias
         else:
-            cross_bias = padding_bias(attention_mask, bias.dtype)
+            cross_bias = padding_bias(attention_mask, x.dtype)
             if cross_bias is None:
-                cross_bias = torch.zeros(1, 1, 1, enc.shape[1], dtype=bias.dtype, device=dev)
+                cross_bias = x.new_zeros(1, 1, 1, enc.shape[1])
             if cache is not None:
                 cache.cross_bias = cross_bias
+        bias = None
         for i, block in enumerate(self.decoder.block):
-            self_kv = cross_kv = None
-            if cache is not None:
-                attn = block.layer[0].SelfAttention
-                h = block.layer[0].layer_norm(x)
-                k, v = attn.heads(attn.k(h)), attn.heads(attn.v(h))
-                if cache.k[i] is not None:
-                    k, v = torch.cat([cache.k[i], k], dim=2), torch.cat([cache.v[i], v], dim=2)
-                cache.k[i], cache.v[i] = k, v
-                self_kv = (k, v)
-                if cache.cross[i] is None:
-                    cache.cross[i] = cross_keys(block.layer[1].EncDecAttention, enc)
-                cross_kv = cache.cross[i]
-            x = block(x, bias, self_kv, enc, cross_bias, cross_kv)
+            x, bias = block(x, mask, start, bias, enc, cross_bias, cache, i)
         if cache is not None:
             cache.length += T
         h = F.dropout(self.decoder.final_layer_norm(x), self.cfg.dropout, self.training)
