@@ -162,6 +162,23 @@ def test_t5_config_refuses_what_it_is_not_built_of():
         load_config(overrides=["model.preset=t5-tiny", "model.moe.experts=4"])
 
 
+def test_model_info_counts_t5_small_as_transformers_does(capsys):
+    from lmforge.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["model", "info", "t5-small", "--vocab", "32128"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    with torch.device("meta"):  # google/t5-v1_1-small's config; transformers shares lm_head, v1.1 does not
+        hf = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+                                                 num_heads=6, feed_forward_proj="gated-gelu"))
+    n = sum(p.numel() for p in hf.parameters()) + 32128 * 512
+    assert f"parameters        {n / 1e6:10.1f} M" in out and "8 encoder + 8 decoder blocks" in out
+    with pytest.raises(SystemExit) as e:
+        cli_main(["model", "info", "t5-small", "--gpus", "8", "--gpu-mem", "16GB"])
+    assert e.value.code != 0 and "--gpus with model.arch=t5" in capsys.readouterr().err
+
+
 # --- generation --------------------------------------------------------------------------------------
 
 def test_greedy_with_the_cache_equals_greedy_without():

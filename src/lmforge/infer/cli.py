@@ -158,6 +158,9 @@ def cmd_chat(argv: list[str]) -> int:
     from lmforge.infer.loading import load_for_inference
 
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
+    if getattr(model, "is_encoder_decoder", False):
+        raise LmforgeError(f"{ckpt} is an encoder-decoder (model.arch=t5) with no chat template: use "
+                           "`lmforge generate` with its source text")
     session = ChatSession(model, tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     print(f"lmforge chat: {ckpt}; {HELP}", file=sys.stderr)

@@ -119,12 +119,6 @@ class Seq2SeqObjective(Objective):
         return out
 
 
-def check_t5(model, key: str) -> None:
-    if getattr(model.cfg, "arch", "") != "t5":
-        raise LmforgeError(f"{key}: seq2seq trains an encoder-decoder (model.arch=t5); this checkpoint is "
-                           f"model.arch={model.cfg.arch} (use `lmforge sft` for decoder-only models)")
-
-
 def run_seq2seq(cfg: Config):
     from lmforge.train.loop import train
 
@@ -132,8 +126,7 @@ def run_seq2seq(cfg: Config):
         st, model = _scratch_stage(cfg)
     else:
         st = prepare_stage(cfg, "seq2seq")
-        model = st.load_policy()
-        check_t5(model, "seq2seq.init_from")
+        model = st.load_policy()  # refuses a decoder-only checkpoint
     sc, tc = st.cfg.seq2seq, st.cfg.train
     src_len, tgt_len = sc.source_len or tc.seq_len, sc.target_len or tc.seq_len
     train_records, val_records = load_split(sc.data, sc.val_data, sc.val_fraction, "seq2seq examples")
