@@ -136,11 +136,11 @@ def seq2seq_fields(record: Record) -> tuple[str, str]:
                        f"{', '.join(map(repr, data)) or 'none'}")
 
 
-def source_ids(tok, text: str, source_len: int) -> list[int]:
-    """The encoder input of a source text, as `generate` encodes a prompt (lmforge.infer.engine.encode_prompt):
-    the BOS of tokenizers that add one, its tokens, cut to source_len (an empty source is the end-of-text id)."""
+def source_ids(tok, text: str, source_len: int = 0) -> list[int]:
+    """The encoder input of a source text: the BOS of tokenizers that add one, its tokens cut to leave room,
+    and the end-of-text id, as T5 ends its inputs (`generate` encodes a prompt for an encoder-decoder so)."""
     ids = list(getattr(tok, "doc_prefix", [])) + (tok.encode(text) if text else [])
-    return ids[:source_len] or [tok.eot_id]
+    return (ids[:source_len - 1] if source_len else ids) + [tok.eot_id]
 
 
 def encode_seq2seq(tok, records: Sequence[Record], source_len: int, target_len: int

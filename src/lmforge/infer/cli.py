@@ -123,9 +123,10 @@ def cmd_generate(argv: list[str]) -> int:
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
     print(f"lmforge generate: {ckpt} on {next(model.parameters()).device}"
           + (f", {args.quantize}" if args.quantize else ""), file=sys.stderr)
-    from lmforge.infer.engine import check_prompts, encode_prompt
+    from lmforge.infer.engine import check_prompts, encode_prompt, is_encoder_decoder
 
-    check_prompts(model, [encode_prompt(tokenizer, p) for p in prompts])  # fail before printing anything
+    encoder = is_encoder_decoder(model)
+    check_prompts(model, [encode_prompt(tokenizer, p, encoder) for p in prompts])  # fail before printing anything
     stream = cfg.generate.stream and not args.no_stream
     # An encoder-decoder's output does not continue its input: the two are shown apart.
     sep = " -> " if getattr(model, "is_encoder_decoder", False) else ""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lmforge.data.spans import source_ids
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, sample_next
 
@@ -412,12 +413,16 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
     return out
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str, encoder: bool = False) -> list[int]:
     """A prompt starts as training documents do: with the BOS of tokenizers that add one (Llama-style).
 
     Not twice: a prompt decoded from training data already starts with it. Without a BOS, an empty
-    prompt starts from the end-of-text token every training document follows.
+    prompt starts from the end-of-text token every training document follows. encoder=True: the source
+    of an encoder-decoder, which ends with the end-of-text token, as T5 ends its inputs (and
+    lmforge.data.spans.source_ids encodes training sources).
     """
+    if encoder:
+        return source_ids(tokenizer, text)
     prefix = list(getattr(tokenizer, "doc_prefix", []))
     ids = tokenizer.encode(text) if text else []
     if ids[:len(prefix)] == prefix:
@@ -425,9 +430,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return prefix + ids or [tokenizer.eot_id]
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    from lmforge.checkpoint import unwrap
+
+    return bool(getattr(unwrap(model), "is_encoder_decoder", False))
+
+
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
              on_text: OnText | None = None) -> list[Completion]:
-    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], params, on_text)
+    encoder = is_encoder_decoder(model)
+    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p, encoder) for p in prompts], params, on_text)
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
