@@ -1,7 +1,8 @@
 """The built-in sequence-to-sequence task: reverse a list of words (the t5 demo, recipes/t5-reverse.yaml).
 
-Lists of 3 to 8 words from a fixed 32-word vocabulary are drawn from a generator seeded by `demo.seed`;
-the held-out test lists are drawn first and no training list equals one of them. The stage writes
+Lists of 3 to 8 distinct words from a fixed 32-word vocabulary are drawn from a generator seeded by
+`demo.seed`; the held-out test lists are drawn first and no training list equals one of them. Distinct
+words keep each output word's place in the source unambiguous, which a 1 M-parameter model needs. The stage writes
 RUN/reverse/:
 
     train.jsonl  {"source": "reverse: w1 w2 ... wn", "target": "wn ... w2 w1"}, demo.n_train of them
@@ -38,7 +39,7 @@ def make_reverse(seed: int, n_train: int, n_test: int, min_words: int = 3, max_w
     rng = random.Random(seed)
 
     def draw() -> tuple[str, ...]:
-        return tuple(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+        return tuple(rng.sample(WORDS, rng.randint(min_words, max_words)))
 
     test: dict[tuple[str, ...], None] = {}
     while len(test) < n_test:
