@@ -47,6 +47,7 @@ from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, clear_leftovers, read_json, remove_tree
 from lmforge.model import moe
 from lmforge.model.spec import build_model
+from lmforge.model.t5 import t5_hf_config
 from lmforge.model.transformer import head_dim as model_head_dim
 from lmforge.model.window import hf_window_fields
 from lmforge.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 STEP_RE = re.compile(r"^step_(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's files, written by lmforge.train.lora
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STAGES = ("pretrain", "sft", "dpo", "rm", "grpo")  # the stages that write checkpoints into a run
+STAGES = ("pretrain", "sft", "dpo", "rm", "grpo", "seq2seq")  # the stages that write checkpoints into a run
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -82,7 +83,9 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
     With the checkpoint's tokenizer it also carries the bos / eos / pad ids.
     """
     out: dict = {}
-    if cfg.arch == "llama" and cfg.attention == "mha" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
+    if cfg.arch == "t5":
+        out = t5_hf_config(cfg)
+    elif cfg.arch == "llama" and cfg.attention == "mha" and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm" \
             and cfg.pos == "rope" and not cfg.logit_softcap:
         from lmforge.model.transformer import ffn_dim
 
@@ -432,7 +435,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if k in sd and tuple(sd[k].shape) != tuple(v.shape):
             raise LmforgeError(f"{weights}: tensor {k} has shape {tuple(sd[k].shape)}, config says {tuple(v.shape)}")
     model.load_state_dict(sd, strict=False, assign=False)
-    if cfg.tie_embeddings:
+    if hasattr(model, "tie_weights"):  # a family that knows its own shared weights (t5)
+        model.tie_weights()
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if cfg.pos == "rope":  # non-persistent buffers were left empty by to_empty()
         from lmforge.model.transformer import rope_cache

@@ -123,8 +123,8 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     preset: str = ""  # tiny | small | medium | large | xl | gpt2-* | mla-*; explicit keys override it
-    # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
-    arch: Literal["llama", "gpt2"] = "llama"
+    # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU) | t5 (encoder-decoder, model/t5.py)
+    arch: Literal["llama", "gpt2", "t5"] = "llama"
     vocab_size: int = 0  # 0: take it from the tokenizer, padded up to `pad_vocab_to`
     pad_vocab_to: int = 64  # multiples of 64 keep matmuls on fast kernels
     n_layer: int = 4  # transformer blocks
@@ -133,10 +133,10 @@ class ModelConfig:
     n_kv_head: int = 0  # 0: same as n_head; 1: multi-query attention
     head_dim: int = 0  # 0: n_embd // n_head; else each head's width (Qwen3 keeps 128 at every size)
     ffn_dim: int = 0  # 0: derived from n_embd (8/3 for SwiGLU, 4x otherwise), multiple of 64
-    mlp: Literal["swiglu", "gelu", "relu2"] = "swiglu"  # the MLP's activation
+    mlp: Literal["swiglu", "gelu", "relu2", "gated-gelu"] = "swiglu"  # the MLP's activation (gated-gelu: t5)
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # the normalisation layers
     norm_eps: float = 1e-6  # epsilon of every norm
-    pos: Literal["rope", "learned"] = "rope"  # rotary or learned absolute positions
+    pos: Literal["rope", "learned", "relative"] = "rope"  # rotary, learned absolute, or T5's relative bias (t5)
     rope_theta: float = 10000.0  # RoPE base frequency
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
     bias: bool = False  # biases on every linear layer
@@ -158,6 +158,20 @@ class ModelConfig:
     sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
     window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # t5 only: the decoder's blocks (0: n_layer), the relative-position buckets and the distance where they end
+    n_decoder_layer: int = 0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    decoder_start_id: int = -1  # t5: the decoder's first input id; -1: the tokenizer's <|endoftext|>
+
+
+@dataclass
+class SpanConfig:
+    """T5's span corruption, the pretraining objective of model.arch=t5 (lmforge.data.spans)."""
+
+    noise_density: float = 0.15  # fraction of each window's tokens that are masked out
+    mean_span: float = 3.0  # mean length of a masked span
+    sentinels: int = 100  # <extra_id_0> ... <extra_id_N-1>, added to the tokenizer when model.arch=t5
 
 
 @dataclass
@@ -344,6 +358,20 @@ class GRPOConfig:
 
 
 @dataclass
+class Seq2SeqConfig:
+    """Sequence-to-sequence fine-tuning of a t5 model on {"source","target"} (or {"input","output"}) JSONL."""
+
+    data: list[str] = field(default_factory=list)  # .jsonl / .json files of {"source","target"} records
+    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
+    val_fraction: float = 0.0  # fraction of data held out when val_data is empty
+    # checkpoint, a stage name of this run, "": latest pretrain; "scratch": a fresh model.* with the run's tokenizer
+    init_from: str = ""
+    source_len: int = 0  # source tokens kept per example (0: train.seq_len)
+    target_len: int = 0  # target tokens kept per example, the end token included (0: train.seq_len)
+    train: StageTrain = field(default_factory=StageTrain)
+
+
+@dataclass
 class DemoConfig:
     """The built-in arithmetic task (lmforge.data.demo); its seed is its own so runs share one test set."""
 
@@ -373,6 +401,8 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
 
     @property
     def run_path(self) -> Path:
@@ -586,7 +616,9 @@ RULES: dict[type, dict[str, tuple]] = {
                   "n_kv_head": _NONNEG, "head_dim": _NONNEG, "ffn_dim": _NONNEG, "norm_eps": _POS,
                   "rope_theta": _POS, "max_seq_len": _POS, "logit_softcap": _NONNEG, "init_std": _POS,
                   "dropout": _FRACTION, "kv_lora_rank": _NONNEG, "q_lora_rank": _NONNEG,
-                  "qk_rope_head_dim": _NONNEG, "qk_nope_head_dim": _NONNEG, "v_head_dim": _NONNEG},
+                  "qk_rope_head_dim": _NONNEG, "qk_nope_head_dim": _NONNEG, "v_head_dim": _NONNEG,
+                  "n_decoder_layer": _NONNEG, "relative_buckets": (lambda v: v >= 4, ">= 4"),
+                  "relative_max_distance": _POS, "decoder_start_id": (lambda v: v >= -1, ">= -1")},
     TrainConfig: {"seq_len": _POS, "micro_batch": _POS, "batch_tokens": _NONNEG,
                   "max_minutes": _NONNEG, "lr": _POS, "min_lr_ratio": _UNIT, "warmup_steps": _NONNEG,
                   "decay_fraction": _UNIT, "weight_decay": _NONNEG, "beta1": _FRACTION, "beta2": _FRACTION,
@@ -609,9 +641,12 @@ RULES: dict[type, dict[str, tuple]] = {
                  "max_new_tokens": _POS, "temperature": (lambda v: v > 0, "positive (rollouts are sampled)"),
                  "top_k": _NONNEG, "top_p": _PROB, "epsilon_low": _NONNEG, "epsilon_high": _NONNEG,
                  "beta": _NONNEG, "iterations": _AT_LEAST_1},
+    SpanConfig: {"noise_density": (lambda v: 0 < v < 1, "in (0, 1)"), "mean_span": (lambda v: v >= 1, ">= 1"),
+                 "sentinels": _AT_LEAST_1},
+    Seq2SeqConfig: {"val_fraction": _FRACTION, "source_len": _NONNEG, "target_len": _NONNEG},
     DemoConfig: {"max_digits": _AT_LEAST_1, "n_train": _NONNEG, "n_test": _NONNEG, "n_pretrain": _NONNEG},
 }
-POST_STAGES = ("sft", "dpo", "rm", "grpo")
+POST_STAGES = ("sft", "dpo", "rm", "grpo", "seq2seq")
 
 
 def _check_ranges(obj: Any, key: Callable[[str], str]) -> None:
@@ -625,6 +660,12 @@ def _check_ranges(obj: Any, key: Callable[[str], str]) -> None:
 def check_model(m: ModelConfig, prefix: str = "model.") -> None:
     """The model section's ranges and the shape rules the attention needs."""
     _check_ranges(m, lambda k: prefix + k)
+    if m.arch == "t5":
+        _check_t5(m, prefix)
+        return
+    for key, value in (("pos", "relative"), ("mlp", "gated-gelu")):
+        if getattr(m, key) == value:
+            raise ConfigError(f"{prefix}{key}={value} is T5's; it needs {prefix}arch=t5", prefix + key)
     if m.attention == "mla":
         _check_mla(m, prefix)
         return
@@ -649,6 +690,28 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
                           prefix + ("head_dim" if m.head_dim else "n_embd"))
     _check_window(m, prefix)
     _check_moe(m, prefix)
+
+
+def _check_t5(m: ModelConfig, prefix: str) -> None:
+    """What the encoder-decoder (model/t5.py) is built of; every other block choice is refused by name."""
+    want = {"pos": "relative", "mlp": "gated-gelu", "norm": "rmsnorm", "attention": "mha"}
+    for key, value in want.items():
+        if getattr(m, key) != value:
+            raise ConfigError(f"{prefix}{key}={getattr(m, key)} with {prefix}arch=t5: T5 v1.1 has {key}={value}",
+                              prefix + key)
+    for key in ("qk_norm", "bias", "attn_qkv_bias", "logit_softcap", "sliding_window", "zero_init_out"):
+        if getattr(m, key):
+            raise ConfigError(f"{prefix}{key}={getattr(m, key)} with {prefix}arch=t5: not part of T5; unset it",
+                              prefix + key)
+    if (m.n_kv_head or m.n_head) != m.n_head:
+        raise ConfigError(f"{prefix}n_kv_head={m.n_kv_head} with {prefix}arch=t5: T5 has one key/value head per "
+                          "query head; set 0", prefix + "n_kv_head")
+    if m.moe.experts:
+        raise ConfigError(f"{prefix}moe.experts={m.moe.experts} with {prefix}arch=t5: T5's MLPs are dense; set 0",
+                          prefix + "moe.experts")
+    if not m.head_dim and m.n_embd % m.n_head:
+        raise ConfigError(f"{prefix}n_embd={m.n_embd} is not divisible by {prefix}n_head={m.n_head} (or set "
+                          f"{prefix}head_dim)", prefix + "n_embd")
 
 
 def _check_window(m: ModelConfig, prefix: str) -> None:
@@ -743,7 +806,7 @@ def stage_train(cfg: Config, name: str) -> TrainConfig:
 
 def validate(cfg: Config) -> None:
     """Ranges and cross-field checks that types alone cannot express (RULES, shapes, batch sizes)."""
-    for section in ("tokenizer", "data", "parallel", "eval", "generate", "demo", *POST_STAGES):
+    for section in ("tokenizer", "data", "parallel", "eval", "generate", "demo", "span", *POST_STAGES):
         _check_ranges(getattr(cfg, section), lambda k, s=section: f"{s}.{k}")
     check_model(cfg.model)
     _check_train(cfg.train, lambda k: f"train.{k}")

@@ -80,8 +80,11 @@ def tokenizer_dir(cfg: Config) -> Path:
     return d
 
 
-def build_model(cfg: Config, vocab_size: int):
-    """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`."""
+def build_model(cfg: Config, vocab_size: int, start_id: int = -1):
+    """A freshly initialised model (seeded, so every rank builds the same one), or `train.init_from`.
+
+    start_id: the decoder's first input of a t5 model whose model.decoder_start_id is -1 (the tokenizer's
+    <|endoftext|>)."""
     import torch
 
     from lmforge.checkpoint import resolve_checkpoint
@@ -106,6 +109,8 @@ def build_model(cfg: Config, vocab_size: int):
         raise LmforgeError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
                            f"{preset}: set train.seq_len={cfg.model.max_seq_len} (or less), or a larger "
                            "model.max_seq_len")
+    if cfg.model.arch == "t5" and cfg.model.decoder_start_id < 0:
+        cfg.model.decoder_start_id = start_id
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model).train()
 
@@ -161,8 +166,10 @@ def run_pretrain(cfg: Config):
     data_dir = cfg.run_path / "data"
     manifest = read_manifest(data_dir / "train")
     check_tokenizer(manifest, tok, tokenizer_dir=tok_dir)
-    model = build_model(cfg, tok.vocab_size)
+    model = build_model(cfg, tok.vocab_size, tok.eot_id)
     check_tokenizer(manifest, vocab_size=model.cfg.vocab_size)
+    if model.cfg.arch == "t5":
+        return _pretrain_t5(cfg, model, tok, tok_dir, data_dir)
     benchmarks = None
     if cfg.eval.train_tasks:
         from lmforge.eval.suite import benchmark_fn
@@ -173,6 +180,25 @@ def run_pretrain(cfg: Config):
     prompt = cfg.train.sample_prompt or data_prompt(tok, data_dir)
     result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
                    sample_fn=sampler(tok, prompt, cfg.seed), config_path=cfg.run_path / "lmforge.yaml")
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
+    return result
+
+
+def _pretrain_t5(cfg: Config, model, tok, tok_dir: Path, data_dir: Path):
+    """An encoder-decoder pretrains by span corruption (lmforge.data.spans) on the same shards and loop."""
+    from lmforge.data.spans import sentinel_ids
+    from lmforge.train.loop import train
+    from lmforge.train.seq2seq import SpanObjective
+
+    if cfg.eval.train_tasks:
+        raise LmforgeError("eval.train_tasks with model.arch=t5: benchmarks score decoder-only models; unset it")
+    sp = cfg.span
+    objective = SpanObjective(data_dir, cfg.train.seq_len, cfg.train.micro_batch, cfg.seed, sp.noise_density,
+                              sp.mean_span, sentinel_ids(tok, sp.sentinels), tok.eot_id, cfg.train.loss_chunk,
+                              cfg.train.eval_batches)
+    result = train(cfg, model, objective, cfg.run_path, tokenizer_dir=tok_dir,
+                   config_path=cfg.run_path / "lmforge.yaml")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     log(f"[bold green]done[/] step {result.step}: {scores}; checkpoint {result.checkpoint}")
     return result
@@ -226,9 +252,11 @@ def cmd_model(argv: list[str]) -> int:
         raise LmforgeError("--gpus N needs --gpu-mem, the memory of one GPU (e.g. --gpus 8 --gpu-mem 80GB)")
     gpu_bytes = parse_memory(a.gpu_mem) if a.gpu_mem else 0
     cfg = load_config(overrides=[f"model.preset={a.preset}", f"model.vocab_size={a.vocab}", *a.overrides])
+    seq = a.seq_len or cfg.model.max_seq_len
+    if cfg.model.arch == "t5":
+        return _t5_info(a.preset, cfg.model, seq, a.gpus)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    seq = a.seq_len or cfg.model.max_seq_len
     n = model.num_params()
     m = cfg.model
     kv = f"latent attention, latent {mla_dims(m).kv_lora}" if m.attention == "mla" else f"{m.n_kv_head or m.n_head} kv"
@@ -254,6 +282,37 @@ def cmd_model(argv: list[str]) -> int:
     for k, v in mem.items():
         if k != "host":
             print(f"  {k:<15} {v / 2**30:10.2f} GiB")
+    return 0
+
+
+def _t5_info(preset: str, m, seq: int, gpus: int) -> int:
+    """model info of an encoder-decoder: its two stacks, parameters per stack, FLOPs and the decoding caches."""
+    from dataclasses import replace
+
+    import torch
+
+    from lmforge.model.t5 import T5, decoder_layers, t5_ffn_dim, t5_head_dim
+
+    if gpus:
+        raise LmforgeError("--gpus with model.arch=t5: the memory planner (model/fit.py) models decoder-only layouts; "
+                           "an encoder-decoder trains data parallel only (parallel.dp_replicate / dp_shard)")
+    with torch.device("meta"):
+        model = T5(replace(m, decoder_start_id=max(m.decoder_start_id, 0)))  # the start id changes no count
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    inner = m.n_head * t5_head_dim(m)
+    print(f"preset {preset}: t5, {m.n_layer} encoder + {decoder_layers(m)} decoder blocks x {m.n_embd} wide, "
+          f"{m.n_head} heads of {t5_head_dim(m)}, gated-GELU ffn {t5_ffn_dim(m)}, "
+          f"{m.relative_buckets} relative-position buckets (to distance {m.relative_max_distance}), "
+          f"vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} head")
+    n = model.num_params()
+    print(f"parameters        {n / 1e6:10.1f} M  ({model.num_params(exclude_embeddings=True) / 1e6:.1f} M "
+          f"without embeddings; encoder {count(model.encoder) / 1e6:.1f} M, "
+          f"decoder {count(model.decoder) / 1e6:.1f} M)")
+    print(f"FLOPs per token   {model.flops_per_token(seq) / 1e9:10.3f} G  (training, source and target tokens at "
+          f"length {seq})")
+    kib = 2**10
+    print(f"KV cache / token  {decoder_layers(m) * 2 * inner * 2 / kib:10.1f} KiB  (decoder self-attention, 2-byte "
+          "values; cross-attention keeps the same per source token, computed once)")
     return 0
 
 
@@ -346,7 +405,8 @@ def _lazy(target: str, *args) -> Callable[[Config], object]:
 # eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
 STAGES["bench"] = (_lazy("lmforge.eval.suite:run_suite"), _lazy("lmforge.eval.suite:suite_done"))  # eval.tasks
 STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
-for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo")):
+STAGES["reverse"] = (_lazy("lmforge.data.reverse:run_reverse"), _lazy("lmforge.data.reverse:done_reverse"))
+for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo"), ("seq2seq", "seq2seq")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
 for _name in ("pretrain", "sft", "dpo", "grpo"):
     STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),

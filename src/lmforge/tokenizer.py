@@ -291,10 +291,21 @@ def new_tokenizer(special_tokens: list[str]) -> tuple[HFTokenizer, list[AddedTok
     return tok, specials
 
 
+def sentinel_tokens(n: int) -> list[str]:
+    """T5's span-corruption sentinels, <extra_id_0> ... <extra_id_{n-1}>: each stands for one masked span."""
+    return [f"<extra_id_{i}>" for i in range(n)]
+
+
+def _t5_sentinels(cfg: Config) -> list[str]:
+    return sentinel_tokens(cfg.span.sentinels) if cfg.model.arch == "t5" else []
+
+
 def _specials(cfg: Config) -> list[str]:
-    """Configured special tokens, with the three lmforge relies on always present (EOT first: id 0)."""
+    """Configured special tokens, with the three lmforge relies on always present (EOT first: id 0), and
+    T5's sentinels when model.arch=t5."""
     out = [EOT] + [t for t in cfg.tokenizer.special_tokens if t != EOT]
-    return out + [t for t in (IM_START, IM_END) if t not in out]
+    out += [t for t in (IM_START, IM_END) if t not in out]
+    return out + [t for t in _t5_sentinels(cfg) if t not in out]
 
 
 def _file_in(folder: Path) -> Path:
@@ -317,7 +328,8 @@ def _read_tokenizer_json(file: Path) -> Adopted:
     return Adopted(tok, eos=None, add_bos=False, info={"format": "tokenizer.json"})
 
 
-def adopt_tokenizer(tc: TokenizerConfig, model_max_length: int = 1024) -> tuple[Tokenizer, Adopted, list[str]]:
+def adopt_tokenizer(tc: TokenizerConfig, model_max_length: int = 1024, sentinels: list[str] | None = None
+                    ) -> tuple[Tokenizer, Adopted, list[str]]:
     """The tokenizer at tokenizer.from_file with its own eos / bos, plus the tokens asked for.
 
     A tokenizer_config.json beside the file names eos / bos / pad and add_bos_token, as transformers
@@ -344,6 +356,7 @@ def adopt_tokenizer(tc: TokenizerConfig, model_max_length: int = 1024) -> tuple[
           else (adopted.add_bos if adopted.reference else None)}
     wanted = [t for t in tc.special_tokens if t not in (EOT, IM_START, IM_END)]
     wanted += [IM_START, IM_END] if tc.add_chat_tokens else []
+    wanted += sentinels or []
     added = [t for t in dict.fromkeys(wanted) if adopted.tok.token_to_id(t) is None]
     adopted.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     try:
@@ -413,7 +426,7 @@ def train_tokenizer(cfg: Config) -> dict:
 
     adopted, parity = None, None
     if tc.from_file:
-        wrapped, adopted, added = adopt_tokenizer(tc, cfg.model.max_seq_len)
+        wrapped, adopted, added = adopt_tokenizer(tc, cfg.model.max_seq_len, _t5_sentinels(cfg))
         if sources:
             with progress("reading held-out text", total / 1e6, "MB") as advance:
                 for _ in texts(advance):

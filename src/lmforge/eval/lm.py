@@ -77,6 +77,11 @@ def evaluate(cfg) -> dict:
         return evaluate_task(cfg)
     ec = cfg.eval
     model, tok, ckpt = open_checkpoint(cfg)
+    if getattr(model, "is_encoder_decoder", False):
+        from lmforge.eval.seq2seq import evaluate_seq2seq
+
+        return evaluate_seq2seq(cfg, model, tok, ckpt, cfg.run_path / "eval" /
+                                f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-seq2seq.json")
     seq_len = ec.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise LmforgeError(f"eval.seq_len={seq_len} exceeds the model's context {model.cfg.max_seq_len}")

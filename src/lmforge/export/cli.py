@@ -7,6 +7,7 @@ a LoRA / QLoRA checkpoint is exported merged, or as a PEFT folder with `export h
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from lmforge.errors import LmforgeError
@@ -35,6 +36,9 @@ def cmd_export(argv: list[str]) -> int:
 
         out = export_hf(ckpt, args.out, dtype=args.dtype, adapter=args.adapter)
         loader = "peft.AutoPeftModelForCausalLM" if args.adapter else "transformers.AutoModelForCausalLM"
+        if not args.adapter and json.loads((out / "config.json").read_text(encoding="utf-8")).get(
+                "model_type") == "t5":
+            loader = "transformers.T5ForConditionalGeneration"
         print(f"lmforge export: {ckpt} -> {out} ({loader}.from_pretrained('{out}'))", file=sys.stderr)
     else:
         from lmforge.export.gguf import export_gguf

@@ -86,6 +86,12 @@ def llama_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
     return llama_family_config(cfg), lambda sd: sd
 
 
+def t5_writer(cfg: ModelConfig) -> tuple[dict, StateMap]:
+    """T5ForConditionalGeneration: the names are transformers' already; the shared embedding stands for
+    encoder.embed_tokens and decoder.embed_tokens, which transformers ties to it on load."""
+    return hf_config(cfg), lambda sd: sd
+
+
 def writer_for(cfg: ModelConfig) -> Writer:
     """The architecture's Hugging Face writer, as its model spec names it."""
     return spec_for(cfg).fn("hf_writer")

@@ -23,7 +23,7 @@ from lmforge.model.mla import deinterleave_rope_rows, mla_dims
 from lmforge.model.window import window_from_hf
 
 # ministral: Llama with per-layer sliding windows
-SUPPORTED = ("llama", "qwen2", "qwen3", "ministral", "qwen3_moe", "deepseek_v3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "ministral", "qwen3_moe", "deepseek_v3", "t5")
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -46,6 +46,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise LmforgeError(f"{where}: model_type='{mt}' is not supported; lmforge imports {', '.join(SUPPORTED)}")
+    if mt == "t5":
+        return _t5_config(hf, where)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         if not isinstance(hf.get(key), int):
             raise LmforgeError(f"{where}: '{key}' is missing or not an integer")
@@ -87,6 +89,27 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings") or 2048), init_std=float(hf.get("initializer_range", 0.02)),
         sliding_window=window, window_pattern=pattern if pattern != "S" else "",
     )
+
+
+def _t5_config(hf: dict, where: str) -> ModelConfig:
+    """T5 v1.1 (gated-gelu); the original T5's ReLU MLP is refused by name. tie_word_embeddings absent or true
+    is the original tied head, whose decoder output transformers scales by d_model^-1/2 (model/t5.py does too)."""
+    for key in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"):
+        if not isinstance(hf.get(key), int):
+            raise LmforgeError(f"{where}: '{key}' is missing or not an integer")
+    if hf.get("feed_forward_proj", "relu") != "gated-gelu":
+        raise LmforgeError(f"{where}: feed_forward_proj={hf.get('feed_forward_proj', 'relu')!r} is not supported; "
+                           "lmforge's t5 is T5 v1.1 (gated-gelu)")
+    start = hf.get("decoder_start_token_id")
+    return ModelConfig(
+        preset="", arch="t5", pos="relative", mlp="gated-gelu", vocab_size=hf["vocab_size"], pad_vocab_to=1,
+        n_layer=hf["num_layers"], n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"],
+        n_embd=hf["d_model"], n_head=hf["num_heads"], head_dim=hf["d_kv"], ffn_dim=hf["d_ff"],
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
+        max_seq_len=hf.get("n_positions") or 512, init_std=0.02,
+        decoder_start_id=start if isinstance(start, int) else hf.get("pad_token_id") or 0)
 
 
 def _deepseek_config(hf: dict, where: str) -> ModelConfig:
@@ -182,6 +205,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         expected.pop("lm_head.weight")
         weights.pop("lm_head.weight", None)  # some saves include the tied copy
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.arch == "t5":  # copies of `shared`, and a bias old T5 checkpoints kept that transformers ignores
+        for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                  "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"):
+            weights.pop(k, None)
     if cfg.attention == "mla":
         # Multi-token-prediction modules sit after the last layer; transformers skips them too.
         weights = {k: v for k, v in weights.items()
@@ -198,11 +225,14 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
                                f"config.json implies {tuple(v.shape)}")
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    if cfg.tie_embeddings:
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
+    if cfg.pos == "rope":
+        cos, sin = rope_cache(model.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
     has_tok = (src / "tokenizer.json").is_file()
 
     def write_config(tmp: Path) -> None:  # qwen2-aware config.json with the token ids

@@ -93,6 +93,9 @@ class Job:
 
 def batch_refusal(model: nn.Module) -> str | None:
     """Why `model` cannot join the continuous batch (None: it can)."""
+    if getattr(model, "is_encoder_decoder", False):
+        return ("an encoder-decoder (model.arch=t5) decodes against each request's own encoder output, which "
+                "the shared decoder cache does not hold")
     if model.cfg.sliding_window:
         return ("sliding-window layers (model.sliding_window) keep a ring cache whose slots follow the shared "
                 "write position, so rows cannot be re-aligned in it")

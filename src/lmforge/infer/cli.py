@@ -123,20 +123,23 @@ def cmd_generate(argv: list[str]) -> int:
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
     print(f"lmforge generate: {ckpt} on {next(model.parameters()).device}"
           + (f", {args.quantize}" if args.quantize else ""), file=sys.stderr)
-    from lmforge.infer.engine import check_prompts, encode_prompt
+    from lmforge.infer.engine import check_prompts, encode_prompt, is_encoder_decoder
 
-    check_prompts(model, [encode_prompt(tokenizer, p) for p in prompts])  # fail before printing anything
+    encoder = is_encoder_decoder(model)
+    check_prompts(model, [encode_prompt(tokenizer, p, encoder) for p in prompts])  # fail before printing anything
     stream = cfg.generate.stream and not args.no_stream
+    # An encoder-decoder's output does not continue its input: the two are shown apart.
+    sep = " -> " if getattr(model, "is_encoder_decoder", False) else ""
     if stream:
         for i, prompt in enumerate(prompts):
-            _out(("\n" if i else "") + prompt)
+            _out(("\n" if i else "") + prompt + sep)
             complete(model, tokenizer, [prompt], params, on_text=lambda _row, delta: _out(delta))
             _out("\n")
     else:
         for start in range(0, len(prompts), max(1, args.batch_size)):
             batch = prompts[start:start + max(1, args.batch_size)]
             for j, c in enumerate(complete(model, tokenizer, batch, params)):
-                _out(("\n" if start + j else "") + batch[j] + c.text + "\n")
+                _out(("\n" if start + j else "") + batch[j] + sep + c.text + "\n")
     return 0
 
 
@@ -156,6 +159,9 @@ def cmd_chat(argv: list[str]) -> int:
     from lmforge.infer.loading import load_for_inference
 
     model, tokenizer, ckpt = load_for_inference(target, args.device or cfg.device, args.dtype, args.quantize)
+    if getattr(model, "is_encoder_decoder", False):
+        raise LmforgeError(f"{ckpt} is an encoder-decoder (model.arch=t5) with no chat template: use "
+                           "`lmforge generate` with its source text")
     session = ChatSession(model, tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     print(f"lmforge chat: {ckpt}; {HELP}", file=sys.stderr)

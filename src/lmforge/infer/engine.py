@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lmforge.data.spans import source_ids
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, sample_next
 
@@ -208,6 +209,12 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     ctx = context_length(model)
     if not prompts:
         return []
+    if getattr(model, "is_encoder_decoder", False):
+        if score_prompt or params.max_new_tokens == 0:
+            raise LmforgeError("scoring prompt tokens is for decoder-only models: an encoder-decoder's prompt is "
+                               "its encoder input, which it does not predict")
+        return _generate_encoder_decoder(model, prompts, params, stop_ids, generator, on_token, logprobs,
+                                         vocab_limit, top_logprobs)
     score_only = params.max_new_tokens == 0
     check_prompts(model, prompts, room=0 if score_only else 1)
     if repeats < 1:
@@ -271,6 +278,66 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
             seen[torch.arange(len(rows), device=device), nxt] = True
         pos = (lens[rows] + step).unsqueeze(1)
         logits = model(nxt.unsqueeze(1), positions=pos, cache=cache)[:, -1]
+    return results
+
+
+def _generate_encoder_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                              stop_ids, generator, on_token, logprobs: bool, vocab_limit: int | None,
+                              top_logprobs: int | None) -> list[Sample]:
+    """An encoder-decoder's samples: the prompts are encoded once (right-padded, masked), then the decoder
+    runs one token at a time from its start id against a T5Cache (its own keys/values so far, and the
+    encoder output's cross-attention keys/values computed at the first step)."""
+    check_prompts(model, prompts, room=0)
+    device = _device_of(model)
+    if generator is None:
+        generator = make_generator(params, device)
+    B, S = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, S), model.cfg.decoder_start_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, S), dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(list(p), device=device)
+        mask[b, :len(p)] = True
+    enc = model.encode(ids, mask)
+    cache = model.new_cache()
+    vocab = model.cfg.vocab_size
+    steps = min(params.max_new_tokens, context_length(model))
+    results = [Sample([], "length", [] if logprobs else None, [] if top_logprobs is not None else None)
+               for _ in range(B)]
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1.0 else None
+    nxt = torch.full((B,), model.cfg.decoder_start_id, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)
+    for step in range(steps):
+        logits = model.logits(model.decode(nxt.unsqueeze(1), enc, mask, cache))[:, -1].float()
+        raw = logits.clone() if top_logprobs is not None else None
+        if vocab_limit is not None and vocab_limit < vocab:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = sample_next(logits, params, seen, generator)
+        step_scores = score_logits(raw, nxt, top_logprobs, vocab_limit) if raw is not None else None
+        if logprobs:
+            scaled = logits / (params.temperature if not params.greedy else 1.0)
+            lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+        done_list = [t in stop_ids or step + 1 >= steps for t in nxt.tolist()]
+        for j, r in enumerate(rows.tolist()):
+            res, token = results[r], int(nxt[j])
+            res.tokens.append(token)
+            if logprobs:
+                res.logprobs.append(lp[j])
+            if step_scores is not None:
+                res.scores.append(step_scores[j])
+            if token in stop_ids:
+                res.finish_reason = "stop"
+            if on_token is not None and on_token(r, token) and not done_list[j]:
+                res.finish_reason, done_list[j] = "stop", True
+        keep = [j for j, d in enumerate(done_list) if not d]
+        if not keep:
+            break
+        if len(keep) < len(done_list):
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            rows, nxt, enc, mask = rows[index], nxt[index], enc[index], mask[index]
+            seen = seen[index] if seen is not None else None
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), nxt] = True
     return results
 
 
@@ -400,12 +467,16 @@ def complete_ids(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
     return out
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str, encoder: bool = False) -> list[int]:
     """A prompt starts as training documents do: with the BOS of tokenizers that add one (Llama-style).
 
     Not twice: a prompt decoded from training data already starts with it. Without a BOS, an empty
-    prompt starts from the end-of-text token every training document follows.
+    prompt starts from the end-of-text token every training document follows. encoder=True: the source
+    of an encoder-decoder, which ends with the end-of-text token, as T5 ends its inputs (and
+    lmforge.data.spans.source_ids encodes training sources).
     """
+    if encoder:
+        return source_ids(tokenizer, text)
     prefix = list(getattr(tokenizer, "doc_prefix", []))
     ids = tokenizer.encode(text) if text else []
     if ids[:len(prefix)] == prefix:
@@ -413,9 +484,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return prefix + ids or [tokenizer.eot_id]
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    from lmforge.checkpoint import unwrap
+
+    return bool(getattr(unwrap(model), "is_encoder_decoder", False))
+
+
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,
              on_text: OnText | None = None) -> list[Completion]:
-    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], params, on_text)
+    encoder = is_encoder_decoder(model)
+    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p, encoder) for p in prompts], params, on_text)
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], params: SamplingParams,

@@ -142,7 +142,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 
 
 def parse_request(body: object, *, chat: bool, tokenizer, context: int, max_tokens_limit: int,
-                  model_name: str | None = None) -> ApiRequest:
+                  model_name: str | None = None, encoder: bool = False) -> ApiRequest:
     """Validate a decoded JSON body and turn it into token-id prompts plus sampling parameters."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -170,7 +170,7 @@ def parse_request(body: object, *, chat: bool, tokenizer, context: int, max_toke
         except LmforgeError as e:
             raise ApiError(400, str(e), "messages") from None
     else:
-        prompts, texts = _completion_prompts(body, tokenizer)
+        prompts, texts = _completion_prompts(body, tokenizer, encoder)
         if len(prompts) * n > MAX_N:
             raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n)", "n")
 
@@ -197,7 +197,7 @@ def parse_request(body: object, *, chat: bool, tokenizer, context: int, max_toke
                       [t for t in texts for _ in range(n)] if echo and texts is not None else None)
 
 
-def _completion_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(body: dict, tokenizer, encoder: bool = False) -> tuple[list[list[int]], list[str]]:
     """(token ids, text) of each prompt: a string, a list of strings, a list of ids or of id lists."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -210,7 +210,7 @@ def _completion_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[st
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
-            ids.append(encode_prompt(tokenizer, p))
+            ids.append(encode_prompt(tokenizer, p, encoder))
             texts.append(p)
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
                                                and 0 <= t < tokenizer.vocab_size for t in p):

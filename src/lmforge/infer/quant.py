@@ -85,7 +85,8 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise LmforgeError(f"--quantize must be one of {', '.join(MODES)}, got '{mode}'")
     layer_cls = Int8Linear if mode == "int8" else Int4Linear
-    for block in model.model.layers:
+    blocks = model.blocks() if hasattr(model, "blocks") else model.model.layers  # t5: both stacks' blocks
+    for block in blocks:
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):

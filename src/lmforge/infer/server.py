@@ -242,8 +242,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(e, close=True)  # the body may be partly unread: the connection cannot be reused
                 return
             try:
+                if getattr(s.model, "is_encoder_decoder", False) and routes[path]:
+                    raise ApiError(400, "this model is an encoder-decoder (model.arch=t5) with no chat template: "
+                                   "send its source text to /v1/completions", code="unsupported_model")
                 req = parse_request(body, chat=routes[path], tokenizer=s.tokenizer, context=s.context,
-                                    max_tokens_limit=s.max_tokens, model_name=s.name)
+                                    max_tokens_limit=s.max_tokens, model_name=s.name,
+                                    encoder=getattr(s.model, "is_encoder_decoder", False))
+                if getattr(s.model, "is_encoder_decoder", False) and req.echo and req.top_logprobs is not None:
+                    raise ApiError(400, "echo with logprobs scores prompt tokens, which an encoder-decoder does not "
+                                   "predict", param="echo")
                 job = s.submit(req)
             except ApiError as e:
                 self._error(e)

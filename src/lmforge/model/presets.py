@@ -12,6 +12,8 @@ from lmforge.errors import LmforgeError
 ARCH_DEFAULTS: dict[str, dict] = {
     "llama": {},
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True),
+    # T5 v1.1: relative position bias, gated GELU, untied head (model/t5.py)
+    "t5": dict(pos="relative", mlp="gated-gelu", norm_eps=1e-6, tie_embeddings=False),
 }
 
 PRESETS: dict[str, dict] = {
@@ -39,6 +41,11 @@ PRESETS: dict[str, dict] = {
     # Qwen3-30B-A3B's shape scaled down (48 -> 12 layers, 2048 -> 768 wide, 128 -> 64 experts, top 8)
     "moe-small": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, qk_norm=True, tie_embeddings=False,
                       max_seq_len=2048, rope_theta=1e6, moe=MoEConfig(experts=64, top_k=8, expert_dim=256)),
+    # Encoder-decoder (model/t5.py). t5-tiny is the CPU-test size; t5-small is google/t5-v1_1-small's shape
+    # (8 + 8 blocks, 512 wide, 6 heads of 64, d_ff 1024).
+    "t5-tiny": dict(arch="t5", n_layer=2, n_embd=64, n_head=4, ffn_dim=128, max_seq_len=128, relative_buckets=16,
+                    relative_max_distance=64),
+    "t5-small": dict(arch="t5", n_layer=8, n_embd=512, n_head=6, head_dim=64, ffn_dim=1024, max_seq_len=512),
     "gpt2-small": dict(arch="gpt2", n_layer=12, n_embd=768, n_head=12, max_seq_len=1024),
     "gpt2-medium": dict(arch="gpt2", n_layer=24, n_embd=1024, n_head=16, max_seq_len=1024),
     "gpt2-large": dict(arch="gpt2", n_layer=36, n_embd=1280, n_head=20, max_seq_len=1024),

@@ -20,6 +20,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.t5 import T5
 from lmforge.model.transformer import Transformer
 
 
@@ -57,6 +58,9 @@ SPECS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec("gpt2", Transformer, parallelize="lmforge.train.parallelize:parallelize_decoder",
                       pipeline_split="",
                       hf_writer="lmforge.export.gpt2:gpt2_writer"),
+    # Encoder-decoder: two stacks of blocks, data parallel only (no tensor / pipeline / context split).
+    "t5": ModelSpec("t5", T5, parallelize="lmforge.train.parallelize:parallelize_t5", pipeline_split="",
+                    hf_writer="lmforge.export.hf:t5_writer"),
 }
 
 

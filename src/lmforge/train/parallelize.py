@@ -204,6 +204,26 @@ def parallelize_decoder(model: nn.Module, layout: Layout, pc: ParallelConfig, tc
     return pipe or model
 
 
+def parallelize_t5(model: nn.Module, layout: Layout, pc: ParallelConfig, tc: TrainConfig,
+                   device: torch.device, amp: torch.dtype | None) -> nn.Module:
+    """The encoder-decoder's parallelize: data parallel (DDP, FSDP2 with each block of both stacks a unit),
+    activation checkpointing and compile per block. Tensor, pipeline and context parallel are refused:
+    its cross-attention and two stacks have no plan or split here."""
+    for key, size in (("tp", layout.tp), ("pp", layout.pp), ("cp", layout.cp)):
+        if size > 1:
+            raise LmforgeError(f"parallel.{key}={size} with model.arch=t5: the encoder-decoder trains with data "
+                               "parallel only (parallel.dp_replicate for DDP, parallel.dp_shard for FSDP2)")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = base.blocks()
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if tc.compile:
+        apply_compile(blocks)
+    if layout.fsdp:
+        apply_fsdp([model], blocks, layout, pc, device, amp)
+    return model
+
+
 def check_attention(cfg: ModelConfig, layout: Layout) -> None:
     """Multi-head latent attention has no tensor- or context-parallel form yet.
 

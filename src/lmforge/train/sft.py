@@ -64,6 +64,12 @@ class Stage:
             raise LmforgeError(f"{self.name}.init_from={self.init} is a LoRA checkpoint; new adapters need a plain "
                                f"base: `lmforge merge {self.init} OUT`, then start from OUT")
         model = load_any(self.init).train()
+        if getattr(model, "is_encoder_decoder", False) != (self.name == "seq2seq"):
+            raise LmforgeError(f"{self.name}.init_from={self.init} is model.arch={model.cfg.arch}: "
+                               + ("an encoder-decoder is fine-tuned with `lmforge seq2seq` on source/target pairs; "
+                                  f"{self.name} trains decoder-only models" if self.name != "seq2seq" else
+                                  "seq2seq trains an encoder-decoder (model.arch=t5); use `lmforge sft` for "
+                                  "decoder-only models"))
         if self.cfg.train.seq_len > model.cfg.max_seq_len:
             raise LmforgeError(f"train.seq_len={self.cfg.train.seq_len} exceeds the model's context "
                                f"{model.cfg.max_seq_len} ({self.init})")
