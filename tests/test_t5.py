@@ -276,3 +276,32 @@ def test_seq2seq_from_scratch_resumes_exactly_and_evaluates(base_run, tmp_path):
     assert weights_equal(a / "checkpoints" / "step_000006", b / "checkpoints" / "step_000006")
     result = json.loads(next((runs["straight"] / "eval").glob("*seq2seq.json")).read_text())
     assert result["examples"] == 16 and 0 <= result["exact_match"] <= 1 and result["loss"] < 6.3
+
+
+def test_serve_completes_a_source_as_generate_does(base_run, tmp_path):
+    """`serve` runs an encoder-decoder one request at a time (the continuous batch is for decoders): a greedy
+    completion equals the engine's greedy output for the same source, and chat is refused by name."""
+    from test_server import start_server, stop_server
+
+    from lmforge.infer.engine import complete
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.sampling import SamplingParams
+
+    run = copy_run(base_run, tmp_path / "r")
+    done = lmforge_batch({"pre": ["pretrain", f"run_dir={run}", *T5_TINY, "train.max_steps=2", "train.save_every=2"]})
+    assert done["pre"][0] == 0, done["pre"][1][-3000:]
+    ckpt = run / "checkpoints" / "step_000002"
+    served = start_server(ckpt)
+    try:
+        status, body = served.raw("POST", "/v1/completions", json.dumps(
+            {"prompt": "def f(x):", "max_tokens": 6, "temperature": 0}).encode(), {"Content-Type": "application/json"})
+        assert status == 200, body
+        text = json.loads(body)["choices"][0]["text"]
+        status, body = served.raw("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}]}).encode(), {"Content-Type": "application/json"})
+        assert status == 400 and b"encoder-decoder" in body
+    finally:
+        stop_server(served)
+    model, tok, _ = load_for_inference(ckpt, "cpu", "fp32", None)
+    want = complete(model, tok, ["def f(x):"], SamplingParams(max_new_tokens=6, temperature=0.0))[0]
+    assert text == want.text
