@@ -253,19 +253,8 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
         nxt, lp, step_scores = sample_step(logits, params, seen, generator, logprobs=logprobs,
                                            vocab_limit=vocab_limit, top_logprobs=top_logprobs)
         done = torch.isin(nxt, stop_tensor) | (step + 1 >= budgets[rows])
-        tokens, done_list, row_list = nxt.tolist(), done.tolist(), rows.tolist()
-        for j, r in enumerate(row_list):
-            res = results[r]
-            res.tokens.append(tokens[j])
-            if logprobs:
-                res.logprobs.append(lp[j])
-            if step_scores is not None:
-                res.scores.append(step_scores[j])
-            if tokens[j] in stop_ids:
-                res.finish_reason = "stop"
-            if on_token is not None and on_token(r, tokens[j]) and not done_list[j]:
-                res.finish_reason = "stop"
-                done_list[j] = True
+        row_list, done_list = rows.tolist(), done.tolist()
+        _record_step(results, row_list, nxt.tolist(), lp, step_scores, stop_ids, on_token, done_list)
         keep = [j for j, d in enumerate(done_list) if not d]
         if not keep:
             break
@@ -279,6 +268,25 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
         pos = (lens[rows] + step).unsqueeze(1)
         logits = model(nxt.unsqueeze(1), positions=pos, cache=cache)[:, -1]
     return results
+
+
+def _record_step(results: list[Sample], rows: list[int], tokens: list[int], lp: list[float] | None,
+                 step_scores: list[TokenScore] | None, stop_ids, on_token: OnToken | None,
+                 done: list[bool]) -> None:
+    """Append one decoding step's token (and log-prob, scores) to each live row's Sample; a stop id, or
+    `on_token` asking to stop, ends the row (`done` is updated in place)."""
+    for j, r in enumerate(rows):
+        res = results[r]
+        res.tokens.append(tokens[j])
+        if lp is not None:
+            res.logprobs.append(lp[j])
+        if step_scores is not None:
+            res.scores.append(step_scores[j])
+        if tokens[j] in stop_ids:
+            res.finish_reason = "stop"
+        if on_token is not None and on_token(r, tokens[j]) and not done[j]:
+            res.finish_reason = "stop"
+            done[j] = True
 
 
 def _generate_encoder_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -308,26 +316,11 @@ def _generate_encoder_decoder(model: nn.Module, prompts: Sequence[Sequence[int]]
     rows = torch.arange(B, device=device)
     for step in range(steps):
         logits = model.logits(model.decode(nxt.unsqueeze(1), enc, mask, cache))[:, -1].float()
-        raw = logits.clone() if top_logprobs is not None else None
-        if vocab_limit is not None and vocab_limit < vocab:
-            logits[:, vocab_limit:] = float("-inf")
-        nxt = sample_next(logits, params, seen, generator)
-        step_scores = score_logits(raw, nxt, top_logprobs, vocab_limit) if raw is not None else None
-        if logprobs:
-            scaled = logits / (params.temperature if not params.greedy else 1.0)
-            lp = scaled.log_softmax(-1).gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
-        done_list = [t in stop_ids or step + 1 >= steps for t in nxt.tolist()]
-        for j, r in enumerate(rows.tolist()):
-            res, token = results[r], int(nxt[j])
-            res.tokens.append(token)
-            if logprobs:
-                res.logprobs.append(lp[j])
-            if step_scores is not None:
-                res.scores.append(step_scores[j])
-            if token in stop_ids:
-                res.finish_reason = "stop"
-            if on_token is not None and on_token(r, token) and not done_list[j]:
-                res.finish_reason, done_list[j] = "stop", True
+        nxt, lp, step_scores = sample_step(logits, params, seen, generator, logprobs=logprobs,
+                                           vocab_limit=vocab_limit, top_logprobs=top_logprobs)
+        tokens = nxt.tolist()
+        done_list = [t in stop_ids or step + 1 >= steps for t in tokens]
+        _record_step(results, rows.tolist(), tokens, lp, step_scores, stop_ids, on_token, done_list)
         keep = [j for j, d in enumerate(done_list) if not d]
         if not keep:
             break
