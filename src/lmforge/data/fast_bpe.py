@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge.tokenizer_formats import byte_chars
+
 # The regex ByteLevel(use_regex=True) applies (GPT-2's), for tokenizers that split with it alone.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -40,19 +42,6 @@ class Choice:
 
     name: str  # "tiktoken" or "tokenizers"
     reason: str
-
-
-def _byte_decoder() -> dict[str, int]:
-    """ByteLevel's printable alphabet back to bytes (GPT-2's bytes_to_unicode, inverted)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _pattern(pre: dict | None) -> str:
@@ -87,7 +76,7 @@ def _ranks(model: dict, added: set[str]) -> dict[bytes, int]:
             raise ValueError(f"BPE {key}={model[key]!r}")
     if model.get("byte_fallback"):
         raise ValueError("BPE byte_fallback")
-    dec = _byte_decoder()
+    dec = {c: b for b, c in enumerate(byte_chars())}  # ByteLevel's printable alphabet back to bytes
     vocab: dict[str, int] = {t: i for t, i in model["vocab"].items() if t not in added}
     try:
         ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items()}

@@ -34,6 +34,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.chat import check_messages, render_prompt
 from lmforge.infer.engine import default_stop_ids, encode_prompt
 from lmforge.infer.sampling import SamplingParams
+from lmforge.tokenizer_formats import byte_chars
 
 MAX_N = 8
 MAX_STOP = 4
@@ -236,9 +237,7 @@ def usage(req: ApiRequest, completions) -> dict:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE's printable stand-in for each byte (GPT-2's bytes_to_unicode), inverted."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(moved)}
+    return {c: b for b, c in enumerate(byte_chars())}
 
 
 class TokenText:
