@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import log, machine
+from common import log, machine, prepare_shared, run_dir_on
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,29 +56,9 @@ def model_keys(a: argparse.Namespace) -> dict[str, list[str]]:
     return {"moe": moe, "dense": [*shared, f"model.ffn_dim={dense_ffn}"]}
 
 
-def prepare(work: Path, corpus: list[str]) -> Path:
-    from lmforge.config import load_config
-    from lmforge.stages import run_prepare, run_tokenizer
-
-    shared = work / "shared"
-    cfg = load_config(overrides=[f"run_dir={shared}", "tokenizer.vocab_size=4096", "tokenizer.max_train_bytes=2000000",
-                                 "data.val_fraction=0.05"])
-    cfg.data.sources = corpus
-    if not (shared / "tokenizer" / "tokenizer.json").is_file():
-        run_tokenizer(cfg)
-    if not (shared / "data" / "train" / "manifest.json").is_file():
-        run_prepare(cfg)
-    return shared
-
-
 def launch(name: str, keys: list[str], a: argparse.Namespace, seed: int, shared: Path, work: Path,
            threads: int) -> tuple[subprocess.Popen, Path]:
-    run = work / f"{name}-seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    for sub in ("tokenizer", "data"):
-        if not (run / sub).exists():
-            (run / sub).symlink_to(shared / sub, target_is_directory=True)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
+    run = run_dir_on(shared, work / f"{name}-seed{seed}")
     cmd = [sys.executable, "-m", "lmforge", "pretrain", f"run_dir={run}", f"seed={seed}", *keys,
            "train.max_steps=0", f"train.max_minutes={a.minutes}", f"train.seq_len={a.seq_len}",
            f"train.micro_batch={a.micro_batch}", "train.lr=3e-3", "train.warmup_steps=20", "train.eval_every=100000",
@@ -123,7 +103,8 @@ def main() -> None:
 
     corpus = [a.corpus] if a.corpus else [str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")]
     work = Path(a.work or tempfile.mkdtemp(prefix="moe-vs-dense-"))
-    shared = prepare(work, corpus)
+    shared = prepare_shared(work, corpus, overrides=["tokenizer.vocab_size=4096", "tokenizer.max_train_bytes=2000000",
+                                                     "data.val_fraction=0.05"])
     keys = model_keys(a)
     threads = max(1, (os.cpu_count() or 1) // a.parallel)
     out = {"bench": "moe_vs_dense", "minutes_per_run": a.minutes, "seq_len": a.seq_len,
