@@ -104,6 +104,22 @@ def _encode_job(job: tuple[list[str], int, str, int | None]) -> tuple[np.ndarray
     return encode_docs_lengths(_TOK, *job, enc=_ENC)
 
 
+def corpus_documents(d: DataConfig, groups: list[tuple[str, list]], files: list[tuple[int, Path, bool]] | None,
+                     stats: SourceStats) -> Iterator[tuple[int, Document]]:
+    """(group, document) in corpus order: the groups as listed, each group's sources as `iter_documents`
+    reads them; or, for a task of many, its slice `files` ((group, path, strict)). The dedup scan and the
+    tokenizing pass both read through here, so they number the documents alike."""
+    if files is not None:
+        for g, run in itertools.groupby(files, key=lambda f: f[0]):
+            for doc in read_files([(path, strict) for _, path, strict in run], d.text_field, stats,
+                                  d.max_doc_bytes, d.filter):
+                yield g, doc
+        return
+    for g, (_, paths) in enumerate(groups):
+        for doc in iter_documents(paths, d.text_field, stats, d.max_doc_bytes, d.filter):
+            yield g, doc
+
+
 class _Pass:
     """One read-tokenize-write pass over the corpus into temporary split folders."""
 
@@ -129,18 +145,7 @@ class _Pass:
         return sum(n for (s, _), n in self.bytes.items() if s == split)
 
     def documents(self) -> Iterator[tuple[int, Document]]:
-        """(group, document) in corpus order: the groups as listed, each group's sources as `iter_documents`
-        reads them."""
-        d = self.cfg.data
-        if self.files is not None:
-            for g, run in itertools.groupby(self.files, key=lambda f: f[0]):
-                files = [(path, strict) for _, path, strict in run]
-                for doc in read_files(files, d.text_field, self.sources, d.max_doc_bytes, d.filter):
-                    yield g, doc
-            return
-        for g, (_, paths) in enumerate(self.groups):
-            for doc in iter_documents(paths, d.text_field, self.sources, d.max_doc_bytes, d.filter):
-                yield g, doc
+        return corpus_documents(self.cfg.data, self.groups, self.files, self.sources)
 
     def batches(self) -> Iterator[tuple[str, int, list[str], int]]:
         """(split, group, texts, utf-8 bytes) batches in corpus order, after cleaning, dedup and the split
@@ -345,8 +350,7 @@ def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, lis
     scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers)
     t0 = time.perf_counter()
     try:
-        reader = _Pass(cfg, "uint16", {}, groups)
-        scan.run(doc for _, doc in reader.documents())
+        scan.run(doc for _, doc in corpus_documents(d, groups, None, SourceStats()))
     except BaseException:
         scan.close()
         raise
