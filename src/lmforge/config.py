@@ -97,6 +97,8 @@ class DataConfig:
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     pii: bool = False  # mask e-mail addresses (<EMAIL>) and IP addresses (<IP>)
+    decontaminate: list[str] = field(default_factory=list)  # eval tasks (family:path): drop training documents holding
+    # a window of eval.ngram tokens of one of their examples (eval/contamination.py)
     # auto: tiktoken when it is proven to give tokenizers' ids, else tokenizers | tokenizers | tiktoken (or error)
     encoder: Literal["auto", "tokenizers", "tiktoken"] = "auto"
 
@@ -249,6 +251,9 @@ class EvalConfig:
     exec_timeout: float = 10.0  # code tasks: seconds each program may run
     train_tasks: list[str] = field(default_factory=list)  # benchmarks scored at each pretraining validation pass
     quantize: Literal["", "int8", "int4"] = ""  # evaluate the checkpoint quantized, as `generate --quantize` runs it
+    ngram: int = 13  # contamination: an example's windows of this many tokens looked up in the training shards
+    contamination_share: float = 0.0  # flag an example when more than this share of its windows occur (0: any)
+    exclude_contaminated: bool = False  # score only the examples the contamination check does not flag
 
 
 @dataclass

@@ -227,15 +227,17 @@ def _validate(m) -> None:
 class Scan:
     """The documents to drop (by number in corpus order), why, and a report of the clusters."""
 
-    def __init__(self, d: DataConfig, folder: Path, workers: int):
-        self.d, self.folder, self.workers = d, folder, workers
+    def __init__(self, d: DataConfig, folder: Path, workers: int, decontaminate=None):
+        """decontaminate: an eval.contamination.Decontaminator, whose hits are dropped too."""
+        self.d, self.folder, self.workers, self.decontaminate = d, folder, workers, decontaminate
         self.cleaner = Cleaner(d.filters, d.pii)
         self.exact = _Parts(folder, "exact", EXACT_PARTS, np.dtype([("k1", "<u8"), ("k2", "<u8"), ("o", "<u8")]))
         self.bands = [_Parts(folder, f"band{b:03d}", BAND_PARTS, np.dtype([("key", "<u8"), ("o", "<u8")]))
                       for b in range(d.minhash.bands)]
         self.filtered_file = folder / "filtered.bin"
+        self.contaminated_file = folder / "contaminated.bin"
         self.documents = 0
-        self.counts = {"filtered": 0, "exact": 0, "near": 0}
+        self.counts = {"filtered": 0, "exact": 0, "near": 0, "contaminated": 0}
         self.clusters = 0
         self.examples: list[dict] = []
         self.drop = np.zeros(0, dtype=np.uint64)
@@ -277,6 +279,7 @@ class Scan:
         d = self.d
         texts, ordinals, keys, size = [], [], [], 0
         filtered: list[int] = []
+        wheres: list[str] = []
         for n, doc in enumerate(documents):
             self.documents = n + 1
             text = self.cleaner(doc.text, doc.source) if self.cleaner.active else doc.text
@@ -288,14 +291,33 @@ class Scan:
                 keys.append(text_key(raw))
             texts.append(text)
             ordinals.append(n)
+            if self.decontaminate is not None:
+                wheres.append(f"{doc.source}:{doc.line}")
             size += len(raw)
             if size >= BATCH_BYTES:
                 self._flush(ordinals, keys, filtered)
+                self._contaminated(texts, ordinals, wheres)
                 yield texts, np.asarray(ordinals, dtype=np.uint64)
-                texts, ordinals, keys, filtered, size = [], [], [], [], 0
+                texts, ordinals, keys, filtered, wheres, size = [], [], [], [], [], 0
         self._flush(ordinals, keys, filtered)
+        self._contaminated(texts, ordinals, wheres)
         if texts:
             yield texts, np.asarray(ordinals, dtype=np.uint64)
+
+    def _contaminated(self, texts: list[str], ordinals: list[int], wheres: list[str]) -> None:
+        """data.decontaminate: records the documents that hold a window of an evaluation example."""
+        dc = self.decontaminate
+        if dc is None or not texts:
+            return
+        hits = dc.hits(texts)
+        bad = np.flatnonzero(hits >= 0)
+        if not len(bad):
+            return
+        with open(self.contaminated_file, "ab") as f:
+            f.write(np.asarray(ordinals, dtype=np.uint64)[bad].tobytes())
+        for i in bad[:max(0, EXAMPLES - len(dc.dropped))].tolist():
+            task, where = dc.examples[int(hits[i])]
+            dc.dropped.append({"document": wheres[i], "text": texts[i][:300], "task": task, "example": where})
 
     def _flush(self, ordinals: list[int], keys: list[bytes], filtered: list[int]) -> None:
         if filtered:
@@ -333,8 +355,11 @@ class Scan:
                 exact.append(r["o"][1:][same])
         exact_drop = np.sort(np.concatenate(exact))
         near_drop = self._near(exact_drop) if self.d.near_dedup else np.zeros(0, np.uint64)
-        self.counts = {"filtered": len(filtered), "exact": len(exact_drop), "near": len(near_drop)}
-        self.drop = np.unique(np.concatenate([filtered, exact_drop, near_drop]))
+        contaminated = (np.fromfile(self.contaminated_file, dtype=np.uint64) if self.contaminated_file.exists()
+                        else np.zeros(0, np.uint64))
+        self.counts = {"filtered": len(filtered), "exact": len(exact_drop), "near": len(near_drop),
+                       "contaminated": len(contaminated)}
+        self.drop = np.unique(np.concatenate([filtered, exact_drop, near_drop, contaminated]))
 
     def _near(self, exact_drop: np.ndarray) -> np.ndarray:
         """Numbers of near-duplicates to drop (not counting exact duplicates already dropped)."""

@@ -341,13 +341,21 @@ def choose_encoder(tok: HFTokenizer, d: DataConfig) -> tuple[object | None, fast
     return enc, choice
 
 
-def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, list]]) -> Scan | None:
-    """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup), or None if neither is on.
-    It reads the documents in the order the tokenizing pass will."""
+def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, list]], tok: Tokenizer,
+          enc=None) -> Scan | None:
+    """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup, data.decontaminate), or None
+    if none is on. It reads the documents in the order the tokenizing pass will."""
     d = cfg.data
-    if not (d.dedup or d.near_dedup):
+    if not (d.dedup or d.near_dedup or d.decontaminate):
         return None
-    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers)
+    decontaminate = None
+    if d.decontaminate:
+        from lmforge.eval.contamination import Decontaminator
+
+        decontaminate = Decontaminator(d.decontaminate, cfg.run_dir, tok, cfg.eval.ngram, enc)
+        log(f"[dim]data.decontaminate: training documents holding a {cfg.eval.ngram}-token window of "
+            f"{len(decontaminate.examples)} evaluation examples ({', '.join(decontaminate.tasks)}) are dropped[/dim]")
+    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers, decontaminate)
     t0 = time.perf_counter()
     try:
         scan.run(doc for _, doc in corpus_documents(d, groups, None, SourceStats()))
@@ -362,10 +370,13 @@ def _write_reports(data_dir: Path, p: _Pass, scan: Scan | None) -> dict:
     """dedup.json and filters.json beside the split folders; returns the summary's view of them."""
     cleaner = scan.cleaner if scan is not None else p.cleaner
     out: dict = {}
-    for stale in ("dedup.json", "filters.json"):  # an earlier prepare's, with other settings
+    for stale in ("dedup.json", "filters.json", "decontamination.json"):  # an earlier prepare's, other settings
         (data_dir / stale).unlink(missing_ok=True)
     if scan is not None:
         out["scan_seconds"] = round(scan.seconds, 3)
+    if scan is not None and scan.decontaminate is not None:
+        atomic_write_json(data_dir / "decontamination.json", scan.decontaminate.report(scan.counts["contaminated"]))
+        out["contaminated_dropped"] = scan.counts["contaminated"]
     if scan is not None and p.cfg.data.near_dedup:  # exact duplicates alone are the manifest's duplicates_dropped
         rep = scan.report()  # no timings in it: the data folder is byte-identical across reruns
         atomic_write_json(data_dir / "dedup.json", rep)
@@ -407,7 +418,7 @@ def prepare(cfg: Config) -> dict:
     enc, choice = choose_encoder(tok.tok, d)
     log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
     data_dir.mkdir(parents=True, exist_ok=True)
-    scan = _scan(cfg, workers, data_dir, groups)
+    scan = _scan(cfg, workers, data_dir, groups, tok, enc)
     dirs = {s: AtomicDir(data_dir / s) for s in SPLITS}
     tmps = {s: dirs[s].__enter__() for s in SPLITS}
     try:
@@ -491,6 +502,7 @@ def report(summary: dict, p: _Pass, specs: list[SourceSpec] | None, weights: lis
         f"val {summary['val']['tokens']:,} tokens ({summary['val']['documents']:,} docs); "
         f"{p.duplicates:,} duplicates dropped"
         + (f", {summary['near_duplicates_dropped']:,} near-duplicates" if p.cfg.data.near_dedup else "")
+        + (f", {summary['contaminated_dropped']:,} holding evaluation examples" if p.cfg.data.decontaminate else "")
         + f"; {summary['mb_per_s']:.1f} MB/s, "
         f"{summary['tokens_per_s']:,} tokens/s on {workers} worker(s) -> {data_dir}{mix}")
     return summary

@@ -63,6 +63,10 @@ def check_tasks(cfg: Config) -> None:
         raise ConfigError("data.near_dedup=true runs on one machine: with data.num_tasks > 1 near-duplicates "
                           "between tasks would be kept; set data.num_tasks=1 or data.near_dedup=false",
                           "data.near_dedup")
+    if d.decontaminate and d.num_tasks > 1:
+        raise ConfigError("data.decontaminate runs in the one-machine prepare (its scan); with data.num_tasks > 1 "
+                          "set data.num_tasks=1, or decontaminate later: `lmforge eval contamination` flags the "
+                          "examples and eval.exclude_contaminated=true scores the clean ones", "data.decontaminate")
     if not 0 <= d.task_index < d.num_tasks:
         raise ConfigError(f"data.task_index must be in 0..{d.num_tasks - 1} (data.num_tasks={d.num_tasks}), "
                           f"got {d.task_index}", "data.task_index")

@@ -119,7 +119,15 @@ def cmd_eval(argv: list[str]) -> int:
         from lmforge.eval.suite import cmd_compare
 
         return cmd_compare(argv[1:])
+    if argv[:1] == ["contamination"]:
+        from lmforge.eval.contamination import report
+
+        report(parse_config("eval", argv[1:], "The share of each benchmark's examples (eval.tasks) whose "
+                            "eval.ngram-token windows occur in the run's training shards, with the flagged examples."))
+        return 0
     evaluate(parse_config("eval", argv, "Loss, perplexity and bits-per-byte of a checkpoint on a prepared "
                           "split (eval.split=val) or text files (eval.files=...); benchmarks with "
-                          "eval.tasks=[family:path, ...]; `eval compare A B` sets two benchmark results side by side."))
+                          "eval.tasks=[family:path, ...]; `eval compare A B` sets two benchmark results side by "
+                          "side; `eval contamination eval.tasks=[...]` measures how much of each benchmark the "
+                          "training data holds."))
     return 0

@@ -37,11 +37,13 @@ def evaluate_suite(model, tok, cfg: Config, specs: list[str] | None = None) -> d
     and the CORE-style score. The model is left in eval mode; nothing is written."""
     ec = cfg.eval
     tasks = {}
+    clean = contamination_filter(cfg)
     for raw in specs if specs is not None else ec.tasks:
         spec = parse_spec(raw, cfg.run_dir)
         task = load_task(spec)
         if task.name in tasks:
             raise LmforgeError(f"eval.tasks: two tasks are named '{task.name}'; give one of them :as=NAME")
+        excluded = clean(task) if clean else 0
         shots = ec.num_fewshot if spec.shots is None else spec.shots
         if task.kind == "code":
             shots = 0  # a HumanEval/MBPP prompt is complete as published; worked solutions would show tests
@@ -57,12 +59,23 @@ def evaluate_suite(model, tok, cfg: Config, specs: list[str] | None = None) -> d
             "family": spec.family, "path": str(spec.path), "kind": task.kind, "shots": shots, "n": len(per_doc),
             "metric": main, "acc": figures[main], "baseline": task.baseline,
             "centred": centred(figures[main], task.baseline), "metrics": figures, "seconds": round(seconds, 2),
+            "excluded_contaminated": excluded,
             "outcomes": [d[main] for d in per_doc],
             "examples": [{k: v for k, v in d.items() if k in ("where", "reply", main)} for d in per_doc[:5]]}
         log(f"{task.name}: {main} {100 * figures[main]:.1f}% over {len(per_doc)} "
-            f"(chance {100 * task.baseline:.1f}%, {seconds:.1f}s)")
+            + (f"clean examples ({excluded} contaminated left out) " if clean else "")
+            + f"(chance {100 * task.baseline:.1f}%, {seconds:.1f}s)")
     return {"tasks": tasks, "core": core_score(tasks) if tasks else 0.0, "chat": ec.chat,
             "fewshot_seed": ec.fewshot_seed}
+
+
+def contamination_filter(cfg: Config):
+    """eval.exclude_contaminated: a callable that drops a task's contaminated examples, else None."""
+    if not cfg.eval.exclude_contaminated:
+        return None
+    from lmforge.eval.contamination import Cleaner
+
+    return Cleaner(cfg)
 
 
 def benchmark_fn(cfg: Config, tok):
@@ -73,6 +86,9 @@ def benchmark_fn(cfg: Config, tok):
     specs = [parse_spec(s, cfg.run_dir) for s in cfg.eval.train_tasks]
     tasks = [(t, 0 if t.kind == "code" else cfg.eval.num_fewshot if s.shots is None else s.shots)
              for s, t in ((s, load_task(s)) for s in specs)]
+    clean = contamination_filter(cfg)
+    for task, _ in tasks if clean else ():
+        clean(task)
     ec = cfg.eval
 
     def benchmarks(model) -> dict[str, float]:
@@ -130,10 +146,17 @@ def run_suite(cfg: Config) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# Benchmarks of {result['checkpoint']}", "",
              "| task | metric | score | chance | centred | shots | n |", "|---|---|---:|---:|---:|---:|---:|"]
+    excluded = 0
     for name, t in result["tasks"].items():
+        left_out = t.get("excluded_contaminated", 0)
+        excluded += left_out
         lines.append(f"| {name} | {t['metric']} | {100 * t['acc']:.2f} | {100 * t['baseline']:.2f} | "
-                     f"{t['centred']:.4f} | {t['shots']} | {t['n']} |")
+                     f"{t['centred']:.4f} | {t['shots']} | {t['n']}" + (f" (+{left_out} contaminated)" if left_out
+                                                                         else "") + " |")
     lines += ["", f"**CORE** (mean of centred scores, (acc - chance) / (1 - chance)): **{result['core']:.4f}**", ""]
+    if excluded:
+        lines += [f"Scored on the clean examples only: {excluded} contaminated ones left out "
+                  "(`lmforge eval contamination`).", ""]
     return "\n".join(lines)
 
 
