@@ -432,3 +432,33 @@ def test_bench_stage_of_a_recipe_runs_once_per_checkpoint(tmp_path):
     assert not done(cfg)
     run(cfg)
     assert done(cfg)
+
+
+def test_a_hub_dataset_is_downloaded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """`mmlu:hf:cais/mmlu:all@test` goes through datasets.load_dataset the first time only (the fake here
+    stands in for the Hub); the cached JSONL keeps the questions, Chinese text included."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    rows = [{"question": "2 + 2 =", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"], "answer": 1},
+            {"question": "天空是什么颜色？", "subject": "常识", "choices": ["蓝", "绿", "红", "黑"], "answer": 0}]
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    first = task("mmlu:hf:cais/mmlu:all@test")
+    assert calls == [("cais/mmlu", "all", "test")]
+    assert [d.gold for d in first.docs] == [1, 0] and "天空" in first.docs[1].context()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the cache was not used"))
+    again = task("mmlu:hf:cais/mmlu:all@test")
+    assert [d.context() for d in again.docs] == [d.context() for d in first.docs]
+    assert (tmp_path / "cache" / "eval" / "cais_mmlu--all@test.jsonl").is_file()
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LmforgeError, match=r"cannot download the dataset \(ConnectionError.*put the split as JSONL"):
+        task("hellaswag:hf:Rowan/hellaswag@validation")

@@ -5,6 +5,8 @@ folder as the benchmark publishes it:
 
     eval.tasks=[hellaswag:data/hellaswag_val.jsonl, mmlu:data/mmlu, gsm8k:gsm8k/test.jsonl:shots=8:limit=500]
 
+or a Hugging Face dataset split, downloaded once and cached (`mmlu:hf:cais/mmlu:all@test`).
+
 Options: shots=N (this task's few-shot count, overriding eval.num_fewshot), limit=N (first N
 questions), as=NAME (the name reported), extract=exact|last_number|hash|regex=PATTERN (gen only;
 regex= takes the rest of the spec; quote the whole list when a pattern holds brackets or ": ").
@@ -21,6 +23,7 @@ from lmforge.eval.tasks.arith import accuracy, evaluate_task, run_stage_eval, st
 from lmforge.eval.tasks.base import Doc, Task
 from lmforge.eval.tasks.cloze import lambada
 from lmforge.eval.tasks.code import humaneval, mbpp
+from lmforge.eval.tasks.files import HUB_PREFIX, hub_file
 from lmforge.eval.tasks.gen import generic_gen, gsm8k
 from lmforge.eval.tasks.mc import arc, ceval, cmmlu, generic_mc, hellaswag, mmlu, piqa, winogrande
 
@@ -79,11 +82,13 @@ def parse_spec(spec: str, run_dir: str = "") -> TaskSpec:
 
 
 def load_task(spec: TaskSpec) -> Task:
-    """Read the files a spec names into a Task (its name the spec's `as`, else the family's)."""
+    """Read the files a spec names into a Task (its name the spec's `as`, else the family's); an `hf:` path
+    is a Hub dataset split, downloaded once into the cache (files.hub_file)."""
+    path = hub_file(str(spec.path)) if str(spec.path).startswith(HUB_PREFIX) else spec.path
     if spec.family == "gen":
-        task = generic_gen(spec.path, spec.extract)
+        task = generic_gen(path, spec.extract)
     else:
-        task = READERS[spec.family](spec.path)
+        task = READERS[spec.family](path)
     if not task.docs:
         raise LmforgeError(f"{spec.path}: no questions in {spec.family} format")
     if spec.limit:

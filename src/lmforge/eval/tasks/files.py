@@ -1,6 +1,7 @@
 """Rows of local benchmark files (jsonl, json arrays, csv, parquet), each with the file:line it came from.
 
-Nothing is downloaded: benchmarks are read from the files their authors publish. Every missing
+Benchmarks are read from the files their authors publish; a path `hf:<name>[:<config>][@<split>]` is
+downloaded once with `datasets` and read from its cached copy after (hub_file). Every missing
 or malformed field is reported as `file:line: no 'key' (...)`, so a user can fix the file.
 """
 
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.io import json_lines
+from lmforge.io import atomic_write_text, json_lines
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -100,3 +102,42 @@ def pick(row: dict, keys: tuple[str, ...], where: str, what: str) -> Any:
         if k.lower() in lower and lower[k.lower()] not in (None, ""):
             return lower[k.lower()]
     raise LmforgeError(f"{where}: no '{keys[0]}' field ({what})")
+
+
+# --- Hugging Face Hub datasets, cached ------------------------------------------------------------------
+
+HUB_PREFIX = "hf:"
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "eval"
+
+
+def hub_file(source: str) -> Path:
+    """The local JSONL copy of a Hub dataset split named `hf:<name>[:<config>][@<split>]` (split: test),
+    downloaded once with `datasets` into LMFORGE_CACHE/eval (~/.cache/lmforge/eval) and read from there
+    ever after, so only the first evaluation needs the network and later ones give the same questions."""
+    spec = source[len(HUB_PREFIX):]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    split = split or "test"
+    if not name:
+        raise LmforgeError(f"task path '{source}': name a dataset, hf:<name>[:<config>][@<split>]")
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", "--".join(p for p in (name, config) if p))
+    out = cache_dir() / f"{slug}@{split}.jsonl"
+    if out.is_file():
+        return out
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError(f"task path '{source}' needs the datasets package to download it once: pip install "
+                           f"datasets (or put the split as JSONL at {out})") from None
+    try:
+        rows_ = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # the hub client raises many types: name the dataset whatever it is
+        raise LmforgeError(f"task path '{source}': cannot download the dataset ({type(e).__name__}: {e}); "
+                           f"without a network, put the split as JSONL at {out}") from None
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows_))
+    return out
