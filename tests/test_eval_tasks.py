@@ -178,7 +178,9 @@ def test_pairs_are_encoded_as_lm_eval_encodes_them(tiny):
     # A trailing space of the context moves into the continuation; the continuation is the whole text's
     # tokens after the context's own (so a merge across the boundary is scored with the continuation).
     ctx, cont = encode_pair(tok, "Answer: ", "95")
-    assert ctx == [tok.eot_id] + tok.encode("Answer:") and cont == tok.encode("Answer: 95")[len(ctx) - 1:]
+    assert ctx == tok.encode("Answer:") and cont == tok.encode("Answer: 95")[len(ctx):]
+    # An empty context is scored after end-of-text (this tokenizer has no BOS), as lm-eval's prefix_token_id.
+    assert encode_pair(tok, "", "95") == ([tok.eot_id], tok.encode("95"))
 
 
 def test_mc_scores_equal_a_brute_force_reference(tiny):

@@ -57,7 +57,7 @@ COMMANDS: dict[str, Command] = {
                     (*RUN_KEYS, "grpo", "grpo.lora", "grpo.train", "train", "parallel")),
     "merge": Command("lmforge.train.lora:cmd_merge", "merge a LoRA adapter into its base -> plain checkpoint"),
     "eval": Command("lmforge.eval.lm:cmd_eval",
-                    "loss, bits-per-byte, benchmarks (eval.tasks), `eval compare A B`, `eval contamination`",
+                    "loss, bits-per-byte, benchmarks (eval.tasks), `eval compare|contamination|harness`",
                     ("run_dir", "device", "eval", "data.text_field", "generate.max_new_tokens")),
     "generate": Command("lmforge.infer.cli:cmd_generate", "sample text from a checkpoint",
                         ("run_dir", "device", "generate")),

@@ -254,6 +254,8 @@ class EvalConfig:
     ngram: int = 13  # contamination: an example's windows of this many tokens looked up in the training shards
     contamination_share: float = 0.0  # flag an example when more than this share of its windows occur (0: any)
     exclude_contaminated: bool = False  # score only the examples the contamination check does not flag
+    harness_include: str = ""  # `eval harness`: a folder (or file) of local lm-eval task YAML files
+    harness_limit: int = 0  # `eval harness`: the first N examples of each task; 0: all
 
 
 @dataclass

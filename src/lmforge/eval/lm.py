@@ -119,6 +119,10 @@ def cmd_eval(argv: list[str]) -> int:
         from lmforge.eval.suite import cmd_compare
 
         return cmd_compare(argv[1:])
+    if argv[:1] == ["harness"]:
+        from lmforge.eval.harness import cmd_harness
+
+        return cmd_harness(argv[1:])
     if argv[:1] == ["contamination"]:
         from lmforge.eval.contamination import report
 
@@ -129,5 +133,5 @@ def cmd_eval(argv: list[str]) -> int:
                           "split (eval.split=val) or text files (eval.files=...); benchmarks with "
                           "eval.tasks=[family:path, ...]; `eval compare A B` sets two benchmark results side by "
                           "side; `eval contamination eval.tasks=[...]` measures how much of each benchmark the "
-                          "training data holds."))
+                          "training data holds; `eval harness TASKS` runs lm-evaluation-harness on the checkpoint."))
     return 0

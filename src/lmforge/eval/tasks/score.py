@@ -23,15 +23,21 @@ HEAD_CHUNK = 1024  # continuation positions per head call: 1024 x a 150k vocabul
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), lm-eval's `_encode_pair`, with the tokenizer's document prefix
-    (BOS) in front as training laid documents out; an empty context scores after end-of-text."""
+    """(context ids, continuation ids) exactly as lm-eval's Hugging Face model encodes them, so the
+    figures can be quoted beside lm-eval's: the tokenizer's BOS in front when it adds one (Llama's do,
+    lmforge's byte-level ones do not), and an empty context scored after `prefix_id`."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    prefix = list(tok.doc_prefix) or [tok.eot_id]
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context) if context else []
-    return prefix + ctx, whole[len(ctx):]
+    return (list(tok.doc_prefix) + ctx if ctx else [prefix_id(tok)]), whole[len(ctx):]
+
+
+def prefix_id(tok) -> int:
+    """What an empty context (and lm-eval's rolling windows) condition on: BOS if the tokenizer has one, else
+    end-of-text, as lm-eval's `prefix_token_id`."""
+    return tok.bos_id if tok.bos_id is not None else tok.eot_id
 
 
 def shared_rows(inputs: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[int, ...]]:
@@ -51,11 +57,9 @@ def shared_rows(inputs: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[in
     return row
 
 
-@torch.no_grad()
 def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch_size: int = 16,
                    label: str = "score") -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether every continuation token is the argmax) per request."""
-    device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
     encoded: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
     for req in requests:
@@ -63,27 +67,38 @@ def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch
             ctx, cont = encode_pair(tok, *req)
             ids = tuple((ctx + cont)[-(max_len + 1):])  # keep the continuation, drop the context's oldest tokens
             encoded[req] = (ids, min(len(cont), len(ids) - 1))
-    # Input of a request: every token but the last (whose probability is read, not fed).
-    row_of = shared_rows([ids[:-1] for ids, _ in encoded.values()])
+    return token_loglikelihoods(model, [encoded[r] for r in requests], tok.eot_id, batch_size, label)
+
+
+@torch.no_grad()
+def token_loglikelihoods(model: nn.Module, items: list[tuple[tuple[int, ...], int]], pad_id: int,
+                         batch_size: int = 16, label: str = "score") -> list[tuple[float, bool]]:
+    """Per (ids, n): the summed log-probability of the last n of `ids` given the ones before, and whether
+    each was the argmax. Shared prefixes share a forward; rows are right-padded with `pad_id`."""
+    device = next(model.parameters()).device
+    unique = list(dict.fromkeys(items))
+    # Input of an item: every token but the last (whose probability is read, not fed).
+    row_of = shared_rows([ids[:-1] for ids, _ in unique])
     rows = sorted(set(row_of.values()), key=lambda r: -len(r))
-    by_row: dict[tuple[int, ...], list[tuple[str, str]]] = {}
-    for req, (ids, _) in encoded.items():
-        by_row.setdefault(row_of[ids[:-1]], []).append(req)
-    results: dict[tuple[str, str], tuple[float, bool]] = {}
+    by_row: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
+    for item in unique:
+        by_row.setdefault(row_of[item[0][:-1]], []).append(item)
+    results: dict[tuple[tuple[int, ...], int], tuple[float, bool]] = {}
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     with progress(label, len(batches)) as advance:
         for batch in batches:
-            x = torch.full((len(batch), len(batch[0])), tok.eot_id, dtype=torch.long)
+            x = torch.full((len(batch), len(batch[0])), pad_id, dtype=torch.long)
             for i, r in enumerate(batch):
                 x[i, :len(r)] = torch.tensor(r)
             h = model(x.to(device), return_hidden=True)
-            # One head call for every continuation position of the batch, then split per request.
-            reqs = [req for r in batch for req in by_row[r]]
-            where = [(i, len(encoded[req][0]) - 1 - encoded[req][1], encoded[req][1])  # (row, first position, n)
-                     for i, r in enumerate(batch) for req in by_row[r]]
-            rows_idx = torch.tensor([i for i, _, n in where for _ in range(n)], device=h.device)
-            pos_idx = torch.tensor([s + j for _, s, n in where for j in range(n)], device=h.device)
-            targets = torch.tensor([t for req in reqs for t in encoded[req][0][-encoded[req][1]:]], device=h.device)
+            # One head call for every scored position of the batch, then split per item.
+            its = [it for r in batch for it in by_row[r]]
+            where = [(i, len(ids) - 1 - n, n)  # (row, first position, n)
+                     for i, r in enumerate(batch) for ids, n in by_row[r]]
+            rows_idx = torch.tensor([i for i, _, n in where for _ in range(n)], device=h.device, dtype=torch.long)
+            pos_idx = torch.tensor([s + j for _, s, n in where for j in range(n)], device=h.device, dtype=torch.long)
+            targets = torch.tensor([t for ids, n in its for t in ids[len(ids) - n:]], device=h.device,
+                                   dtype=torch.long)
             token_ll: list[float] = []
             hits: list[bool] = []
             for c in range(0, len(targets), HEAD_CHUNK):  # bounded (positions x vocab) logits
@@ -92,11 +107,11 @@ def loglikelihoods(model: nn.Module, tok, requests: list[tuple[str, str]], batch
                 token_ll += logp.gather(-1, targets[sl, None])[:, 0].tolist()
                 hits += (logp.argmax(-1) == targets[sl]).tolist()
             k = 0
-            for req, (_, _, n) in zip(reqs, where):
-                results[req] = (sum(token_ll[k:k + n]), all(hits[k:k + n]))
+            for it, (_, _, n) in zip(its, where):
+                results[it] = (sum(token_ll[k:k + n]), all(hits[k:k + n]))
                 k += n
             advance(1)
-    return [results[r] for r in requests]
+    return [results[it] for it in items]
 
 
 # --- prompts: few-shot examples and the chat template --------------------------------------------------
