@@ -2,7 +2,8 @@
 
 Three measurements in one run:
 - real text: the running Python's standard library .py files (--mb MB), prepared by `lmforge prepare`
-  (2 workers) and then indexed; the index's time is reported as a share of prepare's;
+  (2 workers) and then indexed; the index's time is reported as a share of prepare's, and prepare is run
+  again with `data.decontaminate` over 1,000 questions (10 of them cut from corpus files) for its cost;
 - scale: --tokens random token ids (documents of 300-700 tokens) written as a prepared split and indexed,
   with the process's peak memory before and after, so the index's bound (one chunk or one partition at a
   time) is visible, and its size on disk;
@@ -97,11 +98,27 @@ def main() -> None:
         t0 = time.perf_counter()
         index = NgramIndex.build(run / "data" / "train", root / "real-index", N)
         real = time.perf_counter() - t0
+        # prepare again, dropping documents that hold one of 1,000 questions (10 of them planted in the corpus).
+        texts = stdlib_texts(int(args.mb * 1e6))
+        rows = [{"question": f"question {i}: " + " ".join(f"w{(i * 7919 + j) % 10007}" for j in range(20)),
+                 "choices": ["yes", "no"], "answer": 0} for i in range(990)]
+        rows += [{"question": text[200:600], "choices": ["yes", "no"], "answer": 0} for _, text in texts[:10]]
+        quiz = root / "quiz.jsonl"
+        quiz.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        cfg.data.decontaminate = [f"mc:{quiz}"]
+        t0 = time.perf_counter()
+        clean = prepare(cfg)
+        prep_clean = time.perf_counter() - t0
+        cfg.data.decontaminate = []
         out["real_text"] = {"mb": round(args.mb, 2), "tokens": index.meta["tokens"],
                             "prepare_seconds": round(prep, 2), "prepare_mb_per_s": summary["mb_per_s"],
                             "index_seconds": round(real, 2),
                             "index_tokens_per_s": round(index.meta["tokens"] / real),
-                            "index_time_vs_prepare": round(real / prep, 3)}
+                            "index_time_vs_prepare": round(real / prep, 3),
+                            "prepare_decontaminate_seconds": round(prep_clean, 2),
+                            "decontaminate_added_time": round(prep_clean / prep - 1, 3),
+                            "decontaminate_examples": len(rows), "planted_documents": 10,
+                            "documents_dropped": clean.get("contaminated_dropped")}
         log(f"real text: prepare {prep:.1f}s, index {real:.1f}s")
 
         # 2. Scale: random ids, memory and disk.
