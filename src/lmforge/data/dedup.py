@@ -3,8 +3,9 @@
 The scan reads every document once (after `data.filters`), in corpus order, numbering them. It
 writes, into a scratch folder on disk, never into one in-memory set:
 
-- exact dedup: (16-byte text hash, number) records into 64 partition files by the hash's top bits;
-  each partition is sorted on its own, and every document whose hash an earlier one has is dropped;
+- exact dedup (ExactKeys): (16-byte text hash, number) records into 64 partition files by the hash's top
+  bits; each partition is sorted on its own, and every document whose hash an earlier one has is dropped
+  (the merge of a many-task prepare finds duplicates between tasks the same way);
 - near dedup (`data.near_dedup`): a MinHash signature per document (`data.minhash.num_perm` values
   over word `ngram`-shingles by one-permutation hashing, computed in worker processes with numpy),
   appended to a signature file, and one LSH key per band (`bands` bands of num_perm / bands rows)
@@ -216,6 +217,35 @@ class _Parts:
         return np.fromfile(f, dtype=self.dtype) if f.exists() else np.zeros(0, dtype=self.dtype)
 
 
+class ExactKeys:
+    """16-byte text hashes with the numbers of their documents, in partition files on disk (never one
+    in-memory set); `duplicates()` gives the numbers whose hash a lower number already has."""
+
+    DTYPE = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("o", "<u8")])
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parts = _Parts(folder, "exact", EXACT_PARTS, self.DTYPE)
+
+    def add(self, keys: np.ndarray, numbers: np.ndarray | list[int]) -> None:
+        """keys: (n, 2) little-endian uint64 halves of each 16-byte hash (or (n, 16) bytes)."""
+        k = np.ascontiguousarray(keys).view("<u8").reshape(-1, 2)
+        if not len(k):
+            return
+        rec = np.empty(len(k), dtype=self.DTYPE)
+        rec["k1"], rec["k2"], rec["o"] = k[:, 0], k[:, 1], numbers
+        self.parts.add((k[:, 0] >> np.uint64(58)).astype(np.int64), rec)
+
+    def duplicates(self) -> np.ndarray:
+        out = [np.zeros(0, np.uint64)]
+        for p in range(EXACT_PARTS):
+            r = self.parts.read(p)
+            r = r[np.lexsort((r["o"], r["k2"], r["k1"]))]
+            same = (r["k1"][1:] == r["k1"][:-1]) & (r["k2"][1:] == r["k2"][:-1])
+            out.append(r["o"][1:][same])
+        return np.sort(np.concatenate(out))
+
+
 def _validate(m) -> None:
     if m.ngram < 1 or m.num_perm < 1 or m.bands < 1 or m.num_perm % m.bands:
         raise LmforgeError(f"data.minhash: ngram ({m.ngram}) and bands ({m.bands}) must be >= 1 and "
@@ -231,7 +261,7 @@ class Scan:
         """decontaminate: an eval.contamination.Decontaminator, whose hits are dropped too."""
         self.d, self.folder, self.workers, self.decontaminate = d, folder, workers, decontaminate
         self.cleaner = Cleaner(d.filters, d.pii)
-        self.exact = _Parts(folder, "exact", EXACT_PARTS, np.dtype([("k1", "<u8"), ("k2", "<u8"), ("o", "<u8")]))
+        self.exact: ExactKeys | None = None  # made in run(), when the folder exists
         self.bands = [_Parts(folder, f"band{b:03d}", BAND_PARTS, np.dtype([("key", "<u8"), ("o", "<u8")]))
                       for b in range(d.minhash.bands)]
         self.filtered_file = folder / "filtered.bin"
@@ -250,6 +280,7 @@ class Scan:
         if d.near_dedup:
             _validate(d.minhash)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.exact = ExactKeys(self.folder)
         job = (d.minhash.ngram, d.minhash.num_perm, d.minhash.seed, d.minhash.bands)
         pool = None  # signatures cost about a quarter of reading: a pool pays only with cores to spare
         if d.near_dedup and self.workers >= POOL_MIN_WORKERS:
@@ -324,10 +355,7 @@ class Scan:
             with open(self.filtered_file, "ab") as f:
                 f.write(np.asarray(filtered, dtype=np.uint64).tobytes())
         if keys:
-            k = np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2)
-            rec = np.empty(len(keys), dtype=self.exact.dtype)
-            rec["k1"], rec["k2"], rec["o"] = k[:, 0], k[:, 1], ordinals
-            self.exact.add((k[:, 0] >> np.uint64(58)).astype(np.int64), rec)
+            self.exact.add(np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2), ordinals)
 
     def _store(self, ordinals: np.ndarray, result: tuple) -> None:
         sig, has, keys = result
@@ -346,14 +374,7 @@ class Scan:
     def _resolve(self) -> None:
         filtered = (np.fromfile(self.filtered_file, dtype=np.uint64) if self.filtered_file.exists()
                     else np.zeros(0, np.uint64))
-        exact = [np.zeros(0, np.uint64)]
-        if self.d.dedup:
-            for p in range(EXACT_PARTS):
-                r = self.exact.read(p)
-                r = r[np.lexsort((r["o"], r["k2"], r["k1"]))]
-                same = (r["k1"][1:] == r["k1"][:-1]) & (r["k2"][1:] == r["k2"][:-1])
-                exact.append(r["o"][1:][same])
-        exact_drop = np.sort(np.concatenate(exact))
+        exact_drop = self.exact.duplicates() if self.d.dedup else np.zeros(0, np.uint64)
         near_drop = self._near(exact_drop) if self.d.near_dedup else np.zeros(0, np.uint64)
         contaminated = (np.fromfile(self.contaminated_file, dtype=np.uint64) if self.contaminated_file.exists()
                         else np.zeros(0, np.uint64))

@@ -149,13 +149,12 @@ class _Pass:
 
     def batches(self) -> Iterator[tuple[str, int, list[str], int]]:
         """(split, group, texts, utf-8 bytes) batches in corpus order, after cleaning, dedup and the split
-        decision. With a scan (prepare), the scan decided what to drop; without one (a task of many), exact
-        duplicates within the task are dropped here and the merge drops those between tasks."""
+        decision. The scan (dedup.Scan, run before the pass whenever dedup or decontamination is on) decided
+        what to drop; a task of many dedups within its slice so, and the merge drops duplicates between tasks."""
         d = self.cfg.data
         skip = self.scan.skipper() if self.scan is not None else None
         if self.scan is not None:
             self.duplicates = self.scan.counts["exact"]
-        seen: set[bytes] = set()
         pending = {k: ([], 0) for k in self.docs}
         for g, doc in self.documents():
             if skip is not None and skip.drops(doc):  # filtered or a duplicate, as the scan found
@@ -167,11 +166,6 @@ class _Pass:
                 doc.text = text
             raw = doc.text.encode("utf-8")
             key = text_key(raw)
-            if d.dedup and skip is None:
-                if key in seen:
-                    self.duplicates += 1
-                    continue
-                seen.add(key)
             split = self.force.pop(key, None) or ("val" if key_fraction(key) < d.val_fraction else "train")
             lo, hi = self.min_key[g], self.max_key[g]
             self.min_key[g] = key if lo is None else min(lo, key)
@@ -342,7 +336,7 @@ def choose_encoder(tok: HFTokenizer, d: DataConfig) -> tuple[object | None, fast
 
 
 def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, list]], tok: Tokenizer,
-          enc=None) -> Scan | None:
+          enc=None, files: list[tuple[int, Path, bool]] | None = None) -> Scan | None:
     """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup, data.decontaminate), or None
     if none is on. It reads the documents in the order the tokenizing pass will."""
     d = cfg.data
@@ -358,7 +352,7 @@ def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, lis
     scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers, decontaminate)
     t0 = time.perf_counter()
     try:
-        scan.run(doc for _, doc in corpus_documents(d, groups, None, SourceStats()))
+        scan.run(doc for _, doc in corpus_documents(d, groups, files, SourceStats()))
     except BaseException:
         scan.close()
         raise

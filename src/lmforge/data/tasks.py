@@ -3,15 +3,17 @@
 With `data.num_tasks=N`, task `data.task_index=i` takes a contiguous run of the corpus's files (the
 file list of every source in reading order, cut into N runs of about equal bytes) and writes, under
 RUN/data/tasks/task_<i>-of-<N>/, its token shards and an index of its documents: corpus position,
-text hash, UTF-8 bytes and tokens of each. It drops the exact duplicates it sees itself, but leaves
-the train/val assignment of its documents to the merge.
+text hash, UTF-8 bytes and tokens of each. It drops the exact duplicates it sees itself (prepare's
+scan, hashes in partition files on disk), but leaves the train/val assignment of its documents to the
+merge.
 
 `lmforge prepare --merge data.num_tasks=N` (or `data.merge=true`) reads the N indexes in corpus
 order and repeats exactly what one `prepare` decides: the first copy of a text wins (across tasks
-too), the hash picks the split, and a group left without train or val documents gets one assigned
-as `prepare`'s second pass does. It copies the kept documents' tokens into RUN/data/{train,val}
-shards of `data.shard_tokens`, so token ids, document order, splits, dedup and even the shard files
-are those of a single-task run, whatever N. The task folders are removed once the merge is done.
+too, found through the same partitioned hashes on disk, dedup.ExactKeys), the hash picks the split,
+and a group left without train or val documents gets one assigned as `prepare`'s second pass does.
+It copies the kept documents' tokens into RUN/data/{train,val} shards of `data.shard_tokens`, so token
+ids, document order, splits, dedup and even the shard files are those of a single-task run, whatever N.
+The task folders are removed once the merge is done.
 
 Every task must see the same files (a shared file system) and the same config; the merge checks a
 fingerprint of both.
@@ -32,10 +34,12 @@ import numpy as np
 from lmforge.config import Config, ConfigError
 from lmforge.console import log
 from lmforge.data.adopt import token_files
+from lmforge.data.dedup import ExactKeys
 from lmforge.data.prepare import (
     SPLITS,
     _Pass,
     _run_pass,
+    _scan,
     choose_encoder,
     finish_dirs,
     forced_splits,
@@ -129,9 +133,14 @@ def prepare_task(cfg: Config) -> dict:
             t.mkdir()
         enc, choice = choose_encoder(tok.tok, d)
         log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
-        p = _Pass(cfg, dtype, {}, groups, files=mine, enc=enc)
-        p.record = {}
-        res = _run_pass(p, tok, tmps, workers, total_mb)
+        scan = _scan(cfg, workers, tmp, groups, tok, enc, files=mine)  # exact duplicates within the slice, on disk
+        try:
+            p = _Pass(cfg, dtype, {}, groups, files=mine, scan=scan, enc=enc)
+            p.record = {}
+            res = _run_pass(p, tok, tmps, workers, total_mb)
+        finally:
+            if scan is not None:
+                scan.close()
         parts = []
         for (split, g), w in res["writers"].items():
             rec = p.record.get((split, g), [])
@@ -190,19 +199,33 @@ class _TaskDocs:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def _walk(p: _Pass, tasks: list[_TaskDocs], force: dict[bytes, str], emit) -> None:
+def duplicates_between(tasks: list[_TaskDocs], scratch: Path) -> list[np.ndarray]:
+    """Per task, a mask of its documents whose text an earlier one (in corpus order, any task) already
+    had: the hashes go through dedup.ExactKeys' partition files on disk, never one in-memory set."""
+    keys = ExactKeys(scratch)
+    try:
+        offset = 0
+        for td in tasks:
+            keys.add(td.key, np.arange(offset, offset + len(td.key), dtype=np.uint64))
+            offset += len(td.key)
+        dup = np.zeros(offset, dtype=bool)
+        dup[keys.duplicates().astype(np.int64)] = True
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    bounds = np.cumsum([0] + [len(td.key) for td in tasks])
+    return [dup[bounds[i]:bounds[i + 1]] for i in range(len(tasks))]
+
+
+def _walk(p: _Pass, tasks: list[_TaskDocs], dups: list[np.ndarray], force: dict[bytes, str], emit) -> None:
     """Decide every document as one `prepare` would (dedup, split), counting into `p`; `emit(task, part,
     row, split, group)` receives each kept one, in corpus order."""
-    seen: set[bytes] = set()
     force = dict(force)
     for t, td in enumerate(tasks):
-        for part, row, key_arr, nbytes in zip(td.part, td.row, td.key, td.nbytes, strict=True):
+        for part, row, key_arr, nbytes, dup in zip(td.part, td.row, td.key, td.nbytes, dups[t], strict=True):
+            if dup:
+                p.duplicates += 1
+                continue
             key = key_arr.tobytes()
-            if p.cfg.data.dedup:
-                if key in seen:
-                    p.duplicates += 1
-                    continue
-                seen.add(key)
             g = td.parts[part]["group"]
             split = force.pop(key, None) or ("val" if key_fraction(key) < p.cfg.data.val_fraction else "train")
             lo, hi = p.min_key[g], p.max_key[g]
@@ -240,8 +263,10 @@ def merge_tasks(cfg: Config) -> dict:
         p.duplicates = sum(m["duplicates_dropped"] for m in manifests)
         return p
 
+    dups = (duplicates_between(tasks, cfg.run_path / "data" / f".merge-dedup-{os.getpid()}") if d.dedup
+            else [np.zeros(len(td.key), dtype=bool) for td in tasks])
     first = fresh()
-    _walk(first, tasks, {}, lambda *a: None)
+    _walk(first, tasks, dups, {}, lambda *a: None)
     if sum(first.docs.values()) == 0:
         raise LmforgeError(f"no documents in {d.sources}: every file is empty, whitespace or binary")
     force = forced_splits(first, specs)
@@ -270,7 +295,7 @@ def merge_tasks(cfg: Config) -> dict:
             run.extend([t, part, row, row + 1, (split, g)])
 
         try:
-            _walk(p, tasks, force, emit)
+            _walk(p, tasks, dups, force, emit)
             flush()
         finally:
             for w in writers.values():
