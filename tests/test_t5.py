@@ -305,3 +305,12 @@ def test_serve_completes_a_source_as_generate_does(base_run, tmp_path):
     model, tok, _ = load_for_inference(ckpt, "cpu", "fp32", None)
     want = complete(model, tok, ["def f(x):"], SamplingParams(max_new_tokens=6, temperature=0.0))[0]
     assert text == want.text
+
+
+def test_benchmarks_refuse_an_encoder_decoder_and_name_its_evaluation(tmp_path):
+    """eval.tasks and the lm-eval adapter score a decoder's continuations; a T5 checkpoint is pointed to
+    `lmforge eval eval.files=...` instead of failing inside the scorer."""
+    from lmforge.eval.suite import refuse_encoder_decoder
+
+    with pytest.raises(LmforgeError, match=r"encoder-decoder \(T5\).*eval.tasks.*eval.files"):
+        refuse_encoder_decoder(t5_model(), tmp_path, "eval.tasks")

@@ -112,10 +112,11 @@ def run_harness(cfg, tasks: list[str]) -> dict:
     from lm_eval.utils import make_table
 
     from lmforge.eval.lm import open_checkpoint, stage_label
-    from lmforge.eval.suite import out_dir
+    from lmforge.eval.suite import out_dir, refuse_encoder_decoder
 
     ec = cfg.eval
     model, tok, ckpt = open_checkpoint(cfg)
+    refuse_encoder_decoder(model, ckpt, "lm-evaluation-harness")
     lm = lm_class()(model=model, tok=tok, batch_size=ec.batch_size, max_gen_toks=cfg.generate.max_new_tokens)
     include = ec.harness_include or None
     if include and not Path(include).exists():

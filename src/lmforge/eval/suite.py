@@ -128,6 +128,7 @@ def run_suite(cfg: Config) -> dict:
     if not cfg.eval.tasks:
         raise LmforgeError("eval.tasks is empty: name the benchmarks, e.g. eval.tasks=[hellaswag:hellaswag_val.jsonl]")
     model, tok, ckpt = open_checkpoint(cfg)
+    refuse_encoder_decoder(model, ckpt, "eval.tasks")
     result = {"checkpoint": str(ckpt), **evaluate_suite(model, tok, cfg)}
     out = result_path(cfg, ckpt)
     atomic_write_json(out, result)
@@ -139,6 +140,14 @@ def run_suite(cfg: Config) -> dict:
     print(table)
     log(f"CORE {result['core']:.4f} -> {out} (+ .md" + (", .png)" if png else ")"))
     return result
+
+
+def refuse_encoder_decoder(model, ckpt: Path, what: str) -> None:
+    """Benchmarks score a decoder's continuations; an encoder-decoder has its own evaluation."""
+    if getattr(model, "is_encoder_decoder", False):
+        raise LmforgeError(f"{ckpt}: an encoder-decoder (T5) checkpoint; {what} scores decoder-only models. "
+                           "Evaluate it on seq2seq JSONL with `lmforge eval eval.files=...` (target loss and "
+                           "exact match)")
 
 
 # --- reports ---------------------------------------------------------------------------------------------
