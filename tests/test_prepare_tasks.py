@@ -27,6 +27,11 @@ def corpus(tmp_path_factory) -> tuple[Path, Path, Path]:
     # exact duplicates inside one file's neighbourhood and across what become different tasks
     (prose / "book9_copy.txt").write_text((prose / "book0.txt").read_text(), encoding="utf-8")
     shutil.copy(code / "textwrap.py", prose / "zz_textwrap_copy.txt")
+    # near-duplicates in the last task of textwrap.py (the first): every 100th word reversed (same length,
+    # so the documents are cut at the same places)
+    words = (code / "textwrap.py").read_text().split(" ")
+    (prose / "zzz_textwrap_near.txt").write_text(" ".join(w[::-1] if i % 100 == 7 else w for i, w in enumerate(words)),
+                                                 encoding="utf-8")
     run = root / "tok"
     cfg = load_config(overrides=[f"run_dir={run}", f"data.sources=[{code},{prose}]", "tokenizer.vocab_size=400"])
     run_tokenizer(cfg)
@@ -60,17 +65,20 @@ def _prepare_in_tasks(run: Path, sources, n: int, **data) -> None:
     run_prepare(_cfg(run, sources, num_tasks=n, merge=True, **data))
 
 
-@pytest.mark.parametrize("mixture", [False, True])
-def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture):
+@pytest.mark.parametrize("mixture,near", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "mixture", "near-dedup"])
+def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture, near):
+    """Also with data.near_dedup: the merge clusters every task's signatures as one scan would, so the
+    near-duplicates dropped, dedup.json (clusters, example pairs and their texts) and the shards are equal."""
     code, prose, tok = corpus
     sources = [str(code), str(prose)]
     if mixture:
         sources = [{"path": str(code), "name": "code", "weight": 0.6}, {"path": str(prose), "name": "prose"}]
         sources[1]["weight"] = 0.4
     one = _run(tmp_path / "one", tok, sources)
-    run_prepare(_cfg(one, sources))
+    run_prepare(_cfg(one, sources, near_dedup=near))
     three = _run(tmp_path / "three", tok, sources)
-    _prepare_in_tasks(three, sources, 3)
+    _prepare_in_tasks(three, sources, 3, near_dedup=near)
     a, b = _files(one), _files(three)
     assert a.keys() == b.keys()
     for name in a:
@@ -84,6 +92,20 @@ def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture):
     assert m["duplicates_dropped"] >= 2 and len(m["shards"]) > 2  # dedup across tasks, several shards
     assert not (three / "data" / "tasks").exists()
     assert ("mixture" in m) == mixture
+    assert ("dedup.json" in a) == near
+    if near:
+        report = json.loads(a["dedup.json"])
+        assert m["near_duplicates_dropped"] == report["near_duplicates"] > 0 and report["example_pairs"]
+        assert all(e["kept_text"] and e["dropped_source"] for e in report["example_pairs"])
+        from lmforge.data.prepare import source_groups
+        from lmforge.data.tasks import corpus_files, task_slice
+
+        files = corpus_files(source_groups(_cfg(three, sources).data)[0])
+        task_of = {str(f[1]): i for i in range(3) for f in task_slice(files, i, 3)}
+        pair = next(e for e in report["example_pairs"] if "zzz_textwrap_near" in e["dropped_source"])
+        kept, dropped = (pair[f"{k}_source"].rsplit(":", 1)[0] for k in ("kept", "dropped"))
+        assert kept.endswith("textwrap.py") and pair["similarity"] < 1
+        assert task_of[kept] != task_of[dropped]  # the pair was found across tasks
 
 
 def test_a_tiny_corpus_gets_its_forced_val_document_in_tasks_too(corpus, tmp_path):
@@ -114,13 +136,3 @@ def test_task_errors(corpus, tmp_path):
     with pytest.raises(LmforgeError, match="other settings"):
         run_prepare(_cfg(run, [str(code)], num_tasks=2, task_index=1, val_fraction=0.3))
         run_prepare(_cfg(run, [str(code)], num_tasks=2, merge=True))
-
-
-def test_near_dedup_is_refused_across_tasks(tmp_path):
-    """The merge drops exact duplicates between tasks by their hashes; near-duplicates between tasks would pass."""
-    from lmforge.data.tasks import check_tasks
-
-    with pytest.raises(ConfigError, match="data.near_dedup") as e:
-        check_tasks(_cfg(tmp_path / "run", ["x.txt"], num_tasks=2, near_dedup=True))
-    assert e.value.key == "data.near_dedup"
-    check_tasks(_cfg(tmp_path / "run", ["x.txt"], num_tasks=1, near_dedup=True))

@@ -31,6 +31,7 @@ shingle once. bench/prepare.py times both on the same documents (`minhash_numpy_
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import shutil
 from collections import deque
@@ -246,6 +247,68 @@ class ExactKeys:
         return np.sort(np.concatenate(out))
 
 
+def near_duplicates(sig: np.ndarray, sig_o: np.ndarray, bands: list[_Parts], threshold: float,
+                    exact_drop: np.ndarray) -> tuple[np.ndarray, int, list[dict]]:
+    """(numbers of near-duplicates not already exact ones, clusters, example pairs) from the MinHash
+    signatures `sig` of the documents numbered `sig_o` (ascending) and their LSH band keys in `bands`."""
+    pairs = []
+    for parts in bands:
+        for p in range(BAND_PARTS):
+            r = parts.read(p)
+            if len(r) < 2:
+                continue
+            r = r[np.lexsort((r["o"], r["key"]))]
+            new = np.r_[True, r["key"][1:] != r["key"][:-1]]
+            first = r["o"][np.flatnonzero(new)][np.cumsum(new) - 1]
+            dup = ~new
+            pairs.append(np.stack([first[dup], r["o"][dup]], axis=1))
+    if not pairs:
+        return np.zeros(0, np.uint64), 0, []
+    pairs = np.unique(np.concatenate(pairs), axis=0)  # sorted: deterministic
+    sims = np.empty(len(pairs))
+    for lo in range(0, len(pairs), 65536):
+        chunk = pairs[lo:lo + 65536]
+        ra, rb = np.searchsorted(sig_o, chunk[:, 0]), np.searchsorted(sig_o, chunk[:, 1])
+        sims[lo:lo + len(chunk)] = (sig[ra] == sig[rb]).mean(axis=1)
+    good = sims >= threshold
+    pairs, sims = pairs[good], sims[good]
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the first document in corpus order stays
+    members = np.asarray(sorted(parent), dtype=np.uint64)
+    roots = np.asarray([root(x) for x in members.tolist()], dtype=np.uint64)
+    removed = members[roots != members]
+    clusters = len(np.unique(roots[roots != members]))
+    near = np.setdiff1d(removed, exact_drop)
+    # Examples: pairs whose second document is a near-duplicate proper (exact copies have their own count).
+    shown = np.flatnonzero(np.isin(pairs[:, 1], near))[:EXAMPLES]
+    examples = [{"kept": a, "dropped": b, "similarity": round(s, 4)}
+                for (a, b), s in zip(pairs[shown].tolist(), sims[shown].tolist())]
+    return near, clusters, examples
+
+
+def band_records(keys: np.ndarray, ordinals: np.ndarray, bands: list[_Parts]) -> None:
+    """Each document's LSH key per band (band_keys) into that band's partition files."""
+    for bi, parts in enumerate(bands):
+        rec = np.empty(len(ordinals), dtype=parts.dtype)
+        rec["key"], rec["o"] = keys[:, bi], ordinals
+        parts.add((keys[:, bi] >> np.uint64(60)).astype(np.int64), rec)
+
+
+def band_parts(folder: Path, bands: int) -> list[_Parts]:
+    return [_Parts(folder, f"band{b:03d}", BAND_PARTS, np.dtype([("key", "<u8"), ("o", "<u8")]))
+            for b in range(bands)]
+
+
 def _validate(m) -> None:
     if m.ngram < 1 or m.num_perm < 1 or m.bands < 1 or m.num_perm % m.bands:
         raise LmforgeError(f"data.minhash: ngram ({m.ngram}) and bands ({m.bands}) must be >= 1 and "
@@ -257,13 +320,15 @@ def _validate(m) -> None:
 class Scan:
     """The documents to drop (by number in corpus order), why, and a report of the clusters."""
 
-    def __init__(self, d: DataConfig, folder: Path, workers: int, decontaminate=None):
-        """decontaminate: an eval.contamination.Decontaminator, whose hits are dropped too."""
+    def __init__(self, d: DataConfig, folder: Path, workers: int, decontaminate=None, defer_near: bool = False):
+        """decontaminate: an eval.contamination.Decontaminator, whose hits are dropped too. defer_near (a task
+        of many): signatures are computed but near-duplicates are left to the merge (export_near)."""
         self.d, self.folder, self.workers, self.decontaminate = d, folder, workers, decontaminate
+        self.defer_near = defer_near
+        self.file_ids: dict[str, int] = {}  # defer_near: each document's file, for the merge's examples
         self.cleaner = Cleaner(d.filters, d.pii)
         self.exact: ExactKeys | None = None  # made in run(), when the folder exists
-        self.bands = [_Parts(folder, f"band{b:03d}", BAND_PARTS, np.dtype([("key", "<u8"), ("o", "<u8")]))
-                      for b in range(d.minhash.bands)]
+        self.bands = band_parts(folder, d.minhash.bands)
         self.filtered_file = folder / "filtered.bin"
         self.contaminated_file = folder / "contaminated.bin"
         self.documents = 0
@@ -271,6 +336,7 @@ class Scan:
         self.clusters = 0
         self.examples: list[dict] = []
         self.drop = np.zeros(0, dtype=np.uint64)
+        self.exact_drop = np.zeros(0, dtype=np.uint64)
         self._sig_rows = 0
 
     # --- scanning -------------------------------------------------------------------------
@@ -311,8 +377,11 @@ class Scan:
         texts, ordinals, keys, size = [], [], [], 0
         filtered: list[int] = []
         wheres: list[str] = []
+        ids: list[int] = []
         for n, doc in enumerate(documents):
             self.documents = n + 1
+            if self.defer_near:
+                ids.append(self.file_ids.setdefault(doc.source, len(self.file_ids)))
             text = self.cleaner(doc.text, doc.source) if self.cleaner.active else doc.text
             if text is None:
                 filtered.append(n)
@@ -326,11 +395,11 @@ class Scan:
                 wheres.append(f"{doc.source}:{doc.line}")
             size += len(raw)
             if size >= BATCH_BYTES:
-                self._flush(ordinals, keys, filtered)
+                self._flush(ordinals, keys, filtered, ids)
                 self._contaminated(texts, ordinals, wheres)
                 yield texts, np.asarray(ordinals, dtype=np.uint64)
-                texts, ordinals, keys, filtered, wheres, size = [], [], [], [], [], 0
-        self._flush(ordinals, keys, filtered)
+                texts, ordinals, keys, filtered, wheres, ids, size = [], [], [], [], [], [], 0
+        self._flush(ordinals, keys, filtered, ids)
         self._contaminated(texts, ordinals, wheres)
         if texts:
             yield texts, np.asarray(ordinals, dtype=np.uint64)
@@ -350,7 +419,10 @@ class Scan:
             task, where = dc.examples[int(hits[i])]
             dc.dropped.append({"document": wheres[i], "text": texts[i][:300], "task": task, "example": where})
 
-    def _flush(self, ordinals: list[int], keys: list[bytes], filtered: list[int]) -> None:
+    def _flush(self, ordinals: list[int], keys: list[bytes], filtered: list[int], ids: list[int]) -> None:
+        if ids:
+            with open(self.folder / "files.bin", "ab") as f:
+                f.write(np.asarray(ids, dtype=np.uint32).tobytes())
         if filtered:
             with open(self.filtered_file, "ab") as f:
                 f.write(np.asarray(filtered, dtype=np.uint64).tobytes())
@@ -364,18 +436,15 @@ class Scan:
         with open(self.folder / "sig_ordinals.bin", "ab") as f:
             f.write(ordinals[has].tobytes())
         self._sig_rows += int(has.sum())
-        o, keys = ordinals[has], keys[has]
-        for bi, parts in enumerate(self.bands):
-            rec = np.empty(len(o), dtype=parts.dtype)
-            rec["key"], rec["o"] = keys[:, bi], o
-            parts.add((keys[:, bi] >> np.uint64(60)).astype(np.int64), rec)
+        if not self.defer_near:  # a task's merge makes the band keys of all tasks' signatures itself
+            band_records(keys[has], ordinals[has], self.bands)
 
     # --- resolving ------------------------------------------------------------------------
     def _resolve(self) -> None:
         filtered = (np.fromfile(self.filtered_file, dtype=np.uint64) if self.filtered_file.exists()
                     else np.zeros(0, np.uint64))
-        exact_drop = self.exact.duplicates() if self.d.dedup else np.zeros(0, np.uint64)
-        near_drop = self._near(exact_drop) if self.d.near_dedup else np.zeros(0, np.uint64)
+        exact_drop = self.exact_drop = self.exact.duplicates() if self.d.dedup else np.zeros(0, np.uint64)
+        near_drop = self._near(exact_drop) if self.d.near_dedup and not self.defer_near else np.zeros(0, np.uint64)
         contaminated = (np.fromfile(self.contaminated_file, dtype=np.uint64) if self.contaminated_file.exists()
                         else np.zeros(0, np.uint64))
         self.counts = {"filtered": len(filtered), "exact": len(exact_drop), "near": len(near_drop),
@@ -389,47 +458,20 @@ class Scan:
             return np.zeros(0, np.uint64)
         sig = np.memmap(self.folder / "sig.bin", dtype=np.uint32, mode="r", shape=(self._sig_rows, m.num_perm))
         sig_o = np.fromfile(self.folder / "sig_ordinals.bin", dtype=np.uint64)
-        pairs = []
-        for parts in self.bands:
-            for p in range(BAND_PARTS):
-                r = parts.read(p)
-                if len(r) < 2:
-                    continue
-                r = r[np.lexsort((r["o"], r["key"]))]
-                new = np.r_[True, r["key"][1:] != r["key"][:-1]]
-                first = r["o"][np.flatnonzero(new)][np.cumsum(new) - 1]
-                dup = ~new
-                pairs.append(np.stack([first[dup], r["o"][dup]], axis=1))
-        if not pairs:
-            return np.zeros(0, np.uint64)
-        pairs = np.unique(np.concatenate(pairs), axis=0)  # sorted: deterministic
-        sims = np.empty(len(pairs))
-        for lo in range(0, len(pairs), 65536):
-            chunk = pairs[lo:lo + 65536]
-            ra, rb = np.searchsorted(sig_o, chunk[:, 0]), np.searchsorted(sig_o, chunk[:, 1])
-            sims[lo:lo + len(chunk)] = (sig[ra] == sig[rb]).mean(axis=1)
-        good = sims >= m.threshold
-        pairs, sims = pairs[good], sims[good]
-        parent: dict[int, int] = {}
-
-        def root(x: int) -> int:
-            while parent.get(x, x) != x:
-                parent[x] = parent.get(parent[x], parent[x])
-                x = parent[x]
-            return x
-
-        for a, b in pairs.tolist():
-            ra, rb = root(a), root(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)  # the first document in corpus order stays
-        members = np.asarray(sorted(parent), dtype=np.uint64)
-        roots = np.asarray([root(x) for x in members.tolist()], dtype=np.uint64)
-        removed = members[roots != members]
-        self.clusters = len(np.unique(roots[roots != members]))
-        near = np.setdiff1d(removed, exact_drop)
-        for (a, b), s in zip(pairs[:EXAMPLES].tolist(), sims[:EXAMPLES].tolist()):
-            self.examples.append({"kept": a, "dropped": b, "similarity": round(s, 4)})
+        near, self.clusters, self.examples = near_duplicates(sig, sig_o, self.bands, m.threshold, exact_drop)
         return near
+
+    def export_near(self, out: Path, sources: list[str]) -> None:
+        """A task of many (data.num_tasks): what the merge needs to find near-duplicates across all tasks as
+        one scan would: the signatures with their numbers, each number's file (an index into `sources`, the
+        task's files in reading order), the exact duplicates found here, and the counts."""
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("sig.bin", "sig_ordinals.bin", "files.bin"):
+            f = self.folder / name
+            shutil.move(f, out / name) if f.exists() else (out / name).write_bytes(b"")
+        self.exact_drop.tofile(out / "exact.bin")
+        (out / "near.json").write_text(json.dumps({"documents": self.documents, "filtered": self.counts["filtered"],
+                                                   "sources": sources}), encoding="utf-8")
 
     # --- the tokenizing pass ---------------------------------------------------------------
     def skipper(self) -> _Skipper:

@@ -129,7 +129,7 @@ class _Pass:
         self.cleaner = Cleaner(cfg.data.filters, cfg.data.pii)  # its counts matter only without a scan
         self.groups = groups  # (name, paths): one unnamed group of everything, or a mixture's sources
         self.files = files  # (group, path, strict): a slice of the corpus (data.num_tasks), else all of it
-        self.record: dict | None = None  # {(split, group): [(ordinal, key, bytes)]} of every document kept
+        self.record: dict | None = None  # {(split, group): [(ordinal, key, bytes, scan number)]} of each kept
         self.lengths: dict = {}  # {(split, group): [tokens per document, per batch]} when recording
         self.sources = SourceStats()
         self.docs = {(s, g): 0 for s in SPLITS for g in range(len(groups))}
@@ -171,7 +171,8 @@ class _Pass:
             self.min_key[g] = key if lo is None else min(lo, key)
             self.max_key[g] = key if hi is None else max(hi, key)
             if self.record is not None:
-                self.record.setdefault((split, g), []).append((sum(self.docs.values()), key, len(raw)))
+                self.record.setdefault((split, g), []).append(
+                    (sum(self.docs.values()), key, len(raw), skip.n - 1 if skip is not None else -1))
             self.docs[split, g] += 1
             self.bytes[split, g] += len(raw)
             texts, size = pending[split, g]
@@ -336,7 +337,7 @@ def choose_encoder(tok: HFTokenizer, d: DataConfig) -> tuple[object | None, fast
 
 
 def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, list]], tok: Tokenizer,
-          enc=None, files: list[tuple[int, Path, bool]] | None = None) -> Scan | None:
+          enc=None, files: list[tuple[int, Path, bool]] | None = None, defer_near: bool = False) -> Scan | None:
     """The dedup/filter scan before tokenizing (exact dedup on disk, near dedup, data.decontaminate), or None
     if none is on. It reads the documents in the order the tokenizing pass will."""
     d = cfg.data
@@ -349,7 +350,7 @@ def _scan(cfg: Config, workers: int, data_dir: Path, groups: list[tuple[str, lis
         decontaminate = Decontaminator(d.decontaminate, cfg.run_dir, tok, cfg.eval.ngram, enc)
         log(f"[dim]data.decontaminate: training documents holding a {cfg.eval.ngram}-token window of "
             f"{len(decontaminate.examples)} evaluation examples ({', '.join(decontaminate.tasks)}) are dropped[/dim]")
-    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers, decontaminate)
+    scan = Scan(d, data_dir / f".scan-{os.getpid()}", workers, decontaminate, defer_near)
     t0 = time.perf_counter()
     try:
         scan.run(doc for _, doc in corpus_documents(d, groups, files, SourceStats()))

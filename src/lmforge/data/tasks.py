@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ import numpy as np
 from lmforge.config import Config, ConfigError
 from lmforge.console import log
 from lmforge.data.adopt import token_files
-from lmforge.data.dedup import ExactKeys
+from lmforge.data.dedup import ExactKeys, band_keys, band_parts, band_records, near_duplicates
 from lmforge.data.prepare import (
     SPLITS,
     _Pass,
@@ -49,24 +50,19 @@ from lmforge.data.prepare import (
     write_manifests,
 )
 from lmforge.data.shards import DTYPES, MANIFEST, token_dtype
-from lmforge.data.sources import SourceStats, key_fraction, resolve_sources
+from lmforge.data.sources import SourceStats, key_fraction, read_files, resolve_sources
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json
 from lmforge.tokenizer import Tokenizer
 
 TASKS = "tasks"
+NEAR = "near"  # a task's signatures for the merge's near-dedup (dedup.Scan.export_near)
 
 
 def check_tasks(cfg: Config) -> None:
     d = cfg.data
     if d.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be at least 1, got {d.num_tasks}", "data.num_tasks")
-    if d.near_dedup and d.num_tasks > 1:
-        # Exact duplicates between tasks are dropped at the merge by their hashes; near-duplicates would
-        # need every task's signatures compared there, which the merge does not do.
-        raise ConfigError("data.near_dedup=true runs on one machine: with data.num_tasks > 1 near-duplicates "
-                          "between tasks would be kept; set data.num_tasks=1 or data.near_dedup=false",
-                          "data.near_dedup")
     if d.decontaminate and d.num_tasks > 1:
         raise ConfigError("data.decontaminate runs in the one-machine prepare (its scan); with data.num_tasks > 1 "
                           "set data.num_tasks=1, or decontaminate later: `lmforge eval contamination` flags the "
@@ -133,11 +129,14 @@ def prepare_task(cfg: Config) -> dict:
             t.mkdir()
         enc, choice = choose_encoder(tok.tok, d)
         log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
-        scan = _scan(cfg, workers, tmp, groups, tok, enc, files=mine)  # exact duplicates within the slice, on disk
+        # Exact duplicates within the slice, on disk; near-duplicates are the merge's, from the signatures.
+        scan = _scan(cfg, workers, tmp, groups, tok, enc, files=mine, defer_near=True)
         try:
             p = _Pass(cfg, dtype, {}, groups, files=mine, scan=scan, enc=enc)
             p.record = {}
             res = _run_pass(p, tok, tmps, workers, total_mb)
+            if d.near_dedup:
+                scan.export_near(tmp / NEAR, sorted(scan.file_ids, key=scan.file_ids.get))
         finally:
             if scan is not None:
                 scan.close()
@@ -149,7 +148,8 @@ def prepare_task(cfg: Config) -> dict:
             index = f"{split}-{g}.npz"
             np.savez(tmp / index, ordinal=np.array([r[0] for r in rec], np.int64),
                      key=np.frombuffer(b"".join(r[1] for r in rec), np.uint8).reshape(-1, 16),
-                     bytes=np.array([r[2] for r in rec], np.int64), tokens=tokens)
+                     bytes=np.array([r[2] for r in rec], np.int64), tokens=tokens,
+                     scan=np.array([r[3] for r in rec], np.int64))
             folder = Path(split) / p.groups[g][0] if p.groups[g][0] else Path(split)
             parts.append({"split": split, "group": g, "index": index, "tokens": w.tokens,
                           "shards": [{"file": str(folder / s["file"]), "tokens": s["tokens"]} for s in w.shards]})
@@ -180,12 +180,13 @@ class _TaskDocs:
                 raise LmforgeError(f"{folder / part['index']}: does not match the task's shards; re-run this task")
             self.streams.append([np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in part["shards"]])
             self.starts.append(np.concatenate([[0], np.cumsum(z["tokens"])]))
-            rows.append((z["ordinal"], np.full(n, j), np.arange(n), z["key"], z["bytes"]))
+            rows.append((z["ordinal"], np.full(n, j), np.arange(n), z["key"], z["bytes"], z["scan"]))
         if not rows:  # a task with no files (more tasks than files)
-            rows = [(np.zeros(0, np.int64),) * 3 + (np.zeros((0, 16), np.uint8), np.zeros(0, np.int64))]
-        ordinal, part, row, key, nbytes = (np.concatenate(c) for c in zip(*rows, strict=True))
+            rows = [(np.zeros(0, np.int64),) * 3 + (np.zeros((0, 16), np.uint8),) + (np.zeros(0, np.int64),) * 2]
+        ordinal, part, row, key, nbytes, scan = (np.concatenate(c) for c in zip(*rows, strict=True))
         order = np.argsort(ordinal, kind="stable")
         self.part, self.row, self.key, self.nbytes = part[order], row[order], key[order], nbytes[order]
+        self.scan = scan[order]  # each kept document's number in the task's scan (all its documents)
 
     def tokens(self, part: int, lo_row: int, hi_row: int) -> np.ndarray:
         """The tokens of documents lo_row..hi_row-1 of `part`, across its shard files."""
@@ -216,14 +217,82 @@ def duplicates_between(tasks: list[_TaskDocs], scratch: Path) -> list[np.ndarray
     return [dup[bounds[i]:bounds[i + 1]] for i in range(len(tasks))]
 
 
-def _walk(p: _Pass, tasks: list[_TaskDocs], dups: list[np.ndarray], force: dict[bytes, str], emit) -> None:
+def near_between(cfg: Config, tasks: list[_TaskDocs], exact: list[np.ndarray], scratch: Path
+                 ) -> tuple[list[np.ndarray], dict]:
+    """data.near_dedup across tasks: per task, a mask of its documents that are near-duplicates (and not
+    exact ones), and dedup.json's report. Every task's signatures are numbered as one scan of the whole
+    corpus numbers its documents, so the LSH candidates, the clusters and who stays in each are exactly
+    those of a one-machine prepare (dedup.near_duplicates on the same signatures)."""
+    m = cfg.data.minhash
+    metas = [json.loads((td.folder / NEAR / "near.json").read_text(encoding="utf-8")) for td in tasks]
+    offsets = np.cumsum([0] + [mt["documents"] for mt in metas]).astype(np.uint64)
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        bands = band_parts(scratch, m.bands)
+        numbers, rows = [], 0
+        with open(scratch / "sig.bin", "wb") as out:
+            for t, td in enumerate(tasks):
+                o = np.fromfile(td.folder / NEAR / "sig_ordinals.bin", dtype=np.uint64) + offsets[t]
+                if len(o):
+                    sig = np.memmap(td.folder / NEAR / "sig.bin", dtype=np.uint32, mode="r", shape=(len(o), m.num_perm))
+                    for lo in range(0, len(o), 65536):
+                        chunk = np.asarray(sig[lo:lo + 65536])
+                        out.write(chunk.tobytes())
+                        band_records(band_keys(chunk, m.bands), o[lo:lo + 65536], bands)
+                numbers.append(o)
+                rows += len(o)
+        exact_drop = np.sort(np.concatenate(
+            [np.fromfile(td.folder / NEAR / "exact.bin", dtype=np.uint64) + offsets[t] for t, td in enumerate(tasks)]
+            + [td.scan[mask].astype(np.uint64) + offsets[t] for t, (td, mask) in enumerate(zip(tasks, exact))]))
+        near, clusters, examples = np.zeros(0, np.uint64), 0, []
+        if rows:
+            sig = np.memmap(scratch / "sig.bin", dtype=np.uint32, mode="r", shape=(rows, m.num_perm))
+            near, clusters, examples = near_duplicates(sig, np.concatenate(numbers), bands, m.threshold, exact_drop)
+            del sig
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    masks = [np.isin(td.scan.astype(np.uint64) + offsets[t], near) for t, td in enumerate(tasks)]
+    for e in examples:  # dedup.json shows each pair's texts, as the one-machine pass fills them in
+        for k in ("kept", "dropped"):
+            e[f"{k}_source"], e[f"{k}_text"] = _document_at(cfg, tasks, metas, offsets, e[k])
+    report = {"documents_scanned": int(offsets[-1]), "exact_duplicates": len(exact_drop), "near_dedup": True,
+              "filtered": sum(mt["filtered"] for mt in metas), "near_duplicates": len(near), "clusters": clusters,
+              "minhash": {"ngram": m.ngram, "num_perm": m.num_perm, "bands": m.bands, "threshold": m.threshold,
+                          "seed": m.seed},
+              "example_pairs": examples}
+    return masks, report
+
+
+def _document_at(cfg: Config, tasks: list[_TaskDocs], metas: list[dict], offsets: np.ndarray, number: int
+                 ) -> tuple[str, str]:
+    """(source:line, first 300 characters) of the corpus's document `number`, re-read from its file."""
+    t = int(np.searchsorted(offsets, np.uint64(number), side="right")) - 1
+    n = number - int(offsets[t])
+    ids = np.fromfile(tasks[t].folder / NEAR / "files.bin", dtype=np.uint32)
+    source = metas[t]["sources"][int(ids[n])]
+    k = n - int(np.searchsorted(ids, ids[n]))  # files are read one after another: their ids never go down
+    strict = next((st for _, path, st in corpus_files(source_groups(cfg.data)[0]) if str(path) == source), False)
+    d = cfg.data
+    doc = next(itertools.islice(read_files([(Path(source), strict)], d.text_field, SourceStats(), d.max_doc_bytes,
+                                           d.filter), k, None))
+    return f"{doc.source}:{doc.line}", doc.text[:300]
+
+
+def _walk(p: _Pass, tasks: list[_TaskDocs], drops: list[tuple[np.ndarray, np.ndarray]], force: dict[bytes, str],
+          emit) -> None:
     """Decide every document as one `prepare` would (dedup, split), counting into `p`; `emit(task, part,
-    row, split, group)` receives each kept one, in corpus order."""
+    row, split, group)` receives each kept one, in corpus order. drops: per task, (exact, near) masks."""
     force = dict(force)
+    p.near = 0
     for t, td in enumerate(tasks):
-        for part, row, key_arr, nbytes, dup in zip(td.part, td.row, td.key, td.nbytes, dups[t], strict=True):
+        exact, near = drops[t]
+        for part, row, key_arr, nbytes, dup, close in zip(td.part, td.row, td.key, td.nbytes, exact, near,
+                                                          strict=True):
             if dup:
                 p.duplicates += 1
+                continue
+            if close:
+                p.near += 1
                 continue
             key = key_arr.tobytes()
             g = td.parts[part]["group"]
@@ -263,10 +332,14 @@ def merge_tasks(cfg: Config) -> dict:
         p.duplicates = sum(m["duplicates_dropped"] for m in manifests)
         return p
 
-    dups = (duplicates_between(tasks, cfg.run_path / "data" / f".merge-dedup-{os.getpid()}") if d.dedup
-            else [np.zeros(len(td.key), dtype=bool) for td in tasks])
+    scratch = cfg.run_path / "data" / f".merge-dedup-{os.getpid()}"
+    dups = (duplicates_between(tasks, scratch) if d.dedup else [np.zeros(len(td.key), dtype=bool) for td in tasks])
+    near, near_report = [np.zeros(len(td.key), dtype=bool) for td in tasks], None
+    if d.near_dedup:
+        near, near_report = near_between(cfg, tasks, dups, scratch)
+    drops = list(zip(dups, near, strict=True))
     first = fresh()
-    _walk(first, tasks, dups, {}, lambda *a: None)
+    _walk(first, tasks, drops, {}, lambda *a: None)
     if sum(first.docs.values()) == 0:
         raise LmforgeError(f"no documents in {d.sources}: every file is empty, whitespace or binary")
     force = forced_splits(first, specs)
@@ -295,7 +368,7 @@ def merge_tasks(cfg: Config) -> dict:
             run.extend([t, part, row, row + 1, (split, g)])
 
         try:
-            _walk(p, tasks, dups, force, emit)
+            _walk(p, tasks, drops, force, emit)
             flush()
         finally:
             for w in writers.values():
@@ -306,7 +379,13 @@ def merge_tasks(cfg: Config) -> dict:
         # Every task's encoder gave tokenizers' ids (fast_bpe proves it before use); the manifest names it
         # as one prepare's would.
         encoders = sorted({m.get("encoder", "tokenizers") for m in manifests})
-        weights = write_manifests(p, tok, writers, specs, tmps, summary, {"encoder": "+".join(encoders)})
+        extra: dict = {"encoder": "+".join(encoders)}
+        for stale in ("dedup.json", "filters.json", "decontamination.json"):  # an earlier prepare's
+            (data_dir / stale).unlink(missing_ok=True)
+        if near_report is not None:
+            atomic_write_json(data_dir / "dedup.json", near_report)
+            summary["near_duplicates_dropped"] = extra["near_duplicates_dropped"] = p.near
+        weights = write_manifests(p, tok, writers, specs, tmps, summary, extra)
     except BaseException as e:
         for s in SPLITS:
             dirs[s].__exit__(type(e), e, e.__traceback__)
