@@ -230,3 +230,64 @@ def test_tiktoken_gpt2_style_byte_level_regex():
     enc, choice = fast_bpe.convert(tok)
     assert choice.name == "tiktoken", choice.reason
     assert fast_bpe.same_ids(enc, tok, [fast_bpe.PROBE, "  hello   world\n\n", "don't 中文 😀 x=1"]) is None
+
+
+def _language_model(path: Path) -> Path:
+    """A small fastText language-ID model trained here on English and Chinese lines (a stand-in for lid.176).
+    Trained in a fresh interpreter: with torch imported first, this fastText build's training gives NaN
+    (its predictions are unaffected, which is all prepare uses)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fasttext")
+    from corpora import chinese, english
+
+    lines = [f"__label__en {s}" for s in english(20_000, seed=3).splitlines()]
+    lines += [f"__label__zh {s}" for s in chinese(20_000, seed=3).splitlines()]
+    random.Random(0).shuffle(lines)
+    train = path / "langid.txt"
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = (f"import fasttext; fasttext.train_supervised(input={str(train)!r}, epoch=5, dim=16, bucket=5000, "
+            f"minn=1, maxn=2, verbose=0, thread=1).save_model({str(path / 'langid.bin')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    return path / "langid.bin"
+
+
+def test_language_filter_keeps_the_named_languages(tok_run, tmp_path):  # noqa: F811
+    """data.filters.language=[en] with a local model drops the Chinese documents (counted by hand: 3 files,
+    their bytes), keeps the English ones, and reports each document's language; [en, zh] keeps all."""
+    from corpora import chinese, english
+
+    model = _language_model(tmp_path)
+    src = tmp_path / "docs"
+    src.mkdir()
+    zh_bytes = 0
+    for i in range(5):
+        (src / f"en{i}.txt").write_text(english(1500, seed=10 + i), encoding="utf-8")
+    for i in range(3):
+        text = chinese(1500, seed=20 + i)
+        (src / f"zh{i}.txt").write_text(text, encoding="utf-8")
+        zh_bytes += len(text.encode("utf-8"))
+    for langs, kept in ((["en"], 5), (["en", "zh"], 8)):
+        cfg = make_cfg(tok_run, tmp_path / "-".join(langs), [src], val_fraction=0.0, dedup=False)
+        cfg.data.filters.language, cfg.data.filters.language_model = langs, str(model)
+        summary = prepare(cfg)
+        rep = json.loads((tmp_path / "-".join(langs) / "run" / "data" / "filters.json").read_text())
+        assert summary["train"]["documents"] == kept
+        assert rep["languages"] == {"en": 5, "zh": 3}
+        dropped = rep["filters"]["language"]
+        assert dropped["documents"] == 8 - kept and dropped["bytes"] == (zh_bytes if kept == 5 else 0)
+        assert all(any("\u4e00" <= c <= "\u9fff" for c in s) for s in dropped["samples"])
+
+
+def test_language_filter_errors_name_the_key(tmp_path):
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.filters.language_model=PATH") as e:
+        Cleaner(FilterConfig(language=["en"]), pii=False)
+    assert e.value.key == "data.filters.language_model"
+    with pytest.raises(LmforgeError, match="no such file"):
+        Cleaner(FilterConfig(language=["en"], language_model=str(tmp_path / "lid.176.bin")), pii=False)
+    (tmp_path / "bad.bin").write_bytes(b"not a model")
+    with pytest.raises(LmforgeError, match="not a fastText model"):
+        Cleaner(FilterConfig(language=["en"], language_model=str(tmp_path / "bad.bin")), pii=False)

@@ -66,7 +66,10 @@ class FilterConfig:
     max_bullet_lines: float = 0.9  # share of lines starting with a bullet
     max_ellipsis_lines: float = 0.3  # share of lines ending with an ellipsis
     min_chars: int = 0  # documents shorter than this (characters) are dropped; 0: off
-    code: bool = False  # also apply the prose filters (lines, repetition, words) to code files
+    code: bool = False  # also apply the prose filters (lines, repetition, words, language) to code files
+    language: list[str] = field(default_factory=list)  # keep documents in these languages (en, zh, ...); needs
+    language_model: str = ""  # a local fastText language-ID model (lid.176.bin/.ftz, GlotLID's model.bin)
+    min_language_score: float = 0.65  # the model's probability for the language it picks, below it: dropped
 
 
 @dataclass

@@ -11,6 +11,10 @@ follow Gopher (Rae et al. 2021, appendix A) and C4 (Raffel et al. 2020):
 - `words` (Gopher): word count, mean word length, symbol-to-word ratio (# and ellipses), the share of
   lines that start with a bullet or end with an ellipsis.
 - `min_chars`: documents shorter than this many characters go.
+- `language=[en, zh]` with `language_model=PATH`: a local fastText language-ID model (fastText's
+  lid.176, or GlotLID, whose labels are eng_Latn-style: the part before "_" is matched too) names each
+  document's language; documents in other languages, or below `min_language_score`, go (datatrove's
+  LanguageFilter rule). Nothing is downloaded: the model file is the user's.
 
 Words: runs of letters/digits, and every CJK character on its own, so Chinese (no spaces) has as many
 words as characters; the mean word length is taken over the non-CJK words only, so a Chinese page is
@@ -30,7 +34,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from lmforge.config import FilterConfig
+from lmforge.config import ConfigError, FilterConfig
+from lmforge.errors import LmforgeError
 
 PROSE_EXTS = {".txt", ".text", ".md", ".markdown", ".rst", ".org", ".adoc", ".tex", ".html", ".htm", ".xml",
               ".jsonl", ".ndjson", ".json", ".csv", ".parquet", ""}
@@ -113,14 +118,17 @@ class Cleaner:
 
     def __init__(self, f: FilterConfig, pii: bool):
         self.f, self.pii = f, pii
-        self.tallies = {k: _Tally() for k in ("lines", "lorem_ipsum", "repetition", "words", "min_chars")}
+        self.tallies = {k: _Tally() for k in ("lines", "lorem_ipsum", "repetition", "words", "min_chars",
+                                               "language")}
         self.pii_counts = Counter()
+        self.languages: Counter = Counter()  # the language named for each document the language filter saw
         self.documents_in = 0
+        self._langid = _language_model(f) if f.language else None
 
     @property
     def active(self) -> bool:
         f = self.f
-        return self.pii or f.lines or f.repetition or f.words or f.min_chars > 0
+        return self.pii or f.lines or f.repetition or f.words or f.min_chars > 0 or bool(f.language)
 
     def __call__(self, text: str, source: str) -> str | None:
         """The cleaned text of one document, or None when a filter removes it."""
@@ -136,6 +144,9 @@ class Cleaner:
                 return None
             if f.words and self._bad_words(text):
                 self.tallies["words"].add(text)
+                return None
+            if self._langid is not None and not self._language_ok(text):
+                self.tallies["language"].add(text)
                 return None
         if len(text) < f.min_chars:
             self.tallies["min_chars"].add(text)
@@ -199,6 +210,13 @@ class Cleaner:
                 return True
         return False
 
+    def _language_ok(self, text: str) -> bool:
+        labels, probs = self._langid.predict(" ".join(text.split()))  # fastText reads one line
+        lang = labels[0].removeprefix("__label__") if labels else "unknown"
+        self.languages[lang] += 1
+        wanted = lang in self.f.language or lang.split("_")[0] in self.f.language
+        return wanted and float(probs[0]) >= self.f.min_language_score
+
     def _mask(self, text: str) -> str:
         for name, rx, repl, mark in (("email", EMAIL, "<EMAIL>", "@"), ("ipv4", IPV4, "<IP>", "."),
                                      ("ipv6", IPV6, "<IP>", ":")):
@@ -209,5 +227,39 @@ class Cleaner:
         return text
 
     def report(self) -> dict:
-        return {"documents_in": self.documents_in, "filters": {k: t.as_dict() for k, t in self.tallies.items()},
-                "pii": dict(self.pii_counts) if self.pii else None, "settings": vars(self.f)}
+        out = {"documents_in": self.documents_in, "filters": {k: t.as_dict() for k, t in self.tallies.items()},
+               "pii": dict(self.pii_counts) if self.pii else None, "settings": vars(self.f)}
+        if self.f.language:
+            out["languages"] = dict(sorted(self.languages.items()))
+        return out
+
+
+def _language_model(f: FilterConfig):
+    """The fastText model data.filters.language_model names, loaded once per process."""
+    if not f.language_model:
+        raise ConfigError("data.filters.language needs a local fastText language-ID model: set "
+                          "data.filters.language_model=PATH (fastText's lid.176.ftz or lid.176.bin from "
+                          "fasttext.cc/docs/en/language-identification.html, or GlotLID's model.bin)",
+                          "data.filters.language_model")
+    path = Path(f.language_model).expanduser()
+    if not path.is_file():
+        raise LmforgeError(f"data.filters.language_model={f.language_model}: no such file")
+    if not 0 <= f.min_language_score <= 1:
+        raise ConfigError(f"data.filters.min_language_score must be in [0, 1], got {f.min_language_score}",
+                          "data.filters.min_language_score")
+    key = str(path.resolve())
+    if key not in _MODELS:
+        try:
+            import fasttext
+        except ImportError:
+            raise LmforgeError('data.filters.language needs fastText: pip install "lmforge[langid]" '
+                               "(the fasttext-numpy2-wheel package)") from None
+        fasttext.FastText.eprint = lambda *a, **k: None  # its load_model prints a warning per call
+        try:
+            _MODELS[key] = fasttext.load_model(key)
+        except ValueError as e:
+            raise LmforgeError(f"data.filters.language_model={f.language_model}: not a fastText model ({e})") from None
+    return _MODELS[key]
+
+
+_MODELS: dict[str, object] = {}
