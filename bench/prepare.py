@@ -2,8 +2,9 @@
 
 Corpus: the running Python's standard library .py files (every machine has them), up to --mb MB.
 lmforge prepare runs with 1 and 2 worker processes (--workers) and is timed end to end: reading
-files, tokenizing, writing shards and manifests; then once more with `data.near_dedup=true`, whose
-extra time is the near-dedup cost. The peer only encodes texts already in memory:
+files, the exact-dedup scan (prepare's default; --no-dedup turns it off), tokenizing, writing shards
+and manifests; then once more with `data.near_dedup=true`, whose extra time is the near-dedup cost.
+The peer only encodes texts already in memory, each distinct document once as prepare keeps them:
 `encode_batch_fast` in one process (tokenizers' own rayon threads, all cores), with a fresh
 tokenizer each repeat. The token ids of prepare's shard and the peer's are compared one to one.
 The MinHash signatures are also timed against `datasketch` on the first --datasketch-mb MB.
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--workers", default="1,2", help="prepare worker counts to measure")
     ap.add_argument("--datasketch-mb", type=float, default=2.0, help="MB of documents for the datasketch peer")
+    ap.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                    help="exact dedup on in prepare (its default; the scan reads the corpus once more)")
     args = ap.parse_args()
 
     docs = stdlib_texts(int(args.mb * 1e6))
@@ -136,7 +139,7 @@ def main() -> None:
             f.write_text(text, encoding="utf-8")
         cfg = Config(run_dir=str(run))
         cfg.data.sources = [str(corpus)]
-        cfg.data.dedup = False  # the peers encode every file, so prepare must too
+        cfg.data.dedup = args.dedup  # prepare's default; the peers then encode each distinct document once
         cfg.data.val_fraction = 0.0  # one split in corpus order: the ids compare one to one
         t0 = time.perf_counter()
         if args.tokenizer:
@@ -153,6 +156,8 @@ def main() -> None:
         tok_info["vocab_size"] = HFTokenizer.from_str(hf_json).get_vocab_size()
         # The peers get exactly the documents prepare tokenizes (e.g. a UTF-8 BOM is stripped).
         texts = [d.text for d in iter_documents(cfg.data.sources)]
+        if args.dedup:  # what prepare keeps: the first copy of each text
+            texts = list(dict.fromkeys(texts))
 
         runs = {f"workers_{w}": [] for w in worker_counts}
         runs["near_dedup"] = []
@@ -202,7 +207,8 @@ def main() -> None:
                        "added_time_vs_prepare": round(statistics.median(runs["near_dedup"])
                                                       / statistics.median(runs[f"workers_{top}"]) - 1, 3),
                        "minhash_numpy_vs_datasketch": sketch},
-        "note": "prepare is timed end to end (read, hash, tokenize, write shards), dedup off unless named; "
+        "dedup": args.dedup,
+        "note": "prepare is timed end to end (read, exact-dedup scan unless --no-dedup, tokenize, write shards); "
                 "the peer encodes in-memory text only: a fresh tokenizer per repeat (cold), "
                 "then the same text again (warm). Ratio > 1: prepare is faster. "
                 "Shared machine: other jobs may run beside it.",
