@@ -130,7 +130,7 @@ def prepare_task(cfg: Config) -> dict:
         enc, choice = choose_encoder(tok.tok, d)
         log(f"[dim]prepare encodes with {choice.name} ({choice.reason})[/dim]")
         # Exact duplicates within the slice, on disk; near-duplicates are the merge's, from the signatures.
-        scan = _scan(cfg, workers, tmp, groups, tok, enc, files=mine, defer_near=True)
+        scan = _scan(cfg, workers, tmp, groups, tok, enc, files=mine, defer_near=d.near_dedup)
         try:
             p = _Pass(cfg, dtype, {}, groups, files=mine, scan=scan, enc=enc)
             p.record = {}
