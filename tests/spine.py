@@ -99,7 +99,9 @@ def copy_run(src: Path, dst: Path) -> Path:
 def lmforge(*args: str, env: dict | None = None, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (so a SIGKILL hits a real process)."""
     full_env = {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"}
-    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    # PYTHONFAULTHANDLER: a crash in a native library (a signal, not an exception) still prints each thread's
+    # Python stack, so a rare one in CI can be traced.
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                "-m", "lmforge", *args]
@@ -139,7 +141,7 @@ def lmforge_batch(jobs: dict[str, list[str]], torchrun: int = 0, timeout: int = 
     A job the launch never reached (an earlier one hung or killed the launch) gets return code -1 and the
     launch's last output, so each test still fails with the reason."""
     env = {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"}
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     launch = [sys.executable] if not torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={torchrun}"]
     with tempfile.TemporaryDirectory() as tmp:
