@@ -61,13 +61,18 @@ _CLS[0x80:0xE0] = 1
 _CLS[0xE0:] = 2
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: spreads structured 64-bit values over all bits."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
     x = x ^ (x >> np.uint64(27))
     x = x * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def odd_multipliers(n: int) -> np.ndarray:
+    """n odd, well-spread 64-bit constants: hash(x_1..x_n) = mix64(sum(x_k * m_k)) weighs each position apart."""
+    return mix64(np.arange(1, n + 1, dtype=np.uint64)) | np.uint64(1)
 
 
 _POW: dict[int, np.ndarray] = {}  # base -> base**i mod 2**64, grown as batches need
@@ -105,9 +110,9 @@ def shingles(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
         np.cumsum(buf.astype(np.uint64) * _powers(int(_P), n), out=prefix[1:])
         inv = pow(int(_P), -1, 1 << 64)
         wh = (prefix[e] - prefix[s]) * _powers(inv, n)[s]  # word hash, independent of its position
-        wh = _mix(wh + e.astype(np.uint64) - s.astype(np.uint64))
+        wh = mix64(wh + e.astype(np.uint64) - s.astype(np.uint64))
         doc = np.searchsorted(doc_start, s, side="right") - 1
-        mult = _mix(np.arange(1, ngram + 1, dtype=np.uint64)) | np.uint64(1)
+        mult = odd_multipliers(ngram)
         counts = np.bincount(doc, minlength=len(raw))
         hashes, owners = [], []
         if len(wh) >= ngram:
@@ -130,7 +135,7 @@ def shingles(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
         h, o = np.concatenate(hashes), np.concatenate(owners)
         order = np.argsort(o, kind="stable")
-        return _mix(h[order]), o[order]
+        return mix64(h[order]), o[order]
 
 
 def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +151,7 @@ def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[
     n, k = len(texts), num_perm
     full = np.uint64(np.iinfo(np.uint64).max)
     with np.errstate(over="ignore"):
-        x = _mix(h ^ _mix(np.asarray([seed], dtype=np.uint64)))
+        x = mix64(h ^ mix64(np.asarray([seed], dtype=np.uint64)))
         cell = owner * k + ((x & np.uint64(0xFFFFFFFF)) % np.uint64(k)).astype(np.int64)
         sig = np.full(n * k, full, dtype=np.uint64)
         np.minimum.at(sig, cell, x >> np.uint64(32))
@@ -169,10 +174,10 @@ def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
     """One 64-bit key per (document, band) from the band's rows of the signature."""
     n, k = sig.shape
     rows = k // bands
-    mult = _mix(np.arange(1, rows + 1, dtype=np.uint64)) | np.uint64(1)
+    mult = odd_multipliers(rows)
     with np.errstate(over="ignore"):
         x = sig.reshape(n, bands, rows).astype(np.uint64) * mult
-        return _mix(x.sum(axis=2, dtype=np.uint64) + np.arange(bands, dtype=np.uint64))
+        return mix64(x.sum(axis=2, dtype=np.uint64) + np.arange(bands, dtype=np.uint64))
 
 
 def _signature_job(job: tuple[list[str], int, int, int, int]) -> tuple:

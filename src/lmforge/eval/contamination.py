@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.console import log, progress
+from lmforge.data.dedup import mix64, odd_multipliers
 from lmforge.errors import LmforgeError
 from lmforge.io import AtomicDir, atomic_write_json, atomic_write_text
 
@@ -39,21 +40,6 @@ SAMPLES = 5  # flagged examples shown per task in the report
 INDEX_VERSION = 1
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, so the top bits (the partition) are uniform."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def _multipliers(n: int) -> np.ndarray:
-    """One odd 64-bit constant per window position: the window hash is sum(id_k * m_k), mixed."""
-    return _mix(np.arange(1, n + 1, dtype=np.uint64)) | np.uint64(1)
-
-
 def window_hashes(ids: np.ndarray, n: int, eot_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(hash of every window of `n` consecutive ids, its start position), leaving out windows that hold
     `eot_id` (they cross a document's end, and no evaluation text holds one)."""
@@ -61,7 +47,7 @@ def window_hashes(ids: np.ndarray, n: int, eot_id: int | None = None) -> tuple[n
     if len(ids) < n:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     a = ids.astype(np.uint64)
-    m = _multipliers(n)
+    m = odd_multipliers(n)
     count = len(a) - n + 1
     h = a[:count] * m[0]
     tmp = np.empty_like(h)
@@ -77,7 +63,7 @@ def window_hashes(ids: np.ndarray, n: int, eot_id: int | None = None) -> tuple[n
             crossing[ends + k] = True
         keep = ~crossing[n - 1:n - 1 + count]
         h, start = h[keep], start[keep]
-    return _mix(h), start
+    return mix64(h), start
 
 
 def sorted_unique(h: np.ndarray) -> np.ndarray:
