@@ -4,13 +4,16 @@
 
 Both sides run the identical random-weight model (lmforge checkpoint -> `lmforge export hf` ->
 AutoModelForCausalLM), the same equal-length prompts, greedy, exactly `--new-tokens` new tokens
-(no stop token), fp32 on the CPU (bf16 on CUDA). Runs are interleaved and their order alternates
-so drifting machine load hits both sides alike; we report the median and the min/max of several
-repeats, and whether both produced the same tokens. Time includes the prompt's prefill (short
-prompts: decode dominates). The machine's load average is recorded: on a shared CPU, other processes
-(and intra-op threads spinning against them) move the absolute numbers, the interleaving keeps the
-ratio fair. `quantization` adds the int8/int4 decode speed and the perplexity
-change on a byte-level model trained for a few seconds on standard-library source text.
+(no stop token), fp32 on the CPU (bf16 on CUDA). A third side, `lmforge_forward`, is lmforge with
+its packed decoding step turned off (LMFORGE_FAST_DECODE=0: every step through the model's
+forward), so one run shows what the step gains; `ops_per_step` counts the ATen calls of one step
+each way. Runs are interleaved and their order alternates so drifting machine load hits all sides
+alike; we report the median and the min/max of several repeats, and whether they produced the same
+tokens. Time includes the prompt's prefill (short prompts: decode dominates). The machine's load
+average and CPU flags are recorded: on a shared CPU, other processes (and intra-op threads spinning
+against them) move the absolute numbers, the interleaving keeps the ratio fair. `quantization` adds
+the int8/int4 decode speed and the perplexity change on a byte-level model trained for a few
+seconds on standard-library source text.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cpu_flags
 
 
 def log(msg: str) -> None:
@@ -89,24 +93,55 @@ def bench_batch(ours, theirs, device, batch: int, args) -> dict:
     def run_ours():
         return generate_ids(ours, prompts.tolist(), params)
 
+    def run_forward():  # lmforge without its packed decoding step (infer/decode.py): the model's forward
+        os.environ["LMFORGE_FAST_DECODE"] = "0"
+        try:
+            return generate_ids(ours, prompts.tolist(), params)
+        finally:
+            del os.environ["LMFORGE_FAST_DECODE"]
+
     def run_theirs():
         with torch.inference_mode():
             out = theirs.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, pad_token_id=0)
         return out[:, args.prompt_len:].tolist()
 
-    a, b = run_ours(), run_theirs()  # warm-up, and the equality check
-    times: dict[str, list[float]] = {"lmforge": [], "transformers": []}
+    a, b, c = run_ours(), run_theirs(), run_forward()  # warm-up, and the equality check
+    times: dict[str, list[float]] = {"lmforge": [], "transformers": [], "lmforge_forward": []}
     for r in range(args.repeats):
-        order = [("lmforge", run_ours), ("transformers", run_theirs)]
+        order = [("lmforge", run_ours), ("transformers", run_theirs), ("lmforge_forward", run_forward)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
             times[name].append(timed(fn)[0])
     tokens = batch * args.new_tokens
-    ours_s, theirs_s = summary(times["lmforge"], tokens), summary(times["transformers"], tokens)
-    return {"lmforge": ours_s, "transformers": theirs_s,
-            "ratio_lmforge_over_transformers":
-                round(ours_s["tokens_per_s_median"] / theirs_s["tokens_per_s_median"], 3),
-            "same_tokens": a == b}
+    out = {name: summary(ts, tokens) for name, ts in times.items()}
+    rate = {name: s["tokens_per_s_median"] for name, s in out.items()}
+    return {**out, "ratio_lmforge_over_transformers": round(rate["lmforge"] / rate["transformers"], 3),
+            "ratio_step_over_forward": round(rate["lmforge"] / rate["lmforge_forward"], 3),
+            "same_tokens": a == b, "same_tokens_as_forward": a == c, "ops_per_step": ops_per_step(ours, batch)}
+
+
+def ops_per_step(model, batch: int) -> dict:
+    """ATen operator calls of one decoding step (views included), through the packed step and the forward."""
+    from torch.profiler import profile
+
+    from lmforge.infer.decode import decode_step
+    from lmforge.infer.engine import prefill_prompts
+
+    out = {}
+    for name, fast in (("lmforge", "1"), ("lmforge_forward", "0")):
+        os.environ["LMFORGE_FAST_DECODE"] = fast
+        try:
+            with torch.inference_mode():
+                cache, logits, _, _ = prefill_prompts(model, [[1, 2, 3]] * batch, 8, False)
+                step = decode_step(model)
+                ids, pos = logits.argmax(-1, keepdim=True), torch.full((batch, 1), 3, device=logits.device)
+                step(ids, pos, cache)  # the first step at a row count times the layouts (Linear)
+                with profile() as prof:
+                    step(ids, pos + 1, cache)
+        finally:
+            del os.environ["LMFORGE_FAST_DECODE"]
+        out[name] = sum(e.count for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::")))
+    return out
 
 
 def quant_decode(cfg, ckpt, device, args) -> dict:
@@ -205,6 +240,7 @@ def main() -> None:
                       "greedy": True, "device": str(device), "dtype": str(next(ours.parameters()).dtype),
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "transformers": transformers.__version__, "python": platform.python_version(),
+                      "cpu_flags": cpu_flags(),
                       "load_average_at_start": round(os.getloadavg()[0], 2)},
         }
         for b in (int(x) for x in args.batch_sizes.split(",")):

@@ -121,8 +121,11 @@ def test_sampling_follows_the_distribution():
             return type("Cache", (), {"key_mask": torch.ones(batch, max_len, dtype=torch.bool),
                                       "has_padding": False, "select": lambda self, i: None})()
 
-        def forward(self, ids, positions=None, cache=None):
+        def forward(self, ids, positions=None, cache=None, return_hidden=False):
             return torch.log(torch.tensor([0.6, 0.3, 0.08, 0.02])).expand(ids.shape[0], ids.shape[1], 4)
+
+        def logits(self, hidden):  # the prefill asks for hidden states and reads the last position's logits
+            return hidden
 
     params = SamplingParams(max_new_tokens=1, temperature=1.0, top_k=2, top_p=1.0, seed=0)
     out = generate_ids(Fixed(), [[0]] * 3000, params)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.decode import decode_step
 from lmforge.infer.engine import (
     Completion,
     Sample,
@@ -281,7 +282,7 @@ class Scheduler:
             return
         ids = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.used] for r in self.rows], dtype=torch.long, device=self.device)
-        logits = self.model(ids, positions=pos, cache=self.cache)[:, -1]
+        logits = decode_step(self.model)(ids, pos, self.cache)
         at = {id(r): i for i, r in enumerate(self.rows)}
         done: list[_Row] = []
         for act in list(self.active):
@@ -333,14 +334,15 @@ class Scheduler:
         check_prompts(self.model, job.prompts)
         budgets = job.budgets(self.context)
         L = max(len(p) for p in job.prompts)
-        cache, prefill, seen = prefill_prompts(self.model, job.prompts, L + 1, params.repetition_penalty != 1.0)
-        scores = prompt_scores(prefill, job.prompts, job.top_logprobs, self.vocab_limit) if job.score_prompt else None
+        cache, first, prompt_logits, seen = prefill_prompts(self.model, job.prompts, L + 1,
+                                                            params.repetition_penalty != 1.0, job.score_prompt)
+        scores = (prompt_scores(prompt_logits, job.prompts, job.top_logprobs, self.vocab_limit)
+                  if job.score_prompt else None)
+        del prompt_logits
         rows = [_Row(i, len(p), b, Sample([], "length", None, [] if job.top_logprobs is not None else None),
                      TextStream(self.tokenizer, params.stop, self.stop_ids))
                 for i, (p, b) in enumerate(zip(job.prompts, budgets))]
         act = _Active(job, rows, list(rows), make_generator(params, self.device), seen, scores)
-        first = prefill[:, -1]
-        del prefill
         self.active.append(act)
         ended = {id(r) for r in self._advance(act, first)}
         live = [r for r in rows if id(r) not in ended]

@@ -39,6 +39,7 @@ from torch import nn
 
 from lmforge.data.spans import source_ids
 from lmforge.errors import LmforgeError
+from lmforge.infer.decode import decode_step
 from lmforge.infer.sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
@@ -121,11 +122,16 @@ def score_logits(logits: torch.Tensor, targets: torch.Tensor, top: int = 0, voca
     return out
 
 
-def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len: int, track_seen: bool
-                    ) -> tuple[KVCache | LatentCache, torch.Tensor, torch.Tensor | None]:
-    """Left-pad the prompts into one (B, L) forward: (a cache of max_len positions holding them, the
-    logits (B, L, V), the (B, V) seen-token mask for the repetition penalty when track_seen).
+def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len: int, track_seen: bool,
+                    score_prompt: bool = False
+                    ) -> tuple[KVCache | LatentCache, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Left-pad the prompts into one (B, L) forward: (a cache of max_len positions holding them, the last
+    position's logits (B, V), with score_prompt the other positions' (B, L - 1, V) else None, the (B, V)
+    seen-token mask for the repetition penalty when track_seen).
 
+    The output layer runs over the prompt positions only when they are scored: over every position
+    it was about a third of a short prompt's prefill. The last position's logits are computed on
+    their own either way, so scoring a prompt never changes what is sampled after it.
     Padding repeats each row's first token: any id works under the mask, and this one keeps the
     repetition-penalty mask exact. Every row's positions start at 0, as if it ran alone.
     """
@@ -144,19 +150,21 @@ def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len:
     if track_seen:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
-    return cache, model(ids, positions=positions, cache=cache), seen
+    hidden = model(ids, positions=positions, cache=cache, return_hidden=True)
+    prompt = model.logits(hidden[:, :-1]) if score_prompt else None
+    return cache, model.logits(hidden[:, -1]), prompt, seen
 
 
-def prompt_scores(prefill: torch.Tensor, prompts: Sequence[Sequence[int]], top_logprobs: int | None,
+def prompt_scores(prompt_logits: torch.Tensor, prompts: Sequence[Sequence[int]], top_logprobs: int | None,
                   vocab_limit: int | None) -> list[list[TokenScore | None]]:
-    """Each prompt token's TokenScore but the first's (None) from the left-padded prefill's logits:
-    the logits at column c predict the token at column c + 1."""
-    L = prefill.shape[1]
+    """Each prompt token's TokenScore but the first's (None) from the left-padded prefill's logits at
+    every position but the last ((B, L - 1, V)): the logits at column c predict the token at column c + 1."""
+    L = prompt_logits.shape[1] + 1
     out = []
     for b, p in enumerate(prompts):
         pad = L - len(p)
-        targets = torch.tensor(list(p[1:]), dtype=torch.long, device=prefill.device)
-        out.append([None, *score_logits(prefill[b, pad:L - 1], targets, top_logprobs or 0, vocab_limit)])
+        targets = torch.tensor(list(p[1:]), dtype=torch.long, device=prompt_logits.device)
+        out.append([None, *score_logits(prompt_logits[b, pad:], targets, top_logprobs or 0, vocab_limit)])
     return out
 
 
@@ -233,40 +241,40 @@ def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], params:
     L = int(lens.max())
     steps = int(budgets.max())
 
-    cache, prefill, seen = prefill_prompts(model, unique, L + steps, params.repetition_penalty != 1.0)
+    cache, logits, prompt_logits, seen = prefill_prompts(model, unique, L + steps, params.repetition_penalty != 1.0,
+                                                         score_prompt)
     if score_prompt:
-        for b, scores in enumerate(prompt_scores(prefill, unique, top_logprobs, vocab_limit)):
+        for b, scores in enumerate(prompt_scores(prompt_logits, unique, top_logprobs, vocab_limit)):
             for r in range(repeats):
                 results[b * repeats + r].prompt_scores = list(scores)
     if steps == 0:
         return results
-    logits = prefill[:, -1]
-    del prefill
+    del prompt_logits
     if repeats > 1:  # each prompt's rows, copied for its repeats
         index = torch.arange(len(unique), device=device).repeat_interleave(repeats)
         cache.select(index)
         logits = logits[index]
         seen = seen[index] if seen is not None else None
-    rows = torch.arange(B, device=device)  # original row of each live batch entry
-    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    decode = decode_step(model)
+    rows = list(range(B))  # original row of each live batch entry
+    budget, live_lens = budgets.tolist(), lens  # per original row; per live row
     for step in range(steps):
         nxt, lp, step_scores = sample_step(logits, params, seen, generator, logprobs=logprobs,
                                            vocab_limit=vocab_limit, top_logprobs=top_logprobs)
-        done = torch.isin(nxt, stop_tensor) | (step + 1 >= budgets[rows])
-        row_list, done_list = rows.tolist(), done.tolist()
-        _record_step(results, row_list, nxt.tolist(), lp, step_scores, stop_ids, on_token, done_list)
-        keep = [j for j, d in enumerate(done_list) if not d]
+        tokens = nxt.tolist()  # the step's one device sync; the stop checks below are plain Python
+        done = [t in stop_ids or step + 1 >= budget[r] for t, r in zip(tokens, rows)]
+        _record_step(results, rows, tokens, lp, step_scores, stop_ids, on_token, done)
+        keep = [j for j, d in enumerate(done) if not d]
         if not keep:
             break
-        if len(keep) < len(row_list):
+        if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.select(index)
-            rows, nxt = rows[index], nxt[index]
+            rows, nxt, live_lens = [rows[j] for j in keep], nxt[index], live_lens[index]
             seen = seen[index] if seen is not None else None
         if seen is not None:
             seen[torch.arange(len(rows), device=device), nxt] = True
-        pos = (lens[rows] + step).unsqueeze(1)
-        logits = model(nxt.unsqueeze(1), positions=pos, cache=cache)[:, -1]
+        logits = decode(nxt.unsqueeze(1), (live_lens + step).unsqueeze(1), cache)
     return results
 
 

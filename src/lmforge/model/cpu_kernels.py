@@ -234,6 +234,42 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     return rope_reference(x, cos, sin_signed)
 
 
+# --- a few rows at a time, for decoding ------------------------------------------------------------
+def _small_ok(*tensors: Tensor) -> bool:
+    """Plain contiguous-row fp32 CPU tensors and a built library, whatever their size (see rows_rms_norm)."""
+    return (enabled and all(type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
+                            and t.stride(-1) == 1 for t in tensors) and library() is not None)
+
+
+def rows_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """Inference RMSNorm over the last dimension of a few contiguous rows, in one single-threaded call.
+
+    A decoding step normalises a handful of rows: eager's decomposed formula is eight small ops and
+    the OpenMP-parallel kernel's fork costs more than the work, so this runs the same kernel on one
+    thread. None where the kernels do not apply (the caller then uses F.rms_norm).
+    """
+    if not (_small_ok(x, weight) and x.is_contiguous() and weight.is_contiguous()):
+        return None
+    c = x.shape[-1]
+    n = x.numel() // c
+    y = torch.empty_like(x)
+    rstd = torch.empty(n, dtype=torch.float32)
+    library().rmsnorm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(rstd), n, c, eps, 1)
+    return y
+
+
+def rows_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor | None:
+    """RoPE on x (N, H, D), each of its N rows at its own position: cos / sin_signed (N, D), one row per x
+    row; returns a contiguous (N, H, D). Single-threaded, for decoding; None where the kernel does not apply."""
+    N, H, D = x.shape
+    if not (_small_ok(x, cos, sin_signed) and x.stride(1) == D and cos.is_contiguous() and sin_signed.is_contiguous()
+            and cos.shape == (N, D) and D % 2 == 0):
+        return None
+    out = torch.empty((N, H, D), dtype=x.dtype)
+    library().rope(_ptr(x), x.stride(0), _ptr(cos), _ptr(sin_signed), _ptr(out), N, N, H, D, 0, 1)
+    return out
+
+
 # --- cross-entropy over a chunk of logits ----------------------------------------------------------
 def softmax_xent_(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor | None:
     """In place: z (n, V) fp32 becomes softmax(z) - onehot(targets) (zero rows for ignored targets).

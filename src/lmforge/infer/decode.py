@@ -1,0 +1,299 @@
+"""The one-token decoding step of a dense decoder, with its weights packed for it.
+
+Generation spends almost all its time in steps that feed one token per row, and there the model's
+general forward does more than it must: three q/k/v products and two MLP input products per layer
+where one each would do, a (B, 1, T, D) RoPE table gathered per row, GQA keys repeated to the query
+heads, a mask built per step, norms as eight small ops, and BLAS products on a handful of rows,
+which run well below the speed of oneDNN's packed weights on the same product (the 8192 x 256
+output layer on 8 rows: 0.36 ms against 0.78-0.90 ms with the weights coming from memory).
+
+`decode_step(model)` returns the step to call, `step(ids (B, 1), positions (B, 1), cache) -> (B, V)
+logits`; `generate_samples` (so generate, chat, eval and GRPO rollouts) and the server's continuous
+batch use it:
+- a plain dense decoder gets `DenseStep`: q/k/v and gate/up weights fused, each product in whichever
+  of two CPU layouts measured faster for its shape and row count (`Linear`), the residual added inside
+  the product, one RoPE pass over q and k together, the query heads of each key head laid along the
+  query axis so SDPA needs no repeated keys, and no mask unless the cache holds padding. It writes the
+  model's own KVCache, so the prefill (the model's forward) and `KVCache.select` work unchanged, and
+  its logits equal the forward's up to float rounding (tests/test_decode.py holds it to that and to
+  the same tokens).
+- anything else (MoE, MLA, sliding windows, T5, adapters, quantized or tensor-parallel weights,
+  wrapped blocks, training mode) gets the model's own forward.
+
+The packed weights are two more copies on a CPU (one on a GPU), so they are made only when that fits
+well within the free memory, and kept until a weight changes (`Tensor._version`, which every in-place
+update such as an optimizer step bumps): the server packs once, GRPO once per policy update.
+LMFORGE_FAST_DECODE=0 turns the step off (bench/generate.py measures both).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.model import cpu_kernels as kernels
+
+Step = Callable[[Tensor, Tensor, object], Tensor]
+# The packed copy may take at most this share of the memory the OS reports free.
+MEMORY_SHARE = 0.25
+# model -> (the weights' identity and versions, its DenseStep); weak, so a dropped model frees its copy.
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: nn.Module) -> Step:
+    """The one-token step for `model` (unwrapped, in eval mode): packed where it applies, else its forward."""
+    if os.environ.get("LMFORGE_FAST_DECODE", "1") != "0" and eligible(model):
+        packed = _packed(model)
+        if packed is not None:
+            return packed.step
+
+    def forward(ids: Tensor, positions: Tensor, cache) -> Tensor:
+        return model(ids, positions=positions, cache=cache)[:, -1]
+
+    return forward
+
+
+def eligible(model: nn.Module) -> bool:
+    """A plain dense decoder whose every weight is a whole, ordinary tensor: what DenseStep computes."""
+    from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer
+
+    if type(model) is not Transformer or model.training:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return False  # whoever hooked a module expects it to run
+    cfg = model.cfg
+    if cfg.attention != "mha" or cfg.moe.experts or cfg.sliding_window or cfg.norm != "rmsnorm":
+        return False
+    if cfg.pos != "rope" or model.rope_dim != model.head_dim:
+        return False
+    n_kv = cfg.n_kv_head or cfg.n_head
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if type(block) is not Block or type(attn) is not Attention or type(mlp) is not MLP:
+            return False  # wrapped (activation checkpointing, compile) or another family
+        if type(block.input_layernorm) is not RMSNorm or type(block.post_attention_layernorm) is not RMSNorm:
+            return False
+        linears = [*attn.qkv, attn.o_proj, mlp.up_proj, mlp.down_proj]
+        linears += [mlp.gate_proj] if mlp.kind == "swiglu" else []
+        if not all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears):
+            return False  # LoRA, quantized or sharded weights
+        if attn.q_proj.weight.shape[0] != cfg.n_head * model.head_dim or \
+                attn.k_proj.weight.shape[0] != n_kv * model.head_dim:
+            return False  # a rank's share of the heads
+    return type(model.lm_head) is nn.Linear and type(model.lm_head.weight) is nn.Parameter
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown: do not risk a second copy
+
+
+def _packed(model: nn.Module) -> DenseStep | None:
+    """The model's DenseStep, reused while its weights are unchanged; None when the copy does not fit."""
+    params = list(model.parameters()) + [model.rope_cos, model.rope_sin]
+    # An inference tensor (a model built under inference_mode) has no version counter; it cannot be
+    # trained, so only its storage identifies it.
+    key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, p.device) for p in params)
+    held = _PACKS.get(model)
+    if held is not None and held[0] == key:
+        return held[1]
+    _PACKS.pop(model, None)  # free the old copy before making a new one
+    embed = model.model.embed_tokens.weight
+    copied = [p for p in model.parameters() if p.dim() == 2 and p is not embed]
+    if model.lm_head.weight is embed:  # tied: the head is copied too
+        copied.append(embed)
+    size = 2 * sum(p.numel() * p.element_size() for p in copied)  # a CPU keeps two layouts (Linear)
+    if size > MEMORY_SHARE * _free_bytes(embed.device):
+        return None
+    packed = DenseStep(model)
+    _PACKS[model] = (key, packed)
+    return packed
+
+
+# Row counts the two CPU layouts are timed at; a step uses the choice made at the nearest (in log scale).
+ROW_CLASSES = (1, 4, 16, 64)
+TRIALS = 3
+
+
+def row_class(rows: int) -> int:
+    return min(range(len(ROW_CLASSES)), key=lambda i: abs(math.log2(rows / ROW_CLASSES[i])))
+
+
+def _dnn_pack(w: Tensor) -> Tensor | None:
+    """w in oneDNN's blocked layout for small-row products, or None where this build has none that works."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        probe = torch.randn(3, w.shape[1], dtype=w.dtype)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+    return packed if torch.allclose(got, F.linear(probe, w), rtol=tol, atol=tol * w.shape[1] ** 0.5) else None
+
+
+class Linear:
+    """x W^T + b (+ a residual added in the same call), from weights packed for a few rows at a time.
+
+    On a CPU two layouts are kept: W^T contiguous for BLAS (`addmm`), and oneDNN's blocked layout
+    (`mkldnn._linear_pointwise`), which runs products of 2-16 rows 1.5-3x faster than BLAS in this build
+    but costs about 15 us a call, which loses on one row and small matrices. Which is faster depends
+    on the machine, the shape and the row count, so DenseStep times both (`use`, per row class) before
+    the first step at each row class: every result at a row class then comes from the same layout.
+    The two differ only in float rounding (their sums run in different orders).
+    """
+
+    def __init__(self, w: Tensor, b: Tensor | None, cpu: bool):
+        self.b, self.cpu = b, cpu
+        self.w = w.t().contiguous() if cpu else w.contiguous()
+        self.dnn = _dnn_pack(w) if cpu else None
+        self.use: dict[int, bool] = {}  # row class -> oneDNN was faster
+
+    def run(self, x: Tensor, residual: Tensor | None, dnn: bool) -> Tensor:
+        if dnn:
+            if residual is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.dnn, self.b, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.dnn, self.b, "add")
+        if not self.cpu:
+            y = F.linear(x, self.w, self.b)
+            return y if residual is None else residual + y
+        y = torch.mm(x, self.w) if residual is None else torch.addmm(residual, x, self.w)
+        return y if self.b is None else y + self.b
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None, cls: int = 0) -> Tensor:
+        return self.run(x, residual, self.dnn is not None and self.use[cls])
+
+
+def calibrate(linears: list[Linear], cls: int) -> None:
+    """Set each Linear's layout for row class `cls`: time both on inputs of that many rows, the products
+    run in the model's order, so each weight comes from memory as in a real step (timed alone, a weight
+    just used sits in cache and favours BLAS wrongly). The best of TRIALS, layouts interleaved."""
+    timed = [lin for lin in linears if lin.dnn is not None]
+    inputs = [torch.randn(ROW_CLASSES[cls], lin.w.shape[0], dtype=lin.w.dtype) for lin in timed]
+    best = [[math.inf, math.inf] for _ in timed]
+    for trial in range(TRIALS):
+        for dnn in ((False, True) if trial % 2 == 0 else (True, False)):
+            for lin, x, b in zip(timed, inputs, best):
+                t = time.perf_counter()
+                lin.run(x, None, dnn)
+                b[dnn] = min(b[dnn], time.perf_counter() - t)
+    for lin, b in zip(timed, best):
+        lin.use[cls] = b[True] < b[False]
+
+
+class DenseStep:
+    """One decoding step of a dense Transformer from packed weights (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.cfg
+        self.cfg, self.model = cfg, model
+        self.cpu = model.lm_head.weight.device.type == "cpu"
+        self.n_head, self.n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.d = model.head_dim
+        self.eps = cfg.norm_eps
+        self.layers = []
+        with torch.no_grad():
+            for block in model.model.layers:
+                attn, mlp = block.self_attn, block.mlp
+                qkv_b = None if attn.q_proj.bias is None else torch.cat([m.bias for m in attn.qkv])
+                ins = [mlp.gate_proj, mlp.up_proj] if mlp.kind == "swiglu" else [mlp.up_proj]
+                in_b = None if ins[0].bias is None else torch.cat([m.bias for m in ins])
+                self.layers.append(dict(
+                    norm1=block.input_layernorm.weight, norm2=block.post_attention_layernorm.weight,
+                    qkv=self._pack(torch.cat([m.weight for m in attn.qkv]), qkv_b),
+                    q_norm=attn.q_norm.weight if attn.qk_norm else None,
+                    k_norm=attn.k_norm.weight if attn.qk_norm else None,
+                    o=self._pack(attn.o_proj.weight, attn.o_proj.bias),
+                    mlp_in=self._pack(torch.cat([m.weight for m in ins]), in_b),
+                    down=self._pack(mlp.down_proj.weight, mlp.down_proj.bias), kind=mlp.kind))
+            self.norm = model.model.norm.weight
+            self.head = self._pack(model.lm_head.weight, None)
+            half = self.d // 2
+            self.cos = model.rope_cos
+            self.sin = torch.cat((-model.rope_sin[:, :half], model.rope_sin[:, half:]), dim=-1)
+        self.linears = [p[k] for p in self.layers for k in ("qkv", "o", "mlp_in", "down")] + [self.head]
+        self.calibrated: set[int] = set()  # row classes whose layouts are chosen
+
+    def _pack(self, w: Tensor, b: Tensor | None) -> Linear:
+        return Linear(w, b, cpu=self.cpu)
+
+    def _norm(self, x: Tensor, w: Tensor) -> Tensor:
+        """RMSNorm as model.transformer.RMSNorm computes it (fp32 statistics under bf16)."""
+        if x.dtype == w.dtype == torch.float32:
+            y = kernels.rows_rms_norm(x, w, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps) if y is None else y
+        return w * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+    @staticmethod
+    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate-half RoPE on (B, heads, D), row b at its own position (cos / sin: (B, D), sin signed)."""
+        y = kernels.rows_rope(x, cos, sin)
+        if y is None:
+            half = x.shape[-1] // 2
+            y = x * cos[:, None] + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+        return y
+
+    def step(self, ids: Tensor, positions: Tensor, cache) -> Tensor:
+        """Logits (B, V) for one new token per row: ids and positions (B, 1); writes the cache."""
+        B, H, Hk, D = ids.shape[0], self.n_head, self.n_kv, self.d
+        t = cache.length
+        if t + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {t + 1} positions > max_len {cache.max_len}")
+        cls = row_class(B)
+        if cls not in self.calibrated:
+            calibrate(self.linears, cls)
+            self.calibrated.add(cls)
+        pos = positions.reshape(B)
+        x = F.embedding(ids.reshape(B), self.model.model.embed_tokens.weight)
+        dtype = x.dtype
+        cos, sin = self.cos[pos].to(dtype), self.sin[pos].to(dtype)  # (B, D): one row per sequence
+        mask = cache.key_mask[:, None, None, :t + 1] if cache.has_padding else None
+        for i, p in enumerate(self.layers):
+            h = self._norm(x, p["norm1"])
+            qkv = p["qkv"](h, cls=cls)
+            qk = qkv[:, :(H + Hk) * D].view(B, H + Hk, D)
+            if p["q_norm"] is not None:
+                qk = torch.cat((self._norm(qk[:, :H], p["q_norm"]), self._norm(qk[:, H:], p["k_norm"])), dim=1)
+            qk = self._rope(qk, cos, sin)
+            if cache.k[i] is None:  # a cache no prefill has written yet
+                shape = (B, Hk, cache.max_len, D)
+                cache.k[i], cache.v[i] = x.new_zeros(shape, dtype=cache.dtype), x.new_zeros(shape, dtype=cache.dtype)
+            cache.k[i][:, :, t] = qk[:, H:]
+            cache.v[i][:, :, t] = qkv[:, (H + Hk) * D:].view(B, Hk, D)
+            # The H // Hk query heads of each key head as its query axis: one token attends to every
+            # cached position, so no causal mask is needed and the keys need not be repeated.
+            q = qk[:, :H].reshape(B, Hk, H // Hk, D)
+            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :t + 1], cache.v[i][:, :, :t + 1], attn_mask=mask)
+            x = p["o"](y.reshape(B, H * D), residual=x, cls=cls)
+            h = self._norm(x, p["norm2"])
+            a = p["mlp_in"](h, cls=cls)
+            if p["kind"] == "swiglu":
+                gate, up = a.chunk(2, dim=-1)
+                a = F.silu(gate) * up
+            elif p["kind"] == "relu2":
+                a = F.relu(a).square()
+            else:
+                a = F.gelu(a, approximate="tanh")
+            x = p["down"](a, residual=x, cls=cls)
+        cache.length = t + 1
+        logits = self.head(self._norm(x, self.norm), cls=cls)
+        if self.cfg.logit_softcap > 0:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
