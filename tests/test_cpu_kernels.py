@@ -57,6 +57,20 @@ def test_rope_matches_rotate_half():
     _close(fused, plain)
 
 
+def test_few_row_kernels_for_decoding_match_torch():
+    """The decoding step's single-threaded calls: RMSNorm of a few rows, and RoPE with each row at its own position."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 64), torch.randn(64)
+    torch.testing.assert_close(K.rows_rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5), rtol=1e-5, atol=1e-6)
+    heads = torch.randn(3, 48)[:, :40].view(3, 5, 8)  # rows of a wider q/k/v output, as in the step
+    cos, sin = rope_cache(8, 32, 10000.0)
+    pos = torch.tensor([3, 0, 17])
+    c, s = cos[pos], signed_sin(sin[pos])
+    want = K.rope_reference(heads.unsqueeze(2), c[:, None, None], s[:, None, None]).squeeze(2)
+    torch.testing.assert_close(K.rows_rope(heads, c, s), want, rtol=0, atol=1e-6)
+    assert K.rows_rope(heads, c[:2], s[:2]) is None  # one table row per x row, else the caller's formula
+
+
 def test_cross_entropy_chunk_matches_torch_with_ignored_targets():
     torch.manual_seed(0)
     z = torch.randn(64, 300) * 8

@@ -15,7 +15,13 @@ from lmforge.infer.engine import (
     generate_ids_with_logprobs,
     generate_samples,
 )
-from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p
+from lmforge.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    sample_categorical,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +138,18 @@ def test_sampling_follows_the_distribution():
     counts = torch.bincount(torch.tensor([o[0] for o in out]), minlength=4)
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 3000 - 2 / 3) < 0.04
+
+
+def test_categorical_draws_follow_the_probabilities_and_never_a_zero(monkeypatch):
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = sample_categorical(probs.expand(30000, 6), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6) / 30000
+    assert counts[0] == counts[2] == counts[5] == 0
+    assert torch.allclose(counts, probs, atol=0.015)
+    # a uniform at the top of [0, 1) rounds onto the CDF's end: the last possible token, not padding past it
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((2, 1), 1 - 2 ** -24))
+    edge = torch.tensor([[0.1, 0.9, 0.0, 0.0], [1e-8, 0.0, 0.0, 0.0]])
+    assert sample_categorical(edge).tolist() == [1, 0]
 
 
 def test_stop_ids_end_rows_and_finished_rows_stop_growing():

@@ -88,7 +88,9 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
     base = tiny_checkpoint(tmp_path)
     data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)}
                                                for i in range(8)])
-    extra = ("grpo.beta=0.05", "grpo.mask_truncated=true", "grpo.iterations=2", "grpo.loss_type=grpo")
+    # seed=1: none of the first step's 8 random-model completions stops within 6 tokens (a seeded fact:
+    # the rollouts are the same on every run, below)
+    extra = ("grpo.beta=0.05", "grpo.mask_truncated=true", "grpo.iterations=2", "grpo.loss_type=grpo", "seed=1")
     runs = [run_grpo(grpo_config(tmp_path, base, data, name, *extra)) for name in ("a", "b")]
     rows = [[json.loads(line) for line in (tmp_path / n / "grpo" / "metrics.jsonl").read_text().splitlines()]
             for n in ("a", "b")]
@@ -103,7 +105,7 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
     assert first["rollout_tokens_per_s"] > 0
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert first["clip_ratio"] == 0.0  # first use of a rollout batch: ratio 1
-    assert first["truncated"] == 1.0  # an untrained model never stops within 6 tokens...
+    assert first["truncated"] == 1.0
     assert first["loss"] == 0.0  # ...and every truncated completion is masked out of the loss
     assert runs[0].step == 4 and len(rows[0]) == 4
 

@@ -154,8 +154,8 @@ class Linear:
     On a CPU two layouts are kept: W^T contiguous for BLAS (`addmm`), and oneDNN's blocked layout
     (`mkldnn._linear_pointwise`), which runs products of 2-16 rows 1.5-3x faster than BLAS in this build
     but costs about 15 us a call, which loses on one row and small matrices. Which is faster depends
-    on the machine, the shape and the row count, so DenseStep times both (`use`, per row class) before
-    the first step at each row class: every result at a row class then comes from the same layout.
+    on the machine, the shape and the row count, so both are timed (`calibrate`) before the first
+    product of each shape and row class, and every such product then uses the faster one.
     The two differ only in float rounding (their sums run in different orders).
     """
 
@@ -163,7 +163,6 @@ class Linear:
         self.b, self.cpu = b, cpu
         self.w = w.t().contiguous() if cpu else w.contiguous()
         self.dnn = _dnn_pack(w) if cpu else None
-        self.use: dict[int, bool] = {}  # row class -> oneDNN was faster
 
     def run(self, x: Tensor, residual: Tensor | None, dnn: bool) -> Tensor:
         if dnn:
@@ -176,15 +175,24 @@ class Linear:
         y = torch.mm(x, self.w) if residual is None else torch.addmm(residual, x, self.w)
         return y if self.b is None else y + self.b
 
+    def key(self, cls: int) -> tuple[int, int, int, torch.dtype]:
+        return (self.w.shape[0], self.w.shape[1], cls, self.w.dtype)
+
     def __call__(self, x: Tensor, residual: Tensor | None = None, cls: int = 0) -> Tensor:
-        return self.run(x, residual, self.dnn is not None and self.use[cls])
+        return self.run(x, residual, self.dnn is not None and _LAYOUT[self.key(cls)])
+
+
+# (in, out, row class, dtype) -> oneDNN was the faster layout; decided once per process, before the
+# first product of that kind, so a repacked model (GRPO's next policy) reuses it and every result of
+# one kind comes from one layout.
+_LAYOUT: dict[tuple[int, int, int, torch.dtype], bool] = {}
 
 
 def calibrate(linears: list[Linear], cls: int) -> None:
     """Set each Linear's layout for row class `cls`: time both on inputs of that many rows, the products
     run in the model's order, so each weight comes from memory as in a real step (timed alone, a weight
     just used sits in cache and favours BLAS wrongly). The best of TRIALS, layouts interleaved."""
-    timed = [lin for lin in linears if lin.dnn is not None]
+    timed = [lin for lin in linears if lin.dnn is not None and lin.key(cls) not in _LAYOUT]
     inputs = [torch.randn(ROW_CLASSES[cls], lin.w.shape[0], dtype=lin.w.dtype) for lin in timed]
     best = [[math.inf, math.inf] for _ in timed]
     for trial in range(TRIALS):
@@ -193,8 +201,12 @@ def calibrate(linears: list[Linear], cls: int) -> None:
                 t = time.perf_counter()
                 lin.run(x, None, dnn)
                 b[dnn] = min(b[dnn], time.perf_counter() - t)
+    total: dict[tuple, list[float]] = {}  # a shape met in every layer is decided by the sum over layers
     for lin, b in zip(timed, best):
-        lin.use[cls] = b[True] < b[False]
+        t = total.setdefault(lin.key(cls), [0.0, 0.0])
+        t[0], t[1] = t[0] + b[0], t[1] + b[1]
+    for key, (blas, dnn) in total.items():
+        _LAYOUT[key] = dnn < blas
 
 
 class DenseStep:
