@@ -12,8 +12,8 @@ alike; we report the median and the min/max of several repeats, and whether they
 tokens. Time includes the prompt's prefill (short prompts: decode dominates). The machine's load
 average and CPU flags are recorded: on a shared CPU, other processes (and intra-op threads spinning
 against them) move the absolute numbers, the interleaving keeps the ratio fair. `quantization` adds
-the int8/int4 decode speed and the perplexity change on a byte-level model trained for a few
-seconds on standard-library source text.
+the bf16 (`generate --dtype bf16`) and int8/int4 decode speed and the perplexity change on a
+byte-level model trained for a few seconds on standard-library source text.
 """
 
 from __future__ import annotations
@@ -153,11 +153,11 @@ def quant_decode(cfg, ckpt, device, args) -> dict:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, top_k=0, top_p=1.0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     out = {}
-    for mode in ("fp32", "int8", "int4"):
+    for mode in ("fp32", "bf16", "int8", "int4"):
         model = load_model(ckpt)
-        if mode != "fp32":
+        if mode in ("int8", "int4"):
             quantize_model(model, mode)
-        model = model.to(device)
+        model = model.to(device, dtype=torch.bfloat16 if mode == "bf16" else None)
         generate_ids(model, prompt, params)
         times = [timed(lambda m=model: generate_ids(m, prompt, params))[0] for _ in range(args.repeats)]
         out[mode] = {**summary(times, args.new_tokens), "weight_mb": round(weight_bytes(model) / 1e6, 2)}
@@ -193,13 +193,13 @@ def quant_perplexity(steps: int) -> dict:
         n = (len(held) - 1) // 128 * 128
         with torch.no_grad():
             logits = m.eval()(held[:n].view(-1, 128))
-        return math.exp(F.cross_entropy(logits.flatten(0, 1), held[1:n + 1]).item())
+        return math.exp(F.cross_entropy(logits.float().flatten(0, 1), held[1:n + 1]).item())
 
     out = {"fp32": round(ppl(model), 4)}
-    for mode in ("int8", "int4"):
+    for mode in ("bf16", "int8", "int4"):
         m = Transformer(cfg)
         m.load_state_dict(state)
-        out[mode] = round(ppl(quantize_model(m, mode)), 4)
+        out[mode] = round(ppl(m.to(torch.bfloat16) if mode == "bf16" else quantize_model(m, mode)), 4)
         out[f"{mode}_change_pct"] = round(100 * (out[mode] / out["fp32"] - 1), 3)
     out["setup"] = f"byte-level 2x128 model, {steps} AdamW steps on argparse.py, measured on textwrap.py"
     return out

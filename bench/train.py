@@ -1,7 +1,8 @@
 """Training speed of lmforge against a `transformers` model of identical shape; prints ONE JSON object.
 
     python bench/train.py [--config tiny|nanogpt] [--arch llama|gpt2] [--batch 16] [--repeats 7]
-                          [--precision fp32|bf16] [--threads N] [--no-memory] [--profile] [key=value ...]
+                          [--precision fp32|bf16 [--with-fp32]] [--threads N] [--no-memory] [--profile]
+                          [key=value ...]
 
 lmforge side: the step `train/loop.py` runs per optimizer step with one micro-batch, through the
 same functions: `set_lr(lr_factor(...))`, `LMObjective.loss` (the model's hidden states, then the
@@ -17,8 +18,9 @@ PyTorch's default elsewhere), same batch, tokens, learning rate and precision.
 Steps are interleaved in pairs whose order alternates (ABBA), so load from other processes on a
 shared machine hits both alike; the ratio is the median of per-pair ratios. MFU is the model's
 training FLOPs (6 per weight + attention, as `lmforge pretrain` logs it) per second over the
-matmul rate measured in the same run between pairs: fp32 at bench/matmul.py's reference size on a
-CPU, the training precision at 8192^2 on a GPU.
+matmul rate measured in the same run between pairs, in the training precision: at bench/matmul.py's
+reference size on a CPU (so bf16 MFU is against the CPU's bf16 rate), at 8192^2 on a GPU.
+`--precision bf16 --with-fp32` adds lmforge in fp32 as a third side (MFU against the fp32 rate).
 
 Memory: the peak one training step allocates above what it starts with (CUDA: the allocator's
 peak; CPU: the profiler's allocation events replayed in order), and the bytes of activations saved
@@ -54,11 +56,11 @@ CUDA_REFERENCE_N = 8192  # a GPU reaches its peak only on large products (H200 b
 
 
 def ceiling_shape(device: torch.device, amp: torch.dtype | None) -> tuple[int, torch.dtype]:
-    """(size, dtype) of the matmuls MFU is measured against: on a GPU in the training precision,
-    since bf16 tensor cores are the ceiling a bf16 run can reach; on a CPU fp32, as before."""
+    """(size, dtype) of the matmuls MFU is measured against: in the training precision, since bf16
+    tensor cores (GPU) or AVX512-BF16 / AMX units (CPU) are the ceiling a bf16 run can reach."""
     if device.type == "cuda":
         return CUDA_REFERENCE_N, amp or torch.float32
-    return REFERENCE_N, torch.float32
+    return REFERENCE_N, amp or torch.float32
 
 
 def lmforge_config(args):
@@ -248,6 +250,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    ap.add_argument("--with-fp32", action="store_true",
+                    help="with --precision bf16: also time lmforge in fp32 in the same run (speedup_vs_lmforge_fp32)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 3 steps per side: time in matmuls, attention and the rest")
     ap.add_argument("overrides", nargs="*", help="lmforge config key=value")
@@ -263,6 +267,9 @@ def main() -> None:
     cfg = lmforge_config(args)
     info = machine(device)
     sides = {"lmforge": Side("lmforge", cfg, device, amp), "transformers": Side("transformers", cfg, device, amp)}
+    if args.with_fp32 and amp is not None:  # lmforge in fp32 too, interleaved in the same run
+        sides["lmforge_fp32"] = Side("lmforge", cfg, device, None)
+    amps = {name: (None if name == "lmforge_fp32" else amp) for name in sides}
     tokens = cfg.train.micro_batch * cfg.train.seq_len
     flops_tok = sides["lmforge"].model.flops_per_token(cfg.train.seq_len)
     log(f"{args.config} ({cfg.model.arch}): {sides['lmforge'].model.num_params() / 1e6:.2f}M params, "
@@ -275,7 +282,7 @@ def main() -> None:
     sync(device)
     warmup_s = time.perf_counter() - t0
     times = {name: [] for name in sides}
-    ceiling = []
+    ceiling: dict[torch.dtype | None, list[float]] = {a: [] for a in set(amps.values())}
     for r in range(args.repeats):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
         x, y = batch(cfg, device, 100 + r)
@@ -285,11 +292,13 @@ def main() -> None:
             sides[name].step(x, y)
             sync(device)
             times[name].append(time.perf_counter() - t)
-        ceiling.append(statistics.median(matmul_rate(*ceiling_shape(device, amp), device, 0.3)))
+        for a, rates in ceiling.items():
+            rates.append(statistics.median(matmul_rate(*ceiling_shape(device, a), device, 0.3)))
         log(f"pair {r + 1}/{args.repeats}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in sides)
-            + f"  matmul {ceiling[-1]:.1f} GFLOP/s")
+            + "  matmul " + "  ".join(f"{ceiling_shape(device, a)[1]} {v[-1]:.1f}" for a, v in ceiling.items())
+            + " GFLOP/s")
 
-    peak = statistics.median(ceiling) * 1e9
+    peak = {a: statistics.median(v) * 1e9 for a, v in ceiling.items()}
     result = {"bench": "train", "config": args.config, "arch": cfg.model.arch, "machine": info,
               "precision": args.precision,
               "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size",
@@ -299,14 +308,18 @@ def main() -> None:
               "gflop_per_step": round(flops_tok * tokens / 1e9, 2),
               "lmforge_train": {k: getattr(cfg.train, k) for k in ("optimizer", "loss_chunk", "compile",
                                                                     "activation_checkpointing")},
-              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling, 1),
+              "warmup_s": round(warmup_s, 1), "matmul_ceiling_gflops": spread(ceiling[amp], 1),
               "matmul_ceiling_shape": f"{ceiling_shape(device, amp)[0]}^2 {ceiling_shape(device, amp)[1]}"}
+    if None in ceiling and amp is not None:
+        result["matmul_ceiling_fp32_gflops"] = spread(ceiling[None], 1)
     for name, ts in times.items():
         tps = [tokens / t for t in ts]
         result[name] = {"tokens_per_s": spread(tps, 1), "step_ms": spread([t * 1e3 for t in ts], 1),
-                        "mfu": round(flops_tok * statistics.median(tps) / peak, 3)}
+                        "mfu": round(flops_tok * statistics.median(tps) / peak[amps[name]], 3)}
     ratios = [p / m for m, p in zip(times["lmforge"], times["transformers"])]
     result["speedup_vs_transformers"] = spread(ratios)
+    if "lmforge_fp32" in times:  # per pair, as the ratio above
+        result["speedup_vs_lmforge_fp32"] = spread([f / m for m, f in zip(times["lmforge"], times["lmforge_fp32"])])
 
     if args.profile:
         x, y = batch(cfg, device, 0)

@@ -67,7 +67,7 @@ class FilterConfig:
     max_ellipsis_lines: float = 0.3  # share of lines ending with an ellipsis
     min_chars: int = 0  # documents shorter than this (characters) are dropped; 0: off
     code: bool = False  # also apply the prose filters (lines, repetition, words, language) to code files
-    language: list[str] = field(default_factory=list)  # keep documents in these languages (en, zh, ...); needs
+    language: list[str] = field(default_factory=list)  # keep only these languages (en, zh, ...), by language_model
     language_model: str = ""  # a local fastText language-ID model (lid.176.bin/.ftz, GlotLID's model.bin)
     min_language_score: float = 0.65  # the model's probability for the language it picks, below it: dropped
 
@@ -100,8 +100,8 @@ class DataConfig:
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     pii: bool = False  # mask e-mail addresses (<EMAIL>) and IP addresses (<IP>)
-    decontaminate: list[str] = field(default_factory=list)  # eval tasks (family:path): drop training documents holding
-    # a window of eval.ngram tokens of one of their examples (eval/contamination.py)
+    # drop training documents that hold a window of eval.ngram tokens of one of these tasks' examples
+    decontaminate: list[str] = field(default_factory=list)  # eval tasks (family:path) to keep out of training
     # auto: tiktoken when it is proven to give tokenizers' ids, else tokenizers | tokenizers | tiktoken (or error)
     encoder: Literal["auto", "tokenizers", "tiktoken"] = "auto"
 

@@ -126,7 +126,7 @@ def _packed(model: nn.Module) -> DenseStep | None:
 
 
 # Row counts the two CPU layouts are timed at; a step uses the choice made at the nearest (in log scale).
-ROW_CLASSES = (1, 4, 16, 64)
+ROW_CLASSES = (1, 2, 4, 8, 16, 32, 64)
 TRIALS = 3
 
 
