@@ -58,7 +58,7 @@ def test_rope_matches_rotate_half():
 
 
 def test_few_row_kernels_for_decoding_match_torch():
-    """The decoding step's single-threaded calls: RMSNorm of a few rows, and RoPE with each row at its own position."""
+    """The decoding step's single-threaded calls: RMSNorm and SwiGLU of a few rows; RoPE, each row at its position."""
     torch.manual_seed(0)
     x, w = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(K.rows_rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5), rtol=1e-5, atol=1e-6)
@@ -69,6 +69,9 @@ def test_few_row_kernels_for_decoding_match_torch():
     want = K.rope_reference(heads.unsqueeze(2), c[:, None, None], s[:, None, None]).squeeze(2)
     torch.testing.assert_close(K.rows_rope(heads, c, s), want, rtol=0, atol=1e-6)
     assert K.rows_rope(heads, c[:2], s[:2]) is None  # one table row per x row, else the caller's formula
+    gate_up = torch.randn(3, 2 * 48) * 4  # [gate | up] per row, as the fused product writes it
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(K.rows_swiglu(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_entropy_chunk_matches_torch_with_ignored_targets():

@@ -48,6 +48,31 @@ def test_step_equals_the_forward_on_a_padded_batch(variant):
             torch.testing.assert_close(ours.v[layer], theirs.v[layer], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_short_prompt_prefill_equals_the_forward(variant, monkeypatch):
+    """prefill_prompts takes the packed step for short prompts: its cache, last logits and scored prompt
+    logits (at the real, not the padding, positions) equal the forward's."""
+    model = make_model(300, **variant)
+    runs = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_FAST_DECODE", fast)
+        with torch.inference_mode():
+            runs[fast] = prefill_prompts(model, PROMPTS, 24, False, score_prompt=True)
+    (ours, last, scored, _), (theirs, last_f, scored_f, _) = runs["1"], runs["0"]
+    torch.testing.assert_close(last, last_f, rtol=1e-5, atol=1e-5)
+    L = max(len(p) for p in PROMPTS)
+    for b, p in enumerate(PROMPTS):
+        torch.testing.assert_close(scored[b, L - len(p):], scored_f[b, L - len(p):], rtol=1e-5, atol=1e-5)
+    assert ours.length == theirs.length == L
+    for layer in range(model.cfg.n_layer):
+        torch.testing.assert_close(ours.k[layer][:, :, :L], theirs.k[layer][:, :, :L], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.v[layer][:, :, :L], theirs.v[layer][:, :, :L], rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LMFORGE_FAST_DECODE", "1")
+    with torch.inference_mode():  # a one-token prompt has nothing else to score
+        _, _, none_scored, _ = prefill_prompts(model, [[3], [4]], 4, False, score_prompt=True)
+    assert none_scored.shape == (2, 0, model.cfg.vocab_size)
+
+
 def test_generation_is_the_same_with_and_without_the_packed_step(monkeypatch):
     model = make_model(300)
     greedy = SamplingParams(max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0)
@@ -94,3 +119,16 @@ def test_the_pack_is_reused_until_a_weight_changes():
 def test_no_pack_when_the_copy_does_not_fit(monkeypatch):
     monkeypatch.setattr(decode, "_free_bytes", lambda device: 1000)
     assert not is_packed(decode.decode_step(make_model(300)))
+
+
+def test_a_packed_model_can_still_be_freed():
+    import gc
+    import weakref
+
+    model = make_model(300)
+    decode.decode_step(model)
+    assert model in decode._PACKS
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the pack holds tensors, not the model, so the weak key lets it go

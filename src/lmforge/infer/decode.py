@@ -40,20 +40,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model import cpu_kernels as kernels
+from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer
 
 Step = Callable[[Tensor, Tensor, object], Tensor]
+# prefill_prompts takes the packed step for prompts of up to this many tokens in all: past it the
+# forward's products dominate its per-call overhead.
+PREFILL_ROWS = 128
 # The packed copy may take at most this share of the memory the OS reports free.
 MEMORY_SHARE = 0.25
 # model -> (the weights' identity and versions, its DenseStep); weak, so a dropped model frees its copy.
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decode_step(model: nn.Module) -> Step:
-    """The one-token step for `model` (unwrapped, in eval mode): packed where it applies, else its forward."""
+def packed_step(model: nn.Module) -> DenseStep | None:
+    """`model`'s DenseStep (unwrapped, in eval mode), or None where it does not apply or is turned off."""
     if os.environ.get("LMFORGE_FAST_DECODE", "1") != "0" and eligible(model):
-        packed = _packed(model)
-        if packed is not None:
-            return packed.step
+        return _packed(model)
+    return None
+
+
+def decode_step(model: nn.Module) -> Step:
+    """The one-token step for `model`: packed where it applies, else its forward."""
+    packed = packed_step(model)
+    if packed is not None:
+        return packed.step
 
     def forward(ids: Tensor, positions: Tensor, cache) -> Tensor:
         return model(ids, positions=positions, cache=cache)[:, -1]
@@ -63,8 +73,6 @@ def decode_step(model: nn.Module) -> Step:
 
 def eligible(model: nn.Module) -> bool:
     """A plain dense decoder whose every weight is a whole, ordinary tensor: what DenseStep computes."""
-    from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer
-
     if type(model) is not Transformer or model.training:
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
@@ -127,7 +135,7 @@ def _packed(model: nn.Module) -> DenseStep | None:
 
 # Row counts the two CPU layouts are timed at; a step uses the choice made at the nearest (in log scale).
 ROW_CLASSES = (1, 2, 4, 8, 16, 32, 64)
-TRIALS = 3
+TRIALS, MAX_TRIALS, CALIBRATE_S = 3, 50, 0.03
 
 
 def row_class(rows: int) -> int:
@@ -163,6 +171,7 @@ class Linear:
         self.b, self.cpu = b, cpu
         self.w = w.t().contiguous() if cpu else w.contiguous()
         self.dnn = _dnn_pack(w) if cpu else None
+        self.use: dict[int, bool] = {}  # row class -> oneDNN, read from _LAYOUT at its first use
 
     def run(self, x: Tensor, residual: Tensor | None, dnn: bool) -> Tensor:
         if dnn:
@@ -179,7 +188,10 @@ class Linear:
         return (self.w.shape[0], self.w.shape[1], cls, self.w.dtype)
 
     def __call__(self, x: Tensor, residual: Tensor | None = None, cls: int = 0) -> Tensor:
-        return self.run(x, residual, self.dnn is not None and _LAYOUT[self.key(cls)])
+        dnn = self.use.get(cls)
+        if dnn is None:  # once per row class: a step makes 17 or more of these calls
+            dnn = self.use[cls] = self.dnn is not None and _LAYOUT[self.key(cls)]
+        return self.run(x, residual, dnn)
 
 
 # (in, out, row class, dtype) -> oneDNN was the faster layout; decided once per process, before the
@@ -190,13 +202,20 @@ _LAYOUT: dict[tuple[int, int, int, torch.dtype], bool] = {}
 
 def calibrate(linears: list[Linear], cls: int) -> None:
     """Set each Linear's layout for row class `cls`: time both on inputs of that many rows, the products
-    run in the model's order, so each weight comes from memory as in a real step (timed alone, a weight
-    just used sits in cache and favours BLAS wrongly). The best of TRIALS, layouts interleaved."""
+    run in the model's order after an untimed pass of the same layout, so each weight is where a real
+    step finds it, in cache only if the whole model's weights fit there (timed alone, a weight just
+    used sits in cache and favours BLAS wrongly). The best of several rounds, layouts interleaved."""
     timed = [lin for lin in linears if lin.dnn is not None and lin.key(cls) not in _LAYOUT]
     inputs = [torch.randn(ROW_CLASSES[cls], lin.w.shape[0], dtype=lin.w.dtype) for lin in timed]
     best = [[math.inf, math.inf] for _ in timed]
-    for trial in range(TRIALS):
+    start, trial = time.perf_counter(), 0
+    # At least TRIALS rounds, and more while they are cheap: one row's products take microseconds,
+    # and their best of three still moved with the machine's noise.
+    while trial < TRIALS or (trial < MAX_TRIALS and time.perf_counter() - start < CALIBRATE_S):
+        trial += 1
         for dnn in ((False, True) if trial % 2 == 0 else (True, False)):
+            for lin, x in zip(timed, inputs):  # a step of this layout first: the cache as its next step finds it
+                lin.run(x, None, dnn)
             for lin, x, b in zip(timed, inputs, best):
                 t = time.perf_counter()
                 lin.run(x, None, dnn)
@@ -214,7 +233,9 @@ class DenseStep:
 
     def __init__(self, model: nn.Module):
         cfg = model.cfg
-        self.cfg, self.model = cfg, model
+        # Tensors only, never the model: _PACKS holds this weakly keyed by the model, and a reference
+        # back to it would keep every model ever packed alive.
+        self.cfg, self.embed = cfg, model.model.embed_tokens.weight
         self.cpu = model.lm_head.weight.device.type == "cpu"
         self.n_head, self.n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.d = model.head_dim
@@ -237,75 +258,135 @@ class DenseStep:
             self.norm = model.model.norm.weight
             self.head = self._pack(model.lm_head.weight, None)
             half = self.d // 2
-            self.cos = model.rope_cos
-            self.sin = torch.cat((-model.rope_sin[:, :half], model.rope_sin[:, half:]), dim=-1)
+            dtype = model.model.embed_tokens.weight.dtype  # the tables in the activations' dtype, cast once
+            self.cos = model.rope_cos.to(dtype)
+            self.sin = torch.cat((-model.rope_sin[:, :half], model.rope_sin[:, half:]), dim=-1).to(dtype)
         self.linears = [p[k] for p in self.layers for k in ("qkv", "o", "mlp_in", "down")] + [self.head]
+        # fp32 on a CPU with the kernels built: the few-row kernels apply to every step, checked here once.
+        w = model.lm_head.weight
+        self.fast = self.cpu and w.dtype == torch.float32 and kernels.usable_small(w)
         self.calibrated: set[int] = set()  # row classes whose layouts are chosen
+        self.classes: dict[int, int] = {}  # rows -> row class
 
     def _pack(self, w: Tensor, b: Tensor | None) -> Linear:
         return Linear(w, b, cpu=self.cpu)
 
-    def _norm(self, x: Tensor, w: Tensor) -> Tensor:
-        """RMSNorm as model.transformer.RMSNorm computes it (fp32 statistics under bf16)."""
+    def _norm(self, x: Tensor, w: Tensor, rows: bool = False) -> Tensor:
+        """RMSNorm as model.transformer.RMSNorm computes it (fp32 statistics under bf16). rows=True: x is
+        the contiguous (B, C) residual stream, which the kernel takes unchecked when `fast`."""
+        if self.fast and rows:
+            return kernels.rows_rms_norm(x, w, self.eps, checked=False)
         if x.dtype == w.dtype == torch.float32:
             y = kernels.rows_rms_norm(x, w, self.eps)
             return F.rms_norm(x, (x.shape[-1],), w, self.eps) if y is None else y
         return w * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    @staticmethod
-    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotate-half RoPE on (B, heads, D), row b at its own position (cos / sin: (B, D), sin signed)."""
-        y = kernels.rows_rope(x, cos, sin)
+        y = kernels.rows_rope(x, cos, sin, checked=not self.fast)
         if y is None:
             half = x.shape[-1] // 2
             y = x * cos[:, None] + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
         return y
 
-    def step(self, ids: Tensor, positions: Tensor, cache) -> Tensor:
-        """Logits (B, V) for one new token per row: ids and positions (B, 1); writes the cache."""
-        B, H, Hk, D = ids.shape[0], self.n_head, self.n_kv, self.d
-        t = cache.length
-        if t + 1 > cache.max_len:
-            raise ValueError(f"KV cache full: {t + 1} positions > max_len {cache.max_len}")
-        cls = row_class(B)
+    def step(self, ids: Tensor, positions: Tensor, cache, scores: list | None = None) -> Tensor:
+        """Logits (B, V) at the last of T new tokens per row: ids and positions (B, T); writes the cache.
+
+        T = 1 is a decoding step. T > 1 is a short prompt's prefill (prefill_prompts, up to
+        PREFILL_ROWS tokens in all), where the model's forward spends more in its 960 small calls than
+        in its products; only the last position goes through the output layer, unless `scores` (a
+        list) is given: the other positions' logits (B, T - 1, V) are appended to it, computed apart
+        from the last position's so that scoring a prompt does not change what follows it.
+        """
+        (B, T), H, Hk, D = ids.shape, self.n_head, self.n_kv, self.d
+        n, t = B * T, cache.length
+        if t + T > cache.max_len:
+            raise ValueError(f"KV cache full: {t + T} positions > max_len {cache.max_len}")
+        cls = self.classes.get(n)
+        if cls is None:
+            cls = self.classes[n] = row_class(n)
         if cls not in self.calibrated:
             calibrate(self.linears, cls)
             self.calibrated.add(cls)
-        pos = positions.reshape(B)
-        x = F.embedding(ids.reshape(B), self.model.model.embed_tokens.weight)
-        dtype = x.dtype
-        cos, sin = self.cos[pos].to(dtype), self.sin[pos].to(dtype)  # (B, D): one row per sequence
-        mask = cache.key_mask[:, None, None, :t + 1] if cache.has_padding else None
+        pos = positions.reshape(n)
+        x = F.embedding(ids.reshape(n), self.embed)
+        cos, sin = self.cos[pos], self.sin[pos]  # (n, D): one row per token
+        mask = self._mask(cache, t, T, ids.device)
         for i, p in enumerate(self.layers):
-            h = self._norm(x, p["norm1"])
+            h = self._norm(x, p["norm1"], rows=True)
             qkv = p["qkv"](h, cls=cls)
-            qk = qkv[:, :(H + Hk) * D].view(B, H + Hk, D)
+            qk = qkv[:, :(H + Hk) * D].view(n, H + Hk, D)
             if p["q_norm"] is not None:
                 qk = torch.cat((self._norm(qk[:, :H], p["q_norm"]), self._norm(qk[:, H:], p["k_norm"])), dim=1)
             qk = self._rope(qk, cos, sin)
+            v = qkv[:, (H + Hk) * D:].view(n, Hk, D)
             if cache.k[i] is None:  # a cache no prefill has written yet
                 shape = (B, Hk, cache.max_len, D)
                 cache.k[i], cache.v[i] = x.new_zeros(shape, dtype=cache.dtype), x.new_zeros(shape, dtype=cache.dtype)
-            cache.k[i][:, :, t] = qk[:, H:]
-            cache.v[i][:, :, t] = qkv[:, (H + Hk) * D:].view(B, Hk, D)
-            # The H // Hk query heads of each key head as its query axis: one token attends to every
-            # cached position, so no causal mask is needed and the keys need not be repeated.
-            q = qk[:, :H].reshape(B, Hk, H // Hk, D)
-            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :t + 1], cache.v[i][:, :, :t + 1], attn_mask=mask)
-            x = p["o"](y.reshape(B, H * D), residual=x, cls=cls)
-            h = self._norm(x, p["norm2"])
+            if T == 1:
+                cache.k[i][:, :, t] = qk[:, H:]
+                cache.v[i][:, :, t] = v
+                # The H // Hk query heads of each key head as its query axis: one token attends to every
+                # cached position, so no causal mask is needed and the keys need not be repeated.
+                q = qk[:, :H].reshape(B, Hk, H // Hk, D)
+                y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :t + 1], cache.v[i][:, :, :t + 1],
+                                                   attn_mask=mask)
+            else:
+                qk = qk.view(B, T, H + Hk, D)
+                cache.k[i][:, :, t:t + T] = qk[:, :, H:].transpose(1, 2)
+                cache.v[i][:, :, t:t + T] = v.view(B, T, Hk, D).transpose(1, 2)
+                y = self._attend(qk[:, :, :H].transpose(1, 2), cache.k[i][:, :, :t + T], cache.v[i][:, :, :t + T],
+                                 mask).transpose(1, 2)
+            x = p["o"](y.reshape(n, H * D), residual=x, cls=cls)
+            h = self._norm(x, p["norm2"], rows=True)
             a = p["mlp_in"](h, cls=cls)
             if p["kind"] == "swiglu":
-                gate, up = a.chunk(2, dim=-1)
-                a = F.silu(gate) * up
+                h = kernels.rows_swiglu(a, checked=False) if self.fast else None
+                if h is None:
+                    gate, up = a.chunk(2, dim=-1)
+                    h = F.silu(gate) * up
+                a = h
             elif p["kind"] == "relu2":
                 a = F.relu(a).square()
             else:
                 a = F.gelu(a, approximate="tanh")
             x = p["down"](a, residual=x, cls=cls)
-        cache.length = t + 1
-        logits = self.head(self._norm(x, self.norm), cls=cls)
+        cache.length = t + T
+        if T > 1:
+            x = x.view(B, T, -1)
+            if scores is not None:
+                rest = x[:, :-1].reshape(B * (T - 1), -1)
+                scores.append(self._logits(rest, row_class(rest.shape[0])).view(B, T - 1, -1))
+            x = x[:, -1].contiguous()
+        return self._logits(x, cls)
+
+    def _logits(self, x: Tensor, cls: int) -> Tensor:
+        if cls not in self.calibrated:
+            calibrate(self.linears, cls)
+            self.calibrated.add(cls)
+        logits = self.head(self._norm(x, self.norm, rows=True), cls=cls)
         if self.cfg.logit_softcap > 0:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
         return logits
+
+    @staticmethod
+    def _mask(cache, t: int, T: int, device: torch.device) -> Tensor | None:
+        """None: no mask (one token and no padding, or a prompt from position 0: causal). Else a boolean
+        mask over the cached keys, (B, 1, 1, S) for one token, (B, 1, T, S) causal for a prompt."""
+        if T == 1:
+            return cache.key_mask[:, None, None, :t + 1] if cache.has_padding else None
+        if t == 0 and not cache.has_padding:
+            return None
+        S = t + T
+        causal = torch.arange(S, device=device)[None, :] <= torch.arange(t, S, device=device)[:, None]
+        return (causal[None] & cache.key_mask[:, None, :S]).unsqueeze(1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """A prompt's attention (B, H, T, D), as the model's: causal, or under the mask."""
+        gqa = self.n_kv != self.n_head
+        if gqa and mask is not None and q.device.type == "cpu":  # the CPU kernel: no GQA with a mask
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)

@@ -39,7 +39,7 @@ from torch import nn
 
 from lmforge.data.spans import source_ids
 from lmforge.errors import LmforgeError
-from lmforge.infer.decode import decode_step
+from lmforge.infer.decode import PREFILL_ROWS, decode_step, packed_step
 from lmforge.infer.sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
@@ -150,6 +150,12 @@ def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len:
     if track_seen:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
+    packed = None if B * L > PREFILL_ROWS else packed_step(model)
+    if packed is not None:  # a short prompt: the packed step's fewer calls (infer/decode.py)
+        scores: list = []
+        last = packed.step(ids, positions, cache, scores if score_prompt else None)
+        prompt = (scores[0] if scores else last.new_empty(B, 0, last.shape[-1])) if score_prompt else None
+        return cache, last, prompt, seen  # (a one-token prompt has no other positions to score)
     hidden = model(ids, positions=positions, cache=cache, return_hidden=True)
     prompt = model.logits(hidden[:, :-1]) if score_prompt else None
     return cache, model.logits(hidden[:, -1]), prompt, seen

@@ -75,6 +75,17 @@ void swiglu_fwd(const float *a, const float *b, float *h, int64_t n, int nt) {
     for (int64_t i = 0; i < n; i++) h[i] = a[i] / (1.0f + exp_(-a[i])) * b[i];
 }
 
+/* h[r, j] = silu(a[r, j]) * a[r, f + j] over n rows of [gate | up] (a fused gate/up product's output),
+ * one thread: a decoding step's few rows. */
+void swiglu_rows(const float *a, float *h, int64_t n, int64_t f) {
+    for (int64_t r = 0; r < n; r++) {
+        const float *g = a + r * 2 * f, *u = g + f;
+        float *o = h + r * f;
+#pragma omp simd
+        for (int64_t j = 0; j < f; j++) o[j] = g[j] / (1.0f + exp_(-g[j])) * u[j];
+    }
+}
+
 /* da = dh * b * sig * (1 + a * (1 - sig)), db = dh * silu(a) */
 void swiglu_bwd(const float *dh, const float *a, const float *b, float *da, float *db, int64_t n, int nt) {
 #pragma omp parallel for simd num_threads(nt) schedule(static)

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "rmsnorm_bwd": [_p, _p, _p, _p, _p, _p, _i64, _i64, _i32],
     "swiglu_fwd": [_p, _p, _p, _i64, _i32],
     "swiglu_bwd": [_p, _p, _p, _p, _p, _i64, _i32],
+    "swiglu_rows": [_p, _p, _i64, _i64],
     "rope": [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
     "xent_fwd_bwd": [_p, _p, _p, _i64, _i64, _i64, _i32],
 }
@@ -241,32 +242,56 @@ def _small_ok(*tensors: Tensor) -> bool:
                             and t.stride(-1) == 1 for t in tensors) and library() is not None)
 
 
-def rows_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+_rstd_scratch = torch.empty(0)  # rows_rms_norm's per-row 1/rms, written and never read
+
+
+def usable_small(*tensors: Tensor) -> bool:
+    """Whether the few-row kernels below apply to these fp32 CPU tensors (and the library is built)."""
+    return _small_ok(*tensors)
+
+
+def rows_rms_norm(x: Tensor, weight: Tensor, eps: float, checked: bool = True) -> Tensor | None:
     """Inference RMSNorm over the last dimension of a few contiguous rows, in one single-threaded call.
 
     A decoding step normalises a handful of rows: eager's decomposed formula is eight small ops and
     the OpenMP-parallel kernel's fork costs more than the work, so this runs the same kernel on one
-    thread. None where the kernels do not apply (the caller then uses F.rms_norm).
+    thread. None where the kernels do not apply (the caller then uses F.rms_norm). checked=False skips
+    the checks for a caller that has made them once (fp32 CPU tensors, contiguous x, a built library):
+    at a few microseconds a call they were a third of its cost.
     """
-    if not (_small_ok(x, weight) and x.is_contiguous() and weight.is_contiguous()):
+    global _rstd_scratch
+    if checked and not (_small_ok(x, weight) and x.is_contiguous() and weight.is_contiguous()):
         return None
     c = x.shape[-1]
     n = x.numel() // c
     y = torch.empty_like(x)
-    rstd = torch.empty(n, dtype=torch.float32)
-    library().rmsnorm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(rstd), n, c, eps, 1)
+    if _rstd_scratch.numel() < n:
+        _rstd_scratch = torch.empty(max(n, 64), dtype=torch.float32)
+    _lib.rmsnorm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(_rstd_scratch), n, c, eps, 1)
     return y
 
 
-def rows_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor | None:
+def rows_swiglu(a: Tensor, checked: bool = True) -> Tensor | None:
+    """silu(gate) * up for the rows of a = [gate | up] (B, 2F), the fused gate/up product's output; (B, F).
+    Single-threaded, for decoding; None where the kernel does not apply (checked=False: as rows_rms_norm)."""
+    if checked and not (_small_ok(a) and a.dim() == 2 and a.is_contiguous() and a.shape[1] % 2 == 0):
+        return None
+    n, f = a.shape[0], a.shape[1] // 2
+    h = torch.empty((n, f), dtype=a.dtype)
+    _lib.swiglu_rows(_ptr(a), _ptr(h), n, f)
+    return h
+
+
+def rows_rope(x: Tensor, cos: Tensor, sin_signed: Tensor, checked: bool = True) -> Tensor | None:
     """RoPE on x (N, H, D), each of its N rows at its own position: cos / sin_signed (N, D), one row per x
-    row; returns a contiguous (N, H, D). Single-threaded, for decoding; None where the kernel does not apply."""
+    row; returns a contiguous (N, H, D). Single-threaded, for decoding; None where the kernel does not apply
+    (checked=False: as rows_rms_norm)."""
     N, H, D = x.shape
-    if not (_small_ok(x, cos, sin_signed) and x.stride(1) == D and cos.is_contiguous() and sin_signed.is_contiguous()
-            and cos.shape == (N, D) and D % 2 == 0):
+    if checked and not (_small_ok(x, cos, sin_signed) and x.stride(1) == D and cos.is_contiguous()
+                        and sin_signed.is_contiguous() and cos.shape == (N, D) and D % 2 == 0):
         return None
     out = torch.empty((N, H, D), dtype=x.dtype)
-    library().rope(_ptr(x), x.stride(0), _ptr(cos), _ptr(sin_signed), _ptr(out), N, N, H, D, 0, 1)
+    _lib.rope(_ptr(x), x.stride(0), _ptr(cos), _ptr(sin_signed), _ptr(out), N, N, H, D, 0, 1)
     return out
 
 
