@@ -9,12 +9,12 @@ output layer on 8 rows: 0.36 ms against 0.78-0.90 ms with the weights coming fro
 
 `decode_step(model)` returns the step to call, `step(ids (B, 1), positions (B, 1), cache) -> (B, V)
 logits`; `generate_samples` (so generate, chat, eval and GRPO rollouts) and the server's continuous
-batch use it:
+batch use it, and `prefill_prompts` uses the same step for short prompts (`packed_step`, T tokens):
 - a plain dense decoder gets `DenseStep`: q/k/v and gate/up weights fused, each product in whichever
   of two CPU layouts measured faster for its shape and row count (`Linear`), the residual added inside
   the product, one RoPE pass over q and k together, the query heads of each key head laid along the
   query axis so SDPA needs no repeated keys, and no mask unless the cache holds padding. It writes the
-  model's own KVCache, so the prefill (the model's forward) and `KVCache.select` work unchanged, and
+  model's own KVCache, so a prefill by the model's forward and `KVCache.select` work unchanged, and
   its logits equal the forward's up to float rounding (tests/test_decode.py holds it to that and to
   the same tokens).
 - anything else (MoE, MLA, sliding windows, T5, adapters, quantized or tensor-parallel weights,
@@ -126,9 +126,8 @@ def _packed(model: nn.Module) -> DenseStep | None:
     if model.lm_head.weight is embed:  # tied: the head is copied too
         copied.append(embed)
     size = 2 * sum(p.numel() * p.element_size() for p in copied)  # a CPU keeps two layouts (Linear)
-    if size > MEMORY_SHARE * _free_bytes(embed.device):
-        return None
-    packed = DenseStep(model)
+    packed = DenseStep(model) if size <= MEMORY_SHARE * _free_bytes(embed.device) else None
+    # Kept either way: a model that did not fit is not measured again every step, until a weight changes.
     _PACKS[model] = (key, packed)
     return packed
 
