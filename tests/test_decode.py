@@ -116,6 +116,26 @@ def test_the_pack_is_reused_until_a_weight_changes():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "foreach-adamw"])
+def test_an_optimizer_step_drops_the_pack(fused):
+    """Fused AdamW updates weights without bumping their version counter; the step must still see them."""
+    model = make_model(300)
+    first = decode.decode_step(model).__self__
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else True)
+    model.train()
+    model(torch.tensor([PROMPTS[1]]), labels=torch.tensor([PROMPTS[1]])).backward()
+    opt.step()
+    model.eval()
+    step = decode.decode_step(model)
+    assert step.__self__ is not first
+    with torch.inference_mode():
+        ours, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
+        theirs, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
+        ids, pos = torch.tensor([[1], [2]]), torch.tensor([[3], [9]])
+        torch.testing.assert_close(step(ids, pos, ours), model(ids, positions=pos, cache=theirs)[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_no_pack_when_the_copy_does_not_fit(monkeypatch):
     monkeypatch.setattr(decode, "_free_bytes", lambda device: 1000)
     assert not is_packed(decode.decode_step(make_model(300)))
@@ -132,3 +152,14 @@ def test_a_packed_model_can_still_be_freed():
     del model
     gc.collect()
     assert ref() is None  # the pack holds tensors, not the model, so the weak key lets it go
+
+
+def test_packing_and_timing_leave_the_global_rng_alone():
+    """A training run's mid-run sample must not change the run: the step draws from no global generator."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model = make_model(300)  # seeds itself; reseed after building
+    torch.manual_seed(123)
+    generate_samples(model, PROMPTS, SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0))
+    assert torch.equal(torch.rand(3), expected)

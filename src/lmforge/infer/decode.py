@@ -21,8 +21,9 @@ batch use it, and `prefill_prompts` uses the same step for short prompts (`packe
   wrapped blocks, training mode) gets the model's own forward.
 
 The packed weights are two more copies on a CPU (one on a GPU), so they are made only when that fits
-well within the free memory, and kept until a weight changes (`Tensor._version`, which every in-place
-update such as an optimizer step bumps): the server packs once, GRPO once per policy update.
+well within the free memory, and kept until a weight changes: an optimizer steps on it (a global
+optimizer hook), or its storage or version counter changes (`load_state_dict`, in-place edits). The
+server packs once, GRPO once per policy update.
 LMFORGE_FAST_DECODE=0 turns the step off (bench/generate.py measures both).
 """
 
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lmforge.model import cpu_kernels as kernels
 from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer
@@ -111,8 +113,25 @@ def _free_bytes(device: torch.device) -> int:
     return 0  # unknown: do not risk a second copy
 
 
+def _drop_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer step: drop the packs of the models whose weights it updated.
+
+    The version counter alone does not see every update: fused AdamW's in-place kernel leaves it as
+    it was, and GRPO then sampled its rollouts from the policy before the update.
+    """
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for model in [m for m in _PACKS if any(id(p) in stepped for p in m.parameters())]:
+        _PACKS.pop(model, None)
+
+
+_hook = None
+
+
 def _packed(model: nn.Module) -> DenseStep | None:
     """The model's DenseStep, reused while its weights are unchanged; None when the copy does not fit."""
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(_drop_stepped)
     params = list(model.parameters()) + [model.rope_cos, model.rope_sin]
     # An inference tensor (a model built under inference_mode) has no version counter; it cannot be
     # trained, so only its storage identifies it.
@@ -147,7 +166,7 @@ def _dnn_pack(w: Tensor) -> Tensor | None:
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
-        probe = torch.randn(3, w.shape[1], dtype=w.dtype)
+        probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
         got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
@@ -205,7 +224,10 @@ def calibrate(linears: list[Linear], cls: int) -> None:
     step finds it, in cache only if the whole model's weights fit there (timed alone, a weight just
     used sits in cache and favours BLAS wrongly). The best of several rounds, layouts interleaved."""
     timed = [lin for lin in linears if lin.dnn is not None and lin.key(cls) not in _LAYOUT]
-    inputs = [torch.randn(ROW_CLASSES[cls], lin.w.shape[0], dtype=lin.w.dtype) for lin in timed]
+    # Inputs from a generator of their own: packing or timing must not move the global RNG a training run
+    # draws from (a mid-run sample would otherwise change the run).
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(ROW_CLASSES[cls], lin.w.shape[0], generator=gen).to(lin.w.dtype) for lin in timed]
     best = [[math.inf, math.inf] for _ in timed]
     start, trial = time.perf_counter(), 0
     # At least TRIALS rounds, and more while they are cheap: one row's products take microseconds,

@@ -25,7 +25,8 @@ The text layer (`generate`, `complete`) decodes incrementally: it emits only who
 multi-byte UTF-8 character split across tokens is held back until complete) and never emits text
 that could still turn out to be the start of a stop string.
 
-This module imports only torch and lmforge's error type, so any stage can use it cheaply.
+Each decoding step (and a short prompt's prefill) goes through infer/decode.py: a packed step for
+plain dense decoders, the model's forward for everything else.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ def prefill_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], max_len:
         last = packed.step(ids, positions, cache, scores if score_prompt else None)
         prompt = (scores[0] if scores else last.new_empty(B, 0, last.shape[-1])) if score_prompt else None
         return cache, last, prompt, seen  # (a one-token prompt has no other positions to score)
+    if any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters()):
+        # Sharded weights (tensor parallel, FSDP): only the forward hands back whole logits.
+        logits = model(ids, positions=positions, cache=cache)
+        return cache, logits[:, -1], logits[:, :-1] if score_prompt else None, seen
     hidden = model(ids, positions=positions, cache=cache, return_hidden=True)
     prompt = model.logits(hidden[:, :-1]) if score_prompt else None
     return cache, model.logits(hidden[:, -1]), prompt, seen
