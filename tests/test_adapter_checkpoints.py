@@ -51,7 +51,8 @@ def sft(run: Path, data: str, *extra: str):
     from lmforge.train.sft import run_sft
 
     return run_sft(load_config(overrides=[
-        f"run_dir={run}", f"sft.data=[{data}]", "train.progress=false", "sft.lora.enabled=true", "sft.lora.r=8",
+        f"run_dir={run}", f"sft.data=[{data}]", "train.progress=false",
+        "train.precision=fp32", "sft.lora.enabled=true", "sft.lora.r=8",
         "sft.lora.alpha=16", "sft.train.seq_len=64", "sft.train.micro_batch=2", "sft.train.max_steps=10",
         "sft.train.lr=1e-2", "sft.train.warmup_steps=2", "sft.train.eval_every=0", "sft.train.save_every=0",
         "sft.train.log_every=1000", "sft.train.sample_every=0", *extra]))

@@ -44,6 +44,7 @@ def test_losses_against_hand_computed_values():
 def dpo_config(tmp_path: Path, base: Path, data: str, name: str, *extra: str):
     return load_config(overrides=[
         f"run_dir={tmp_path / name}", f"dpo.data=[{data}]", f"dpo.init_from={base}", "train.progress=false",
+        "train.precision=fp32",
         "dpo.train.seq_len=32", "dpo.train.micro_batch=4", "dpo.train.max_steps=12", "dpo.train.lr=3e-3",
         "dpo.train.warmup_steps=1", "dpo.train.eval_every=12", "dpo.train.save_every=0", "dpo.train.log_every=1",
         f"dpo.val_data=[{data}]", "dpo.beta=0.5", *extra])  # validation = the training pairs: it measures the fit

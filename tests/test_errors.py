@@ -92,7 +92,8 @@ def _other_tokenizer(ctx: Ctx) -> None:
 BAD_REWARD = "import math\n\n\ndef _weights():\n    return 1 / 0\n\n\nWEIGHTS = _weights()\n"
 TIED = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}.", "rejected": f"{i + 1}."} for i in range(4)]
 PRETRAIN = ["pretrain", "run_dir={run}", *TINY, "train.max_steps=2"]
-POST = ["train.progress=false", "train.seq_len=32", "train.micro_batch=2", "train.max_steps=2", "train.eval_every=0"]
+POST = ["train.progress=false",
+        "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.max_steps=2", "train.eval_every=0"]
 DPO = ["dpo", "run_dir={run}", "dpo.init_from={ckpt}", "dpo.data=[{tmp}/pairs.jsonl]", *POST]
 
 

@@ -76,6 +76,7 @@ def test_reward_functions(tmp_path):
 def grpo_config(tmp_path, base, data, name, *extra):
     return load_config(overrides=[
         f"run_dir={tmp_path / name}", f"grpo.data=[{data}]", f"grpo.init_from={base}", "train.progress=false",
+        "train.precision=fp32",
         "grpo.group_size=4", "grpo.max_new_tokens=6", "grpo.rewards=[exact_match,format]",
         "grpo.train.seq_len=32", "grpo.train.micro_batch=2", "grpo.train.max_steps=4", "grpo.train.lr=1e-3",
         "grpo.train.warmup_steps=1", "grpo.train.eval_every=0", "grpo.train.save_every=0",

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from test_chat import tiny_checkpoint, write_jsonl
 
 N, K = 6, 3
-COMMON = ["train.progress=false", "train.seq_len=48", "train.micro_batch=2", f"train.max_steps={N}",
+COMMON = ["train.progress=false",
+          "train.precision=fp32", "train.seq_len=48", "train.micro_batch=2", f"train.max_steps={N}",
           f"train.save_every={K}", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2",
           "train.lr=3e-3", "train.sample_every=0"]
 STAGES = {

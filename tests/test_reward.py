@@ -39,7 +39,8 @@ def test_reward_model_trains_saves_and_matches_transformers(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     cfg = load_config(overrides=[
         f"run_dir={tmp_path / 'run'}", f"rm.data=[{data}]", f"rm.init_from={base}", "rm.val_fraction=0.25",
-        "train.progress=false", "rm.train.seq_len=48", "rm.train.micro_batch=4", "rm.train.max_steps=15",
+        "train.progress=false",
+        "train.precision=fp32", "rm.train.seq_len=48", "rm.train.micro_batch=4", "rm.train.max_steps=15",
         "rm.train.lr=3e-3", "rm.train.warmup_steps=1", "rm.train.eval_every=15", "rm.train.save_every=0",
         "rm.train.log_every=1"])
     result = run_rm(cfg)

@@ -137,6 +137,7 @@ def test_a_stage_fresh_start_sets_its_checkpoints_and_their_eval_results_aside(t
                                                 for i in range(12)])
     run = tmp_path / "run"
     args = ["sft", f"run_dir={run}", f"sft.data=[{data}]", f"sft.init_from={base}", "train.progress=false",
+            "train.precision=fp32",
             "train.seq_len=48", "train.micro_batch=2", "train.max_steps=2", "train.save_every=2", "train.eval_every=0",
             "train.sample_every=0", "train.log_every=1"]
     assert cli(*args) == 0
@@ -265,7 +266,7 @@ def test_post_training_stages_count_the_tokens_they_process(tmp_path):
     base = tiny_checkpoint(tmp_path)
     tok = Tokenizer.load(tmp_path / "tokenizer")
     model = load_model(base)
-    common = ["train.progress=false", "train.micro_batch=2", "train.eval_every=0",
+    common = ["train.progress=false", "train.precision=fp32", "train.micro_batch=2", "train.eval_every=0",
               "train.log_every=1", "train.warmup_steps=1", "train.sample_every=0", "train.save_every=0"]
     questions = [f"What is {i} + {i * 37}?" for i in range(12)]  # different lengths: padded batches
     answers = [f"It is {i + i * 37}." for i in range(12)]

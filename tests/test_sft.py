@@ -29,6 +29,7 @@ EXAMPLES = [
 def sft_config(tmp_path: Path, base: Path, data: str, *extra: str):
     return load_config(overrides=[
         f"run_dir={tmp_path / 'run'}", f"sft.data=[{data}]", f"sft.init_from={base}", "train.progress=false",
+        "train.precision=fp32",
         "sft.train.seq_len=64", "sft.train.micro_batch=2", "sft.train.max_steps=60", "sft.train.lr=1e-2",
         "sft.train.warmup_steps=5", "sft.train.weight_decay=0.0", "sft.train.eval_every=0",
         "sft.train.save_every=0", "sft.train.log_every=1000", "sft.train.sample_every=0", *extra])
