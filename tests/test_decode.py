@@ -108,11 +108,16 @@ def test_the_pack_is_reused_until_a_weight_changes():
         model.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # as an optimizer step would, in place
     second = decode.decode_step(model)
     assert second.__self__ is not first.__self__
+    assert_step_follows_the_weights(model, second)
+
+
+def assert_step_follows_the_weights(model, step) -> None:
+    """One decoding step after a 2-prompt prefill gives the forward's logits on the model's current weights."""
     with torch.inference_mode():
         ours, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
         theirs, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
         ids, pos = torch.tensor([[1], [2]]), torch.tensor([[3], [9]])
-        torch.testing.assert_close(second(ids, pos, ours), model(ids, positions=pos, cache=theirs)[:, -1],
+        torch.testing.assert_close(step(ids, pos, ours), model(ids, positions=pos, cache=theirs)[:, -1],
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -128,12 +133,7 @@ def test_an_optimizer_step_drops_the_pack(fused):
     model.eval()
     step = decode.decode_step(model)
     assert step.__self__ is not first
-    with torch.inference_mode():
-        ours, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
-        theirs, _, _, _ = prefill_prompts(model, PROMPTS[:2], 12, False)
-        ids, pos = torch.tensor([[1], [2]]), torch.tensor([[3], [9]])
-        torch.testing.assert_close(step(ids, pos, ours), model(ids, positions=pos, cache=theirs)[:, -1],
-                                   rtol=1e-5, atol=1e-5)
+    assert_step_follows_the_weights(model, step)
 
 
 def test_no_pack_when_the_copy_does_not_fit(monkeypatch):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lmforge.model import cpu_kernels as kernels
-from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer
+from lmforge.model.transformer import MLP, Attention, Block, RMSNorm, Transformer, attend, cache_mask, signed_sin
 
 Step = Callable[[Tensor, Tensor, object], Tensor]
 # prefill_prompts takes the packed step for prompts of up to this many tokens in all: past it the
@@ -278,10 +278,8 @@ class DenseStep:
                     down=self._pack(mlp.down_proj.weight, mlp.down_proj.bias), kind=mlp.kind))
             self.norm = model.model.norm.weight
             self.head = self._pack(model.lm_head.weight, None)
-            half = self.d // 2
             dtype = model.model.embed_tokens.weight.dtype  # the tables in the activations' dtype, cast once
-            self.cos = model.rope_cos.to(dtype)
-            self.sin = torch.cat((-model.rope_sin[:, :half], model.rope_sin[:, half:]), dim=-1).to(dtype)
+            self.cos, self.sin = model.rope_cos.to(dtype), signed_sin(model.rope_sin).to(dtype)
         self.linears = [p[k] for p in self.layers for k in ("qkv", "o", "mlp_in", "down")] + [self.head]
         # fp32 on a CPU with the kernels built: the few-row kernels apply to every step, checked here once.
         w = model.lm_head.weight
@@ -305,10 +303,7 @@ class DenseStep:
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotate-half RoPE on (B, heads, D), row b at its own position (cos / sin: (B, D), sin signed)."""
         y = kernels.rows_rope(x, cos, sin, checked=not self.fast)
-        if y is None:
-            half = x.shape[-1] // 2
-            y = x * cos[:, None] + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
-        return y
+        return kernels.rope_reference(x, cos[:, None], sin[:, None]) if y is None else y
 
     def step(self, ids: Tensor, positions: Tensor, cache, scores: list | None = None) -> Tensor:
         """Logits (B, V) at the last of T new tokens per row: ids and positions (B, T); writes the cache.
@@ -323,16 +318,14 @@ class DenseStep:
         n, t = B * T, cache.length
         if t + T > cache.max_len:
             raise ValueError(f"KV cache full: {t + T} positions > max_len {cache.max_len}")
-        cls = self.classes.get(n)
-        if cls is None:
-            cls = self.classes[n] = row_class(n)
-        if cls not in self.calibrated:
-            calibrate(self.linears, cls)
-            self.calibrated.add(cls)
+        cls = self._row_class(n)
         pos = positions.reshape(n)
         x = F.embedding(ids.reshape(n), self.embed)
         cos, sin = self.cos[pos], self.sin[pos]  # (n, D): one row per token
-        mask = self._mask(cache, t, T, ids.device)
+        if T == 1:  # one token sees every cached position: only padding needs masking
+            mask = cache.key_mask[:, None, None, :t + 1] if cache.has_padding else None
+        else:
+            mask = cache_mask(T, t, cache, ids.device)
         for i, p in enumerate(self.layers):
             h = self._norm(x, p["norm1"], rows=True)
             qkv = p["qkv"](h, cls=cls)
@@ -356,8 +349,8 @@ class DenseStep:
                 qk = qk.view(B, T, H + Hk, D)
                 cache.k[i][:, :, t:t + T] = qk[:, :, H:].transpose(1, 2)
                 cache.v[i][:, :, t:t + T] = v.view(B, T, Hk, D).transpose(1, 2)
-                y = self._attend(qk[:, :, :H].transpose(1, 2), cache.k[i][:, :, :t + T], cache.v[i][:, :, :t + T],
-                                 mask).transpose(1, 2)
+                y = attend(qk[:, :, :H].transpose(1, 2), cache.k[i][:, :, :t + T], cache.v[i][:, :, :t + T],
+                           mask).transpose(1, 2)
             x = p["o"](y.reshape(n, H * D), residual=x, cls=cls)
             h = self._norm(x, p["norm2"], rows=True)
             a = p["mlp_in"](h, cls=cls)
@@ -377,37 +370,24 @@ class DenseStep:
             x = x.view(B, T, -1)
             if scores is not None:
                 rest = x[:, :-1].reshape(B * (T - 1), -1)
-                scores.append(self._logits(rest, row_class(rest.shape[0])).view(B, T - 1, -1))
+                scores.append(self._logits(rest, self._row_class(rest.shape[0])).view(B, T - 1, -1))
             x = x[:, -1].contiguous()
         return self._logits(x, cls)
 
-    def _logits(self, x: Tensor, cls: int) -> Tensor:
+    def _row_class(self, rows: int) -> int:
+        """The row class of a product of `rows` rows, its layouts chosen (calibrate) before its first use."""
+        cls = self.classes.get(rows)
+        if cls is None:
+            cls = self.classes[rows] = row_class(rows)
         if cls not in self.calibrated:
             calibrate(self.linears, cls)
             self.calibrated.add(cls)
+        return cls
+
+    def _logits(self, x: Tensor, cls: int) -> Tensor:
         logits = self.head(self._norm(x, self.norm, rows=True), cls=cls)
         if self.cfg.logit_softcap > 0:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
         return logits
 
-    @staticmethod
-    def _mask(cache, t: int, T: int, device: torch.device) -> Tensor | None:
-        """None: no mask (one token and no padding, or a prompt from position 0: causal). Else a boolean
-        mask over the cached keys, (B, 1, 1, S) for one token, (B, 1, T, S) causal for a prompt."""
-        if T == 1:
-            return cache.key_mask[:, None, None, :t + 1] if cache.has_padding else None
-        if t == 0 and not cache.has_padding:
-            return None
-        S = t + T
-        causal = torch.arange(S, device=device)[None, :] <= torch.arange(t, S, device=device)[:, None]
-        return (causal[None] & cache.key_mask[:, None, :S]).unsqueeze(1)
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """A prompt's attention (B, H, T, D), as the model's: causal, or under the mask."""
-        gqa = self.n_kv != self.n_head
-        if gqa and mask is not None and q.device.type == "cpu":  # the CPU kernel: no GQA with a mask
-            rep = self.n_head // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            gqa = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)

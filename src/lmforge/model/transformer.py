@@ -128,6 +128,17 @@ class KVCache:
                 ring.select(index)
 
 
+def cache_mask(T: int, start: int, cache: KVCache, device: torch.device) -> Tensor | None:
+    """The mask of T new tokens from position `start` over the cache: None where plain causal attention
+    serves (from position 0, no padding), else a boolean (B, 1, T, start + T), causal and without padding."""
+    if start == 0 and not cache.has_padding:
+        return None
+    S = start + T
+    q_pos = torch.arange(start, S, device=device).unsqueeze(1)
+    causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
+    return (causal.unsqueeze(0) & cache.key_mask[:, :S].unsqueeze(1)).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -180,16 +191,22 @@ class Attention(nn.Module):
             return self.o_proj(self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        gqa = self.n_kv_head != self.n_head
-        if gqa and mask is not None and x.device.type == "cpu":
-            # The CPU kernel has no GQA path with an explicit mask; expanding is cheap at these sizes.
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
+    """SDPA over (B, H, T, D) queries and (B, Hk, S, D) keys/values: causal without a mask, else under it.
+
+    Shared by Attention and the packed decoding step's prompt prefill (infer/decode.py)."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.device.type == "cpu":
+        # The CPU kernel has no GQA path with an explicit mask; expanding is cheap at these sizes.
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -323,16 +340,7 @@ class Transformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
             return (same & causal).unsqueeze(1)
-        if cache is None or (start == 0 and not cache.has_padding):
-            return None
-        return self._cache_mask(B, T, start, cache, device)
-
-    @staticmethod
-    def _cache_mask(B: int, T: int, start: int, cache: KVCache, device: torch.device) -> Tensor:
-        S = start + T
-        q_pos = torch.arange(start, S, device=device).unsqueeze(1)
-        causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
-        return (causal.unsqueeze(0) & cache.key_mask[:, :S].unsqueeze(1)).unsqueeze(1)
+        return None if cache is None else cache_mask(T, start, cache, device)
 
     def logits(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)
