@@ -11,7 +11,7 @@ import pytest
 from corpora import english
 from spine import make_corpus
 
-from lmforge.config import ConfigError, load_config
+from lmforge.config import ConfigError, FilterConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.stages import run_prepare, run_tokenizer
 
@@ -32,6 +32,10 @@ def corpus(tmp_path_factory) -> tuple[Path, Path, Path]:
     words = (code / "textwrap.py").read_text().split(" ")
     (prose / "zzz_textwrap_near.txt").write_text(" ".join(w[::-1] if i % 100 == 7 else w for i, w in enumerate(words)),
                                                  encoding="utf-8")
+    # PII for data.pii, and lines the C4 line filter drops, in a task of its own
+    (prose / "book5_contacts.txt").write_text("\n".join(
+        f"Write to clerk{i}@example.org or reach host 10.0.{i}.7 for the ledger of year {1900 + i}." if i % 3 else
+        f"cookie policy {i}" for i in range(60)), encoding="utf-8")
     run = root / "tok"
     cfg = load_config(overrides=[f"run_dir={run}", f"data.sources=[{code},{prose}]", "tokenizer.vocab_size=400"])
     run_tokenizer(cfg)
@@ -65,20 +69,25 @@ def _prepare_in_tasks(run: Path, sources, n: int, **data) -> None:
     run_prepare(_cfg(run, sources, num_tasks=n, merge=True, **data))
 
 
-@pytest.mark.parametrize("mixture,near", [(False, False), (True, False), (False, True)],
-                         ids=["plain", "mixture", "near-dedup"])
-def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture, near):
+@pytest.mark.parametrize("mixture,near,filters", [(False, False, False), (True, False, False), (False, True, False),
+                                                  (False, False, True)],
+                         ids=["plain", "mixture", "near-dedup", "filters"])
+def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture, near, filters):
     """Also with data.near_dedup: the merge clusters every task's signatures as one scan would, so the
-    near-duplicates dropped, dedup.json (clusters, example pairs and their texts) and the shards are equal."""
+    near-duplicates dropped, dedup.json (clusters, example pairs and their texts) and the shards are equal.
+    With filters and PII masking, the tasks' filters.json add up to one prepare's, samples included."""
     code, prose, tok = corpus
     sources = [str(code), str(prose)]
     if mixture:
         sources = [{"path": str(code), "name": "code", "weight": 0.6}, {"path": str(prose), "name": "prose"}]
         sources[1]["weight"] = 0.4
+    extra: dict = {"near_dedup": near}
+    if filters:
+        extra.update(pii=True, filters=FilterConfig(lines=True, min_chars=1500))
     one = _run(tmp_path / "one", tok, sources)
-    run_prepare(_cfg(one, sources, near_dedup=near))
+    run_prepare(_cfg(one, sources, **extra))
     three = _run(tmp_path / "three", tok, sources)
-    _prepare_in_tasks(three, sources, 3, near_dedup=near)
+    _prepare_in_tasks(three, sources, 3, **extra)
     a, b = _files(one), _files(three)
     assert a.keys() == b.keys()
     for name in a:
@@ -89,10 +98,19 @@ def test_one_task_or_three_give_identical_shards(corpus, tmp_path, mixture, near
         else:
             assert a[name] == b[name], name
     m = json.loads(a["train/manifest.json"])
-    assert m["duplicates_dropped"] >= 2 and len(m["shards"]) > 2  # dedup across tasks, several shards
+    # dedup across tasks, several shards (filtered by line rules, the .txt copy of textwrap.py is no copy)
+    assert m["duplicates_dropped"] >= (1 if filters else 2) and len(m["shards"]) > 2
     assert not (three / "data" / "tasks").exists()
     assert ("mixture" in m) == mixture
     assert ("dedup.json" in a) == near
+    assert ("filters.json" in a) == filters
+    if filters:
+        report = json.loads(a["filters.json"])
+        assert report["filters"]["lines"]["lines"] >= 20 and report["filters"]["min_chars"]["documents"] > 0
+        assert report["pii"]["email"] >= 20 and len(report["filters"]["lines"]["samples"]) == 5
+        assert m["filtered"] == {k: {"documents": v["documents"], "bytes": v["bytes"]}
+                                 for k, v in report["filters"].items()}
+        assert m["pii_masked"] == report["pii"]
     if near:
         report = json.loads(a["dedup.json"])
         assert m["near_duplicates_dropped"] == report["near_duplicates"] > 0 and report["example_pairs"]

@@ -30,6 +30,7 @@ removed (lines and their bytes for `lines`) and a few samples of what it dropped
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -232,6 +233,31 @@ class Cleaner:
         if self.f.language:
             out["languages"] = dict(sorted(self.languages.items()))
         return out
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from the reports of consecutive slices of a corpus, as one Cleaner over all of it gives.
+
+    Counts add up; the samples are the first ones in corpus order, as one pass would keep them.
+    """
+    out = json.loads(json.dumps(reports[0]))
+    for rep in reports[1:]:
+        out["documents_in"] += rep["documents_in"]
+        for name, t in rep["filters"].items():
+            mine = out["filters"][name]
+            for k in ("documents", "bytes", "lines"):
+                mine[k] += t[k]
+            mine["samples"] = (mine["samples"] + t["samples"])[:SAMPLES]
+        if rep["pii"] is not None:
+            out["pii"] = _add(out["pii"], rep["pii"])
+        if "languages" in rep:
+            out["languages"] = dict(sorted(_add(out["languages"], rep["languages"]).items()))
+    return out
+
+
+def _add(a: dict, b: dict) -> dict:
+    """Counts summed key by key, zeros kept (Counter's + drops them), in first-seen order."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 def _language_model(f: FilterConfig):

@@ -377,11 +377,16 @@ def _write_reports(data_dir: Path, p: _Pass, scan: Scan | None) -> dict:
         atomic_write_json(data_dir / "dedup.json", rep)
         out["near_duplicates_dropped"] = rep.get("near_duplicates", 0)
     if cleaner.active:
-        rep = cleaner.report()
-        atomic_write_json(data_dir / "filters.json", rep)
-        out["filtered"] = {k: {"documents": v["documents"], "bytes": v["bytes"]} for k, v in rep["filters"].items()}
-        if rep["pii"] is not None:
-            out["pii_masked"] = rep["pii"]
+        out.update(write_filter_report(data_dir, cleaner.report()))
+    return out
+
+
+def write_filter_report(data_dir: Path, rep: dict) -> dict:
+    """filters.json beside the split folders; returns the summary's (and manifest's) view of it."""
+    atomic_write_json(data_dir / "filters.json", rep)
+    out: dict = {"filtered": {k: {"documents": v["documents"], "bytes": v["bytes"]} for k, v in rep["filters"].items()}}
+    if rep["pii"] is not None:
+        out["pii_masked"] = rep["pii"]
     return out
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from lmforge.config import Config, ConfigError
 from lmforge.console import log
 from lmforge.data.adopt import token_files
+from lmforge.data.clean import merge_reports
 from lmforge.data.dedup import ExactKeys, band_keys, band_parts, band_records, near_duplicates
 from lmforge.data.prepare import (
     SPLITS,
@@ -47,6 +48,7 @@ from lmforge.data.prepare import (
     open_writers,
     report,
     source_groups,
+    write_filter_report,
     write_manifests,
 )
 from lmforge.data.shards import DTYPES, MANIFEST, token_dtype
@@ -57,6 +59,7 @@ from lmforge.tokenizer import Tokenizer
 
 TASKS = "tasks"
 NEAR = "near"  # a task's signatures for the merge's near-dedup (dedup.Scan.export_near)
+FILTERS = "filters.json"  # a task's filter report (clean.Cleaner.report), summed by the merge
 
 
 def check_tasks(cfg: Config) -> None:
@@ -137,6 +140,9 @@ def prepare_task(cfg: Config) -> dict:
             res = _run_pass(p, tok, tmps, workers, total_mb)
             if d.near_dedup:
                 scan.export_near(tmp / NEAR, sorted(scan.file_ids, key=scan.file_ids.get))
+            cleaner = scan.cleaner if scan is not None else p.cleaner
+            if cleaner.active:  # the merge adds the tasks' reports up into one filters.json
+                atomic_write_json(tmp / FILTERS, cleaner.report())
         finally:
             if scan is not None:
                 scan.close()
@@ -385,6 +391,12 @@ def merge_tasks(cfg: Config) -> dict:
         if near_report is not None:
             atomic_write_json(data_dir / "dedup.json", near_report)
             summary["near_duplicates_dropped"] = extra["near_duplicates_dropped"] = p.near
+        filters = [json.loads((task_dir(cfg, i) / FILTERS).read_text(encoding="utf-8"))
+                   for i in range(d.num_tasks) if (task_dir(cfg, i) / FILTERS).is_file()]
+        if filters:
+            cleaning = write_filter_report(data_dir, merge_reports(filters))
+            summary.update(cleaning)
+            extra.update(cleaning)
         weights = write_manifests(p, tok, writers, specs, tmps, summary, extra)
     except BaseException as e:
         for s in SPLITS:
