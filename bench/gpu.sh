@@ -4,7 +4,8 @@
 #   bash bench/gpu.sh            # from the repository root; under 8 minutes on one GPU
 #
 # Checks (bench/gpu_checks.py says what each compares against): bf16 autocast training steps,
-# fused AdamW, flash SDPA, torch.compile (train.compile=true), FSDP2 fully_shard on one GPU (and
+# fused AdamW, flash SDPA, torch.compile (train.compile=true), FlexAttention block masks against
+# SDPA's dense ones (packed documents, window, block-sparse), FSDP2 fully_shard on one GPU (and
 # with CPU offload) under torchrun, NCCL DDP when more than one GPU is visible. Then it measures
 # the small preset's (124M, vocab 50304, 8 x 1024) bf16 training tokens/s and MFU against its
 # `transformers` twin in the same run (bench/train.py), eager and compiled.
@@ -14,7 +15,7 @@
 # bench/results/gpu/ when OUT is not set.
 #
 # Without CUDA every check says SKIP (no CUDA), and a CPU smoke of the same code paths runs on the
-# tiny preset (cpu_*: autocast, fused AdamW, flash SDPA, FSDP2 under torchrun with gloo, the bench),
+# tiny preset (cpu_*: autocast, fused AdamW, flash SDPA, FlexAttention's forward, FSDP2 under torchrun with gloo, the bench),
 # in under a minute, so the script itself is tested where there is no GPU (tests/test_bench_gpu.py).
 #
 # Environment: OUT (results folder), PYTHON (default python3), GPU_SH_DEVICE=cpu (the CPU smoke even
@@ -35,7 +36,7 @@ CHECKS_DIR="$(mktemp -d)"
 trap 'rm -rf "$CHECKS_DIR"' EXIT
 LOG="$RESULTS/gpu.log"
 : >"$LOG"
-CHECKS=(autocast fused_adamw flash_sdpa cp_blocks compile fsdp2 fsdp2_offload ddp bench_small bench_small_compile)
+CHECKS=(autocast fused_adamw flash_sdpa cp_blocks compile flex_masks fsdp2 fsdp2_offload ddp bench_small bench_small_compile)
 
 gpus() {  # CUDA devices torch sees; no torch import (seconds) where there is no NVIDIA device at all
   [ "${GPU_SH_DEVICE:-}" = cpu ] && { echo 0; return; }
@@ -98,6 +99,7 @@ if [ "$N" -gt 0 ]; then
   [ "${#in_process[@]}" -gt 0 ] && attempt 120 "${in_process[@]}" -- \
     "$PY" bench/gpu_checks.py run "${in_process[@]}" --dir "$CHECKS_DIR"
   wanted compile && attempt 180 compile -- "$PY" bench/gpu_checks.py run compile --dir "$CHECKS_DIR"
+  wanted flex_masks && attempt 180 flex_masks -- "$PY" bench/gpu_checks.py run flex_masks --dir "$CHECKS_DIR"
   for c in fsdp2 fsdp2_offload; do
     wanted "$c" && attempt 120 "$c" -- \
       "${TORCHRUN[@]}" --nproc_per_node=1 bench/gpu_checks.py run "$c" --dir "$CHECKS_DIR"
@@ -115,9 +117,9 @@ if [ "$N" -gt 0 ]; then
     --dir "$CHECKS_DIR" -- --config small --device cuda --precision bf16 --no-memory train.compile=true
 else
   record SKIP "no CUDA" "${CHECKS[@]}"
-  skip_unwanted cpu_autocast cpu_fused_adamw cpu_flash_sdpa cpu_cp_blocks cpu_fsdp2 cpu_bench_tiny
+  skip_unwanted cpu_autocast cpu_fused_adamw cpu_flash_sdpa cpu_cp_blocks cpu_flex_masks cpu_fsdp2 cpu_bench_tiny
   smoke=()
-  for c in autocast fused_adamw flash_sdpa cp_blocks; do wanted "cpu_$c" && smoke+=("$c"); done
+  for c in autocast fused_adamw flash_sdpa cp_blocks flex_masks; do wanted "cpu_$c" && smoke+=("$c"); done
   [ "${#smoke[@]}" -gt 0 ] && attempt 60 "${smoke[@]/#/cpu_}" -- \
     "$PY" bench/gpu_checks.py run "${smoke[@]}" --device cpu --dir "$CHECKS_DIR"
   wanted cpu_fsdp2 && attempt 60 cpu_fsdp2 -- \

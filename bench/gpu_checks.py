@@ -174,6 +174,61 @@ def check_cp_blocks(device: torch.device) -> Result:
     return "PASS", f"output and gradients within {max(err):.1e} of SDPA", figures
 
 
+def check_flex_masks(device: torch.device) -> Result:
+    """Masked attention through FlexAttention's block masks (model/masks.py) against SDPA's dense masks:
+    packed documents (SFT) and a window + block-sparse pattern, the model's loss and gradients in bf16, and
+    the step time of each. On a CPU (no FlexAttention backward there) the forward only, unfused."""
+    from lmforge.model import masks
+    from lmforge.model.transformer import Transformer
+
+    cfg = config(device)
+    m = cfg.model
+    m.sliding_window, m.sparse_block, m.window_pattern = 256 if device.type == "cuda" else 16, \
+        128 if device.type == "cuda" else 8, "SBL"
+    x, y = tokens(cfg, device)
+    B, T = x.shape
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randint(1, T, (B, 6), generator=g), dim=1).values  # 7 documents a row
+    doc = (torch.arange(T).view(1, T, 1) >= cuts.view(B, 1, 6)).sum(-1).to(device)
+    starts = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), cuts.to(device)], 1)
+    pos = torch.arange(T, device=device).view(1, T) - starts.gather(1, doc)
+    train = device.type == "cuda"
+    if not train:
+        masks.COMPILE = False
+    figures: dict = {}
+    results = {}
+    for impl in ("sdpa", "flex"):
+        m.attn_impl = impl
+        torch.manual_seed(0)
+        model = Transformer(m).to(device).train(train)
+
+        def step(model: Transformer = model) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train), torch.set_grad_enabled(train):
+                loss = model(x, labels=y, positions=pos, doc_ids=doc) / y.numel()
+            if train:
+                loss.backward()
+            return loss
+
+        loss = step()
+        grads = [p.grad.float().clone() for p in model.parameters()] if train else []
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            step()
+        sync(device)
+        figures[f"{impl}_step_ms"] = round((time.perf_counter() - t0) * 1e3 / 3, 1)
+        results[impl] = (float(loss), grads)
+    (ls, gs), (lf, gf) = results["sdpa"], results["flex"]
+    figures["loss_sdpa_flex"] = [round(ls, 5), round(lf, 5)]
+    worst = max([(a - b).norm().item() / max(b.norm().item(), 1e-12) for a, b in zip(gf, gs)], default=0.0)
+    figures["grad_rel_err"] = worst
+    if rel(lf, ls) > 1e-2 or worst > 5e-2:
+        return "FAIL", f"flex loss {lf:.4f} vs sdpa {ls:.4f}, gradients {worst:.1e} apart", figures
+    return "PASS", f"loss within {rel(lf, ls):.1e}, gradients {worst:.1e}; step {figures['flex_step_ms']} ms " \
+                   f"with block masks vs {figures['sdpa_step_ms']} ms with dense masks", figures
+
+
 def model_under(device: torch.device, backend) -> float:
     """The model's bf16 training loss (forward and backward) with SDPA held to one backend."""
     from torch.nn.attention import sdpa_kernel
@@ -325,7 +380,7 @@ def check_ddp(device: torch.device) -> Result:
 CHECKS: dict[str, Callable[[torch.device], Result]] = {
     "autocast": check_autocast, "fused_adamw": check_fused_adamw, "flash_sdpa": check_flash_sdpa,
     "cp_blocks": check_cp_blocks, "compile": check_compile, "fsdp2": check_fsdp2,
-    "fsdp2_offload": check_fsdp2_offload, "ddp": check_ddp,
+    "fsdp2_offload": check_fsdp2_offload, "ddp": check_ddp, "flex_masks": check_flex_masks,
 }
 DISTRIBUTED = {"fsdp2", "fsdp2_offload", "ddp"}  # run under torchrun
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_CHECKS = ["autocast", "fused_adamw", "flash_sdpa", "cp_blocks", "compile", "fsdp2", "fsdp2_offload", "ddp",
-               "bench_small", "bench_small_compile"]
+CUDA_CHECKS = ["autocast", "fused_adamw", "flash_sdpa", "cp_blocks", "compile", "flex_masks", "fsdp2",
+               "fsdp2_offload", "ddp", "bench_small", "bench_small_compile"]
 
 
 def gpu_sh(out: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -31,7 +31,8 @@ def test_cpu_fallback_skips_cuda_and_smokes_the_same_paths(tmp_path):
     assert list(checks)[:len(CUDA_CHECKS)] == CUDA_CHECKS
     for name in CUDA_CHECKS:
         assert (checks[name]["status"], checks[name]["reason"]) == ("SKIP", "no CUDA")
-    smoke = ["cpu_autocast", "cpu_fused_adamw", "cpu_flash_sdpa", "cpu_cp_blocks", "cpu_fsdp2", "cpu_bench_tiny"]
+    smoke = ["cpu_autocast", "cpu_fused_adamw", "cpu_flash_sdpa", "cpu_cp_blocks", "cpu_flex_masks", "cpu_fsdp2",
+             "cpu_bench_tiny"]
     for name in smoke:
         assert checks[name]["status"] == "PASS", checks[name]
     assert result["counts"] == {"PASS": len(smoke), "FAIL": 0, "SKIP": len(CUDA_CHECKS)}
@@ -46,7 +47,9 @@ def test_cpu_fallback_skips_cuda_and_smokes_the_same_paths(tmp_path):
     bench = checks["cpu_bench_tiny"]["result"]
     assert bench["lmforge"]["tokens_per_s"]["median"] > 0 and bench["transformers"]["tokens_per_s"]["median"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json", "gpu.log"]
-    assert "PASS  cpu_fsdp2" in r.stdout and "6 passed, 0 failed, 10 skipped" in r.stdout
+    flex = checks["cpu_flex_masks"]["loss_sdpa_flex"]
+    assert abs(flex[0] - flex[1]) < 1e-4
+    assert "PASS  cpu_fsdp2" in r.stdout and "7 passed, 0 failed, 11 skipped" in r.stdout
 
 
 def test_a_check_that_crashes_fails_alone_and_the_exit_code_says_so(tmp_path):
@@ -58,7 +61,8 @@ def test_a_check_that_crashes_fails_alone_and_the_exit_code_says_so(tmp_path):
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
-    r, result = gpu_sh(out, PYTHON=str(fake), GPU_SH_SKIP="cpu_autocast cpu_fused_adamw cpu_cp_blocks cpu_bench_tiny")
+    r, result = gpu_sh(out, PYTHON=str(fake), GPU_SH_SKIP="cpu_autocast cpu_fused_adamw cpu_cp_blocks cpu_flex_masks "
+                                                   "cpu_bench_tiny")
     assert r.returncode == 1, r.stdout + r.stderr
     checks = {c["check"]: c for c in result["checks"]}
     flash = checks["cpu_flash_sdpa"]
@@ -66,5 +70,5 @@ def test_a_check_that_crashes_fails_alone_and_the_exit_code_says_so(tmp_path):
     assert checks["cpu_fsdp2"]["status"] == "PASS"
     assert checks["cpu_bench_tiny"] == {"check": "cpu_bench_tiny", "status": "SKIP", "reason": "GPU_SH_SKIP",
                                         "seconds": 0.0}
-    assert result["counts"] == {"PASS": 1, "FAIL": 1, "SKIP": 14}
-    assert "1 passed, 1 failed, 14 skipped" in r.stdout
+    assert result["counts"] == {"PASS": 1, "FAIL": 1, "SKIP": 16}
+    assert "1 passed, 1 failed, 16 skipped" in r.stdout

@@ -47,11 +47,16 @@ def reference_logits(model: Transformer, ids: torch.Tensor, positions: torch.Ten
     for layer in model.model.layers:
         a = layer.self_attn
         allowed = torch.zeros(B, T, T, dtype=torch.bool)
+        cfg = model.cfg
         for b in range(B):
             for i in range(T):
                 for j in range(T):
                     in_window = not a.window or j > i - a.window
                     same_doc = doc_ids is None or doc_ids[b, i] == doc_ids[b, j]
+                    if a.kind == "B":  # block-sparse: blocks of the tokens' positions
+                        qb, kb = int(positions[b, i]) // cfg.sparse_block, int(positions[b, j]) // cfg.sparse_block
+                        in_window = qb - kb <= cfg.sparse_local or kb < cfg.sparse_global or \
+                            bool(cfg.sparse_stride) and kb % cfg.sparse_stride == cfg.sparse_stride - 1
                     allowed[b, i, j] = j <= i and in_window and same_doc
         h = layer.input_layernorm(x)
         q, k, v = (p(h).view(B, T, -1, a.head_dim).transpose(1, 2) for p in a.qkv)
@@ -330,3 +335,174 @@ def test_a_pipeline_stage_applies_the_window():
         model.model.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(model.model.layers)})
         first, last = DecoderStage(model, [0], True, False), DecoderStage(model, [1], False, True)
         torch.testing.assert_close(last(first(x)), want, atol=1e-6, rtol=1e-6)
+
+
+# --- block-sparse layers, and FlexAttention for every mask ---------------------------------------------------
+
+def sparse_model(pattern: str = "SBL", seed: int = 0, **overrides) -> Transformer:
+    """One layer of each kind: a window of 6, block-sparse in blocks of 4 (1 local and 1 global block), global."""
+    return swa_model(window=6, pattern=pattern, seed=seed, n_layer=3, sparse_block=4, sparse_local=1,
+                     sparse_global=1, **overrides)
+
+
+def test_the_block_sparse_pattern_by_hand():
+    from lmforge.model import masks
+    from lmforge.model.window import attention_span
+
+    m = masks.dense(masks.block_sparse(2, 1, 1, 0), 1, 11, 11, "cpu")[0, 0]
+    seen = {q: m[q].nonzero().flatten().tolist() for q in (5, 7, 9, 10)}
+    # blocks of 2: query 9 is in block 4 and sees it, block 3 before it, and block 0 (global); 10 is alone in 5
+    assert seen == {5: [0, 1, 2, 3, 4, 5], 7: [0, 1, 4, 5, 6, 7], 9: [0, 1, 6, 7, 8, 9], 10: [0, 1, 8, 9, 10]}
+    strided = masks.dense(masks.block_sparse(2, 1, 1, 2), 1, 11, 11, "cpu")[0, 0]
+    assert strided[9].nonzero().flatten().tolist() == [0, 1, 2, 3, 6, 7, 8, 9]  # block 1 is the last of its 2
+    # FLOPs count exactly the pairs the pattern computes
+    assert masks.sparse_visible(2, 1, 1, 0, 11) == int(m.sum())
+    cfg = ModelConfig(n_layer=2, sparse_block=2, sparse_local=1, sparse_global=1, window_pattern="BL")
+    assert attention_span(cfg, 11) == pytest.approx(int(m.sum()) / 11 + 11)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.window_pattern=BL"], "model.window_pattern"),
+    (["model.sliding_window=8", "model.sparse_block=4"], "model.window_pattern"),
+    (["model.sparse_block=-1"], "model.sparse_block"),
+    (["model.sparse_block=4", "model.window_pattern=L"], "model.window_pattern"),
+    (["model.sparse_block=4", "model.attention=mla"], "model.sparse_block"),
+])
+def test_bad_block_sparse_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=overrides)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_block_sparse_layers_match_brute_force_attention():
+    model = sparse_model()
+    assert layer_pattern(model.cfg) == "SBL"
+    ids = torch.randint(0, 128, (2, 23))
+    pos = torch.arange(23).expand(2, -1)
+    doc_ids = torch.tensor([[0] * 14 + [1] * 9, [0] * 2 + [1] * 21])
+    packed = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(r, return_counts=True)[1]])
+                          for r in doc_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference_logits(model, ids, pos), atol=1e-5, rtol=1e-5)
+        # packed documents: each restarts at position 0, so its blocks do too
+        torch.testing.assert_close(model(ids, positions=packed, doc_ids=doc_ids),
+                                   reference_logits(model, ids, packed, doc_ids), atol=1e-5, rtol=1e-5)
+        # a sequence of no more blocks than the pattern spans is plain causal attention, bit for bit
+        short = ids[:, :12]
+        assert torch.equal(model(short), sparse_model(pattern="SLL")(short))
+
+
+def test_block_sparse_cached_greedy_equals_full_recompute():
+    model = sparse_model()
+    prompts = [[5, 17, 42, 7, 100], [3, 9, 11, 2, 77, 41, 8, 19, 23, 1, 6, 90, 4], [64, 12]]
+    want = [greedy_recompute(model, p, 30) for p in prompts]
+    assert [generate_ids(model, [p], GREEDY)[0] for p in prompts] == want
+    # left-padded: each row's blocks follow its own positions, not the cache's slots
+    assert generate_ids(model, prompts, GREEDY) == want
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        cache = model.new_cache(2, 40)
+        out = [model(x[:, :5], cache=cache), model(x[:, 5:13], cache=cache)]
+        out += [model(x[:, t:t + 1], cache=cache) for t in range(13, 30)]
+        out.append(model(x[:, 30:], cache=cache))
+        torch.testing.assert_close(torch.cat(out, 1), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention unfused (no compile: the same numbers in a second), with its calls counted."""
+    from lmforge.model import masks
+
+    monkeypatch.setattr(masks, "COMPILE", False)
+    calls = []
+    real = masks.flex
+
+    def counted(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(masks, "flex", counted)
+    return calls
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 4], ids=["gqa", "mha"])
+def test_flex_attention_equals_sdpa_for_every_mask(eager_flex, n_kv_head):
+    """Windows, block-sparse layers and packed documents: FlexAttention's block masks against SDPA's dense
+    masks, built from the same mask functions (model/masks.py)."""
+    sdpa = sparse_model(n_kv_head=n_kv_head, attn_impl="sdpa")
+    flex = sparse_model(n_kv_head=n_kv_head, attn_impl="flex")
+    ids = torch.randint(0, 128, (2, 37))
+    doc_ids = torch.tensor([[0] * 20 + [1] * 17, [0] * 3 + [1] * 34])
+    packed = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(r, return_counts=True)[1]])
+                          for r in doc_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(flex(ids), sdpa(ids), atol=1e-5, rtol=1e-5)
+        assert len(eager_flex) == 2  # the S and B layers; the global layer keeps SDPA's causal path
+        torch.testing.assert_close(flex(ids, positions=packed, doc_ids=doc_ids),
+                                   sdpa(ids, positions=packed, doc_ids=doc_ids), atol=1e-5, rtol=1e-5)
+        assert len(eager_flex) == 5  # documents: every layer is masked
+        torch.testing.assert_close(flex(ids), reference_logits(flex, ids, torch.arange(37).expand(2, -1)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_flex_training_on_a_cpu_stays_on_sdpa_with_the_same_gradients(eager_flex):
+    """PyTorch's FlexAttention has no CPU backward: with gradients the masked layers take SDPA."""
+    sdpa, flex = sparse_model(attn_impl="sdpa").train(), sparse_model(attn_impl="flex").train()
+    ids = torch.randint(0, 128, (2, 37))
+    for m in (sdpa, flex):
+        m(ids, labels=ids).backward()
+    assert not eager_flex
+    for a, b in zip(sdpa.parameters(), flex.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_compiled_flex_attention_on_a_cpu():
+    """The compiled kernel itself (a C++ compile on a CPU, once): the same logits as SDPA."""
+    from lmforge.model import masks
+
+    if not masks._works("cpu", True):
+        pytest.skip("FlexAttention does not compile here")
+    sdpa, flex = sparse_model(attn_impl="sdpa"), sparse_model(attn_impl="flex")
+    ids = torch.randint(0, 128, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(flex(ids), sdpa(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_block_sparse_layers(tmp_path):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.errors import LmforgeError
+    from lmforge.export.gguf import gguf_arch
+    from lmforge.export.hf import export_hf
+
+    model = sparse_model()
+    with pytest.raises(LmforgeError, match=r"model\.sparse_block=4"):
+        export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "out")
+    with pytest.raises(LmforgeError, match=r"model\.sparse_block=4"):
+        gguf_arch(model.cfg)
+
+
+SPARSE = ["model.preset=swa-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
+          "model.max_seq_len=64", "model.sliding_window=0", "model.sparse_block=4", "model.sparse_local=1",
+          "model.window_pattern=BL"]  # at train.seq_len=32: 8 blocks, a query sees at most 3 of them
+# The first ten losses of this seeded block-sparse run (fp32 on a CPU), as GOLDEN above.
+GOLDEN_SPARSE = [6.254311, 6.25463, 6.233286, 6.206196, 6.092539, 5.993951, 5.911899, 5.809972, 5.761453, 5.732131]
+
+
+def test_block_sparse_trains_from_the_cli_and_resumes_bit_exact(base_run, tmp_path):
+    from spine import TINY, assert_resume_exact, copy_run, lmforge
+
+    run = copy_run(base_run, tmp_path / "sparse")
+    r = lmforge("pretrain", f"run_dir={run}", *TINY, *SPARSE, "train.max_steps=60", "train.micro_batch=8",
+                "train.save_every=60")
+    assert r.returncode == 0, r.stderr
+    got = losses(run)
+    assert got[60] < got[1] - 1.0, got
+    assert [got[s] for s in range(1, 11)] == pytest.approx(GOLDEN_SPARSE, abs=1e-4)
+    dense = copy_run(base_run, tmp_path / "dense")
+    r = lmforge("pretrain", f"run_dir={dense}", *TINY, *SPARSE, "model.sparse_block=0", "model.window_pattern=",
+                "train.max_steps=10", "train.micro_batch=8", "train.save_every=10")
+    assert r.returncode == 0, r.stderr
+    other = losses(dense)
+    assert all(abs(other[s] - got[s]) > 1e-4 for s in range(1, 11)), (other, got)
+    assert_resume_exact(base_run, tmp_path / "resume", [*TINY, *SPARSE, "train.max_steps=16", "train.save_every=8"],
+                        11, 16)

@@ -161,7 +161,16 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # per-head query/key width without positions (0: d)
     v_head_dim: int = 0  # per-head value width (0: d)
     sliding_window: int = 0  # 0: full attention; else local layers see this many latest positions, their own included
-    window_pattern: str = ""  # S (local) / L (global) per layer, repeated over the layers (SSSL); "": all local
+    window_pattern: str = ""  # S (window) / B (block-sparse) / L (global) per layer, repeated (SSSL); "": all local
+    # block-sparse layers (model/masks.py): blocks of sparse_block tokens; each query block sees itself, the
+    # sparse_local blocks before it, the first sparse_global blocks, and (sparse_stride = s > 0) every s-th block
+    sparse_block: int = 0  # 0: no block-sparse layers
+    sparse_local: int = 2
+    sparse_global: int = 1
+    sparse_stride: int = 0
+    # masked attention (windows, packed documents, block-sparse): auto = FlexAttention on CUDA, SDPA elsewhere;
+    # flex = also for CPU forwards without gradients (PyTorch has no CPU backward for it); sdpa = never flex
+    attn_impl: Literal["auto", "sdpa", "flex"] = "auto"
     moe: MoEConfig = field(default_factory=MoEConfig)
     # t5 only: the decoder's blocks (0: n_layer), the relative-position buckets and the distance where they end
     n_decoder_layer: int = 0
@@ -709,7 +718,8 @@ def _check_t5(m: ModelConfig, prefix: str) -> None:
         if getattr(m, key) != value:
             raise ConfigError(f"{prefix}{key}={getattr(m, key)} with {prefix}arch=t5: T5 v1.1 has {key}={value}",
                               prefix + key)
-    for key in ("qk_norm", "bias", "attn_qkv_bias", "logit_softcap", "sliding_window", "zero_init_out"):
+    for key in ("qk_norm", "bias", "attn_qkv_bias", "logit_softcap", "sliding_window", "sparse_block",
+                "zero_init_out"):
         if getattr(m, key):
             raise ConfigError(f"{prefix}{key}={getattr(m, key)} with {prefix}arch=t5: not part of T5; unset it",
                               prefix + key)
@@ -725,20 +735,31 @@ def _check_t5(m: ModelConfig, prefix: str) -> None:
 
 
 def _check_window(m: ModelConfig, prefix: str) -> None:
-    """sliding_window and window_pattern (model/window.py): a window needs local layers, a pattern a window."""
-    w, pattern = m.sliding_window, m.window_pattern
-    if w < 0:
-        raise ConfigError(f"{prefix}sliding_window must be >= 0 (0: full attention), got {w}",
-                          prefix + "sliding_window")
-    if set(pattern) - {"S", "L"}:
-        raise ConfigError(f"{prefix}window_pattern={pattern!r} may hold only S (local) and L (global) letters, "
-                          "e.g. SSSL", prefix + "window_pattern")
-    if pattern and not w:
-        raise ConfigError(f"{prefix}window_pattern={pattern} needs {prefix}sliding_window > 0, the local layers' "
+    """sliding_window, the block-sparse keys and window_pattern (model/window.py, model/masks.py): each local
+    kind needs its layers, and each letter its setting."""
+    w, pattern, block = m.sliding_window, m.window_pattern, m.sparse_block
+    for key in ("sliding_window", "sparse_block", "sparse_local", "sparse_global", "sparse_stride"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"{prefix}{key} must be >= 0, got {getattr(m, key)}", prefix + key)
+    if set(pattern) - {"S", "B", "L"}:
+        raise ConfigError(f"{prefix}window_pattern={pattern!r} may hold only S (sliding window), B (block-sparse) "
+                          "and L (global) letters, e.g. SSSL", prefix + "window_pattern")
+    if "S" in pattern and not w:
+        raise ConfigError(f"{prefix}window_pattern={pattern} needs {prefix}sliding_window > 0, the S layers' "
                           "window", prefix + "window_pattern")
-    if w and "S" not in ((pattern or "S") * m.n_layer)[:m.n_layer]:
+    if "B" in pattern and not block:
+        raise ConfigError(f"{prefix}window_pattern={pattern} needs {prefix}sparse_block > 0, the B layers' block "
+                          "size in tokens", prefix + "window_pattern")
+    if w and block and not pattern:
+        raise ConfigError(f"{prefix}sliding_window and {prefix}sparse_block are both set: say which layers take "
+                          f"which in {prefix}window_pattern (S, B, L letters)", prefix + "window_pattern")
+    kinds = ((pattern or ("S" if w else "B")) * m.n_layer)[:m.n_layer]
+    if w and "S" not in kinds:
         raise ConfigError(f"{prefix}window_pattern={pattern} gives none of the {m.n_layer} layers a window (no S); "
                           f"set {prefix}sliding_window=0 for full attention", prefix + "window_pattern")
+    if block and "B" not in kinds:
+        raise ConfigError(f"{prefix}window_pattern={pattern} makes none of the {m.n_layer} layers block-sparse "
+                          f"(no B); set {prefix}sparse_block=0", prefix + "window_pattern")
 
 
 def _check_mla(m: ModelConfig, prefix: str) -> None:
@@ -766,8 +787,9 @@ def _check_mla(m: ModelConfig, prefix: str) -> None:
     for key in ("qk_norm", "bias", "attn_qkv_bias"):
         if getattr(m, key):
             raise bad(key, "not part of DeepSeek's MLA (its latents have their own RMSNorms, and no biases)")
-    if m.sliding_window:
-        raise bad("sliding_window", "local windows are built for multi-head attention only; set 0")
+    for key in ("sliding_window", "sparse_block"):
+        if getattr(m, key):
+            raise bad(key, "local windows and block-sparse layers are built for multi-head attention only; set 0")
 
 
 def _check_moe(m: ModelConfig, prefix: str) -> None:

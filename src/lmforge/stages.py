@@ -321,9 +321,15 @@ def print_window(m, bytes_per_value: int) -> None:
     from lmforge.model.window import kv_cache_bytes, layer_pattern
 
     pattern = layer_pattern(m)
-    if m.sliding_window:
-        print(f"attention         window {m.sliding_window}, pattern {m.window_pattern or 'S'}: {pattern} "
-              f"({pattern.count('S')} local, {pattern.count('L')} global layers)")
+    if m.sliding_window or m.sparse_block:
+        what = [f"window {m.sliding_window}"] if m.sliding_window else []
+        if m.sparse_block:
+            what.append(f"block-sparse {m.sparse_block}-token blocks (local {m.sparse_local}, global "
+                        f"{m.sparse_global}, stride {m.sparse_stride})")
+        counts = [f"{pattern.count(k)} {name}" for k, name in (("S", "local"), ("B", "block-sparse"), ("L", "global"))
+                  if k in pattern]
+        print(f"attention         {', '.join(what)}, pattern {m.window_pattern or pattern[0]}: {pattern} "
+              f"({', '.join(counts)} layers)")
     else:
         print(f"attention         full causal in all {m.n_layer} layers")
     ctx, kib = m.max_seq_len, 2**10

@@ -74,6 +74,8 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if cfg.sliding_window:
         problems.append(f"model.sliding_window={cfg.sliding_window}: the llama / qwen GGUF graphs written here have "
                         "no sliding window")
+    if cfg.sparse_block:
+        problems.append(f"model.sparse_block={cfg.sparse_block}: llama.cpp has no block-sparse attention layers")
     if cfg.moe.experts:
         problems += moe_problems(cfg)
     if problems:

@@ -41,6 +41,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         out.append(f"model.head_dim={cfg.head_dim} (GPT-2's heads split n_embd evenly; set 0)")
     if cfg.sliding_window:
         out.append(f"model.sliding_window={cfg.sliding_window} (GPT-2 has no sliding-window attention; set 0)")
+    if cfg.sparse_block:
+        out.append(f"model.sparse_block={cfg.sparse_block} (GPT-2 has no block-sparse attention; set 0)")
     return out
 
 

@@ -63,6 +63,9 @@ def _llama_family_problems(cfg: ModelConfig) -> list[str]:
         key = "model.bias" if cfg.bias else "model.attn_qkv_bias"
         problems.append(f"{key}=true with model.qk_norm: Qwen3 puts biases on q/k/v/o together (attention_bias) "
                         "and never on the MLP, which does not match")
+    if cfg.sparse_block:
+        problems.append(f"model.sparse_block={cfg.sparse_block}: no transformers decoder has block-sparse attention "
+                        "layers (export a model without B layers in model.window_pattern)")
     if cfg.sliding_window and cfg.bias:
         problems.append(f"model.sliding_window={cfg.sliding_window} with model.bias=true: transformers' sliding-window "
                         "models (Ministral, Qwen2, Qwen3) have no biases on o_proj and the MLP")

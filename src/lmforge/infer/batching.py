@@ -100,6 +100,9 @@ def batch_refusal(model: nn.Module) -> str | None:
     if model.cfg.sliding_window:
         return ("sliding-window layers (model.sliding_window) keep a ring cache whose slots follow the shared "
                 "write position, so rows cannot be re-aligned in it")
+    if model.cfg.sparse_block:
+        return ("block-sparse layers (model.sparse_block) cut their blocks at each row's token positions, which "
+                "the shared write position of the batch does not keep")
     return None
 
 

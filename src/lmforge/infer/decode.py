@@ -80,7 +80,7 @@ def eligible(model: nn.Module) -> bool:
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return False  # whoever hooked a module expects it to run
     cfg = model.cfg
-    if cfg.attention != "mha" or cfg.moe.experts or cfg.sliding_window or cfg.norm != "rmsnorm":
+    if cfg.attention != "mha" or cfg.moe.experts or cfg.sliding_window or cfg.sparse_block or cfg.norm != "rmsnorm":
         return False
     if cfg.pos != "rope" or model.rope_dim != model.head_dim:
         return False

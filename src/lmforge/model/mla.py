@@ -137,6 +137,7 @@ class MLAttention(nn.Module):
     """DeepSeek's attention block, in place of Attention when model.attention=mla (same forward signature)."""
 
     window = 0  # every MLA layer is global: the config refuses a sliding window with attention=mla
+    kind = "L"  # and block-sparse layers
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()

@@ -256,6 +256,8 @@ def hf_problems(cfg: ModelConfig) -> list[str]:
     if cfg.sliding_window:
         out.append(f"model.sliding_window={cfg.sliding_window} with model.moe.experts: the Qwen3-MoE export writes "
                    "full attention only")
+    if cfg.sparse_block:
+        out.append(f"model.sparse_block={cfg.sparse_block}: Qwen3-MoE has no block-sparse attention")
     return out
 
 

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.model import cpu_kernels as kernels
+from lmforge.model import masks
 from lmforge.model.loss import IGNORE, cross_entropy_sum, token_logprobs
 from lmforge.model.mla import LatentCache, MLAttention, mla_dims
 from lmforge.model.moe import MoE, expert_dim, inactive_params, is_moe_layer, router_loss_sum
-from lmforge.model.window import RingKV, attention_span, layer_windows, local_mask
+from lmforge.model.window import RingKV, attention_span, layer_pattern, layer_windows, local_mask
 
 
 def padded_vocab(n: int, multiple: int) -> int:
@@ -128,6 +129,58 @@ class KVCache:
                 ring.select(index)
 
 
+def layer_masks(cfg: ModelConfig, B: int, T: int, start: int, doc_ids: Tensor | None, cache: KVCache | None,
+                device: torch.device, flex: bool = False, positions: Tensor | None = None) -> dict:
+    """The mask of each kind of layer (L global, S windowed, B block-sparse) for one forward of T tokens.
+
+    None means plain causal attention (SDPA's fast is_causal path); else a boolean (B, 1, T, S) mask, or
+    with `flex` (no cache) FlexAttention's BlockMask of the same pattern (model/masks.py). doc_ids keep
+    packed documents apart in every kind. `positions` (B, T), where not 0.. on: block-sparse blocks follow
+    the tokens' positions, not their slots (a left-padded prompt, documents restarting at 0).
+    """
+    kinds = set(layer_pattern(cfg))
+    out: dict = {}
+    slot_pos = None
+    if "B" in kinds and positions is not None:  # each row's slots hold positions slot - offset
+        offset = start - positions[:, :1]
+        slot_pos = positions if cache is None else torch.arange(start + T, device=device).unsqueeze(0) - offset
+    if flex:
+        def blocks(mod: masks.MaskMod | None) -> object:
+            if doc_ids is None:
+                return None if mod is None else masks.block_mask(mod, B, T, device, per_row=slot_pos is not None)
+            return masks.block_mask(masks.documents(doc_ids, mod or masks.causal), B, T, device, per_row=True)
+
+        out["L"] = blocks(None)
+        if "S" in kinds:
+            out["S"] = blocks(masks.window(cfg.sliding_window) if T > cfg.sliding_window else None)
+        if "B" in kinds:
+            out["B"] = blocks(_sparse_mod(cfg, slot_pos) if _sparse_cuts(cfg, T) else None)
+        return out
+    if doc_ids is not None:
+        out["L"] = masks.dense(masks.documents(doc_ids), B, T, T, device)
+    else:
+        out["L"] = None if cache is None else cache_mask(T, start, cache, device)
+    if "S" in kinds:
+        out["S"] = local_mask(out["L"], T, start, cfg.sliding_window, cache, device)
+    if "B" in kinds:  # a dense cache, all positions in order: the pattern at the cache's positions
+        out["B"] = out["L"]
+        if _sparse_cuts(cfg, start + T):
+            pattern = masks.dense(_sparse_mod(cfg, slot_pos), 1 if slot_pos is None else B, T, start + T, device,
+                                  start)
+            out["B"] = pattern if out["L"] is None else out["L"] & pattern
+    return out
+
+
+def _sparse_mod(cfg: ModelConfig, slot_pos: Tensor | None) -> masks.MaskMod:
+    return masks.block_sparse(cfg.sparse_block, cfg.sparse_local, cfg.sparse_global, cfg.sparse_stride, slot_pos)
+
+
+def _sparse_cuts(cfg: ModelConfig, length: int) -> bool:
+    """Whether the block-sparse pattern hides any earlier position within `length` tokens."""
+    blocks = -(-length // cfg.sparse_block)  # the last query block's earliest hidden one is local + 1 back
+    return blocks - 1 >= cfg.sparse_local + cfg.sparse_global + 1 and cfg.sparse_stride != 1
+
+
 def cache_mask(T: int, start: int, cache: KVCache, device: torch.device) -> Tensor | None:
     """The mask of T new tokens from position `start` over the cache: None where plain causal attention
     serves (from position 0, no padding), else a boolean (B, 1, T, start + T), causal and without padding."""
@@ -156,7 +209,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        self.window = layer_windows(cfg)[layer]  # 0: global; else a local layer's sliding window
+        self.window = layer_windows(cfg)[layer]  # 0: global or block-sparse; else a local layer's sliding window
+        self.kind = layer_pattern(cfg)[layer]  # S, B or L: which of the forward's masks it takes
         self.fuse_qkv = True
         # A replacement for the attention kernel, set from outside: attend(q, k, v) -> output, called for
         # plain causal attention over the whole input (no mask, no cache), in place of SDPA.
@@ -196,9 +250,12 @@ class Attention(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
-    """SDPA over (B, H, T, D) queries and (B, Hk, S, D) keys/values: causal without a mask, else under it.
+    """SDPA over (B, H, T, D) queries and (B, Hk, S, D) keys/values: causal without a mask, else under it;
+    FlexAttention under a BlockMask (model/masks.py).
 
     Shared by Attention and the packed decoding step's prompt prefill (infer/decode.py)."""
+    if mask is not None and not isinstance(mask, Tensor):
+        return masks.flex(q, k, v, mask)
     gqa = q.shape[1] != k.shape[1]
     if gqa and mask is not None and q.device.type == "cpu":
         # The CPU kernel has no GQA path with an explicit mask; expanding is cheap at these sizes.
@@ -323,24 +380,15 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
                     signed_sin(self.rope_sin[positions]).unsqueeze(1).to(x.dtype))
-        mask = self._mask(B, T, start, doc_ids, cache, input_ids.device)
-        local = mask
-        if self.cfg.sliding_window:
-            local = local_mask(mask, T, start, self.cfg.sliding_window, cache, input_ids.device)
+        flex = cache is None and self.cfg.attention == "mha" and masks.use_flex(
+            self.cfg.attn_impl, input_ids.device, torch.is_grad_enabled(), self.cfg.dropout if self.training else 0.0)
+        kind_masks = layer_masks(self.cfg, B, T, start, doc_ids, cache, input_ids.device, flex,
+                                 None if default_positions else positions)
         for block in self.model.layers:
-            x = block(x, rope, local if block.self_attn.window else mask, cache)
+            x = block(x, rope, kind_masks[block.self_attn.kind], cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
-
-    def _mask(self, B: int, T: int, start: int, doc_ids: Tensor | None, cache: KVCache | None,
-              device: torch.device) -> Tensor | None:
-        """None means plain causal attention (the fast SDPA path); else a boolean (B,1,T,S) mask."""
-        if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
-            return (same & causal).unsqueeze(1)
-        return None if cache is None else cache_mask(T, start, cache, device)
 
     def logits(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)

@@ -26,20 +26,23 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model import masks
 from lmforge.model.mla import kv_cache_bytes_per_token
 
 
-def layer_windows(cfg: ModelConfig) -> list[int]:
-    """Each layer's window: cfg.sliding_window for a local (S) layer, 0 for a global one."""
-    if not cfg.sliding_window:
-        return [0] * cfg.n_layer
-    kinds = ((cfg.window_pattern or "S") * cfg.n_layer)[:cfg.n_layer]
-    return [cfg.sliding_window if k == "S" else 0 for k in kinds]
-
-
 def layer_pattern(cfg: ModelConfig) -> str:
-    """The S / L letter of every layer (all L without a window)."""
-    return "".join("S" if w else "L" for w in layer_windows(cfg))
+    """The letter of every layer: S (sliding window), B (block-sparse, model/masks.py) or L (global).
+
+    An empty pattern makes every layer local: windowed with a sliding_window, else block-sparse with a
+    sparse_block, else global.
+    """
+    default = "S" if cfg.sliding_window else "B" if cfg.sparse_block else "L"
+    return ((cfg.window_pattern or default) * cfg.n_layer)[:cfg.n_layer]
+
+
+def layer_windows(cfg: ModelConfig) -> list[int]:
+    """Each layer's window: cfg.sliding_window for a local (S) layer, 0 for the others."""
+    return [cfg.sliding_window if k == "S" else 0 for k in layer_pattern(cfg)]
 
 
 def shortest_pattern(kinds: str) -> str:
@@ -48,13 +51,6 @@ def shortest_pattern(kinds: str) -> str:
         if ((kinds[:n]) * len(kinds))[:len(kinds)] == kinds:
             return kinds[:n]
     return kinds
-
-
-def band(T: int, S: int, start: int, window: int, device: torch.device | str) -> Tensor:
-    """(T, S) boolean: query start+t may see key position s, causal and within the window."""
-    q = torch.arange(start, start + T, device=device).unsqueeze(1)
-    k = torch.arange(S, device=device).unsqueeze(0)
-    return (k <= q) & (k > q - window)
 
 
 def local_mask(dense: Tensor | None, T: int, start: int, window: int, cache, device: torch.device) -> Tensor | None:
@@ -66,8 +62,8 @@ def local_mask(dense: Tensor | None, T: int, start: int, window: int, cache, dev
     if cache is None:
         if T <= window:  # the band is wider than the sequence: plain causal (or the document mask)
             return dense
-        b = band(T, T, 0, window, device)
-        return b.view(1, 1, T, T) if dense is None else dense & b
+        b = masks.dense(masks.window(window), 1, T, T, device)
+        return b if dense is None else dense & b
     if end <= window:  # the ring still holds every position in order, like the dense cache
         return dense
     if T == 1:  # every slot holds one of the W latest positions; only padding is left out
@@ -134,9 +130,15 @@ def kv_cache_bytes(cfg: ModelConfig, length: int, bytes_per_value: int = 2) -> i
     return sum(per_position * (min(length, w) if w else length) for w in layer_windows(cfg))
 
 
-def attention_span(cfg: ModelConfig, seq_len: int) -> int:
-    """Key positions per query summed over the layers (for FLOPs): a local layer counts at most its window."""
-    return sum(min(seq_len, w) if w else seq_len for w in layer_windows(cfg))
+def attention_span(cfg: ModelConfig, seq_len: int) -> float:
+    """Key positions per query summed over the layers (for FLOPs): a local layer counts at most its window,
+    a block-sparse one the pairs its pattern computes (whole visible blocks) per query."""
+    sparse = 0.0
+    if "B" in layer_pattern(cfg):
+        sparse = masks.sparse_visible(cfg.sparse_block, cfg.sparse_local, cfg.sparse_global, cfg.sparse_stride,
+                                      seq_len) / seq_len
+    return sum(sparse if k == "B" else min(seq_len, w) if w else seq_len
+               for k, w in zip(layer_pattern(cfg), layer_windows(cfg), strict=True))
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------

@@ -368,6 +368,9 @@ def apply_cp(blocks: list[nn.Module], layout: Layout, cfg: ModelConfig, seq_len:
     if cfg.sliding_window:
         raise LmforgeError(f"parallel.cp={cp} with model.sliding_window={cfg.sliding_window}: the ring attention "
                            "has no sliding-window masks; train local layers with parallel.dp_shard or parallel.tp")
+    if cfg.sparse_block:
+        raise LmforgeError(f"parallel.cp={cp} with model.sparse_block={cfg.sparse_block}: the ring attention has no "
+                           "block-sparse masks; train block-sparse layers with parallel.dp_shard or parallel.tp")
     ring = RingAttention(layout.mesh["cp"].get_group())
     for block in blocks:
         block.self_attn.attend = ring

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from lmforge.config import ParallelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.loss import cross_entropy_sum, repeatable_backward
-from lmforge.model.transformer import signed_sin
-from lmforge.model.window import local_mask
+from lmforge.model.transformer import layer_masks, signed_sin
 
 SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B", "zbv": "ZBVZeroBubble",
              "dualpipev": "DualPipeV"}
@@ -64,9 +63,9 @@ class DecoderStage(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             rope = (self.rope_cos[:T].to(x.dtype), signed_sin(self.rope_sin[:T]).to(x.dtype))
-        local = local_mask(None, T, 0, self.cfg.sliding_window, None, x.device) if self.cfg.sliding_window else None
+        kind_masks = layer_masks(self.cfg, x.shape[0], T, 0, None, None, x.device)
         for block in self.model.layers.values():
-            x = block(x, rope, local if block.self_attn.window else None)
+            x = block(x, rope, kind_masks[block.self_attn.kind])
         return self.model.norm(x) if self.last else x
 
 
