@@ -314,3 +314,23 @@ def test_benchmarks_refuse_an_encoder_decoder_and_name_its_evaluation(tmp_path):
 
     with pytest.raises(LmforgeError, match=r"encoder-decoder \(T5\).*eval.tasks.*eval.files"):
         refuse_encoder_decoder(t5_model(), tmp_path, "eval.tasks")
+
+
+@pytest.mark.parametrize("task", ["sort", "reverse"])
+def test_word_list_tasks_hold_out_their_test_lists(task):
+    """The t5 demos' data: right targets, seeded, and no held-out list (for sort: no set of words) trained on."""
+    from lmforge.data.wordlists import WORDS, make_lists
+
+    train, test = make_lists(task, 0, 3000, 200)
+    assert (train, test) == make_lists(task, 0, 3000, 200) and make_lists(task, 1, 3000, 200) != (train, test)
+    assert len(train) == 3000 and len(test) == 200
+    for ex in train + test:
+        head, words = ex["source"].split(": ")
+        words = words.split()
+        assert head == task and 3 <= len(words) <= 8 and len(set(words)) == len(words) and set(words) <= set(WORDS)
+        assert ex["target"].split() == (sorted(words) if task == "sort" else words[::-1])
+    key = (lambda ex: frozenset(ex["source"].split()[1:])) if task == "sort" else (lambda ex: ex["source"])
+    assert len({key(ex) for ex in test}) == 200 and not {key(ex) for ex in test} & {key(ex) for ex in train}
+    # the reverse task's lists are those of its first version, so its measured figures still hold
+    if task == "reverse":
+        assert test[0]["source"] == "reverse: piano river light flame earth bread"

@@ -411,7 +411,8 @@ def _lazy(target: str, *args) -> Callable[[Config], object]:
 # eval-<stage>, the demo's held-out accuracy of that stage's latest checkpoint.
 STAGES["bench"] = (_lazy("lmforge.eval.suite:run_suite"), _lazy("lmforge.eval.suite:suite_done"))  # eval.tasks
 STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:done_demo"))
-STAGES["reverse"] = (_lazy("lmforge.data.reverse:run_reverse"), _lazy("lmforge.data.reverse:done_reverse"))
+STAGES["reverse"] = (_lazy("lmforge.data.wordlists:run_reverse"), _lazy("lmforge.data.wordlists:done_reverse"))
+STAGES["sort"] = (_lazy("lmforge.data.wordlists:run_sort"), _lazy("lmforge.data.wordlists:done_sort"))
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo"), ("seq2seq", "seq2seq")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
 for _name in ("pretrain", "sft", "dpo", "grpo"):
