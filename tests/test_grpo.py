@@ -90,9 +90,17 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
     data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)}
                                                for i in range(8)])
     # seed=1: none of the first step's 8 random-model completions stops within 6 tokens (a seeded fact:
-    # the rollouts are the same on every run, below)
-    extra = ("grpo.beta=0.05", "grpo.mask_truncated=true", "grpo.iterations=2", "grpo.loss_type=grpo", "seed=1")
-    runs = [run_grpo(grpo_config(tmp_path, base, data, name, *extra)) for name in ("a", "b")]
+    # the rollouts are the same on every run, below). A reward that differs within each group (the
+    # completion's characters, hashed) gives non-zero advantages, so only the masking can zero the loss.
+    varied = tmp_path / "varied.py"
+    varied.write_text("import zlib\n\ndef reward(completions, examples):\n"
+                      "    return [zlib.crc32(c.encode()) % 7 / 7 for c in completions]\n", encoding="utf-8")
+    extra = ("grpo.beta=0.05", "grpo.iterations=2", "grpo.loss_type=grpo", "seed=1",
+             f"grpo.rewards=[exact_match,format,{varied}:reward]", "grpo.reward_weights=[1.0,1.0,1.0]")
+    runs = [run_grpo(grpo_config(tmp_path, base, data, name, *extra, "grpo.mask_truncated=true"))
+            for name in ("a", "b")]
+    unmasked = run_grpo(grpo_config(tmp_path, base, data, "c", *extra, "grpo.mask_truncated=false"))
+    assert unmasked.step == 4
     rows = [[json.loads(line) for line in (tmp_path / n / "grpo" / "metrics.jsonl").read_text().splitlines()]
             for n in ("a", "b")]
     timing = ("time", "tokens_per_s", "generated_tokens_per_s", "mfu", "mfu_peak_flops", "memory_gb", "eta_s",
@@ -107,7 +115,12 @@ def test_grpo_run_is_seeded_logs_its_metrics_and_masks_truncation(tmp_path):
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert first["clip_ratio"] == 0.0  # first use of a rollout batch: ratio 1
     assert first["truncated"] == 1.0
-    assert first["loss"] == 0.0  # ...and every truncated completion is masked out of the loss
+    assert first["reward_std"] > 0 and first["frac_reward_zero_std"] < 1  # the advantages are not all zero
+    # ...and every truncated completion is masked out of the loss: no gradient at all. (The loss value alone
+    # cannot tell: with equal lengths and group-normalised advantages it is 0 at ratio 1 either way.)
+    assert first["loss"] == 0.0 and first["grad_norm"] == 0.0
+    control = json.loads((tmp_path / "c" / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert control["truncated"] == 1.0 and control["grad_norm"] > 0.1  # unmasked, the same rollouts do count
     assert runs[0].step == 4 and len(rows[0]) == 4
 
 
