@@ -296,30 +296,45 @@ def test_model_info_shows_the_pattern_and_the_cache(capsys):
 GOLDEN = [6.253906, 6.254191, 6.231071, 6.206040, 6.088558, 5.986108, 5.909173, 5.805699, 5.761292, 5.730140]
 
 
-def test_swa_tiny_trains_from_the_cli(base_run, tmp_path):
+SPARSE = ["model.preset=swa-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
+          "model.max_seq_len=64", "model.sliding_window=0", "model.sparse_block=4", "model.sparse_local=1",
+          "model.window_pattern=BL"]  # at train.seq_len=32: 8 blocks, a query sees at most 3 of them
+# The first ten losses of this seeded block-sparse run (fp32 on a CPU), as GOLDEN above.
+GOLDEN_SPARSE = [6.254311, 6.25463, 6.233286, 6.206196, 6.092539, 5.993951, 5.911874, 5.80986, 5.761186, 5.731615]
+
+# (settings, golden losses, the overrides that make the same model dense)
+LOCAL = {"swa": (SWA, GOLDEN, ["model.sliding_window=0", "model.window_pattern="]),
+         "block-sparse": (SPARSE, GOLDEN_SPARSE, ["model.sparse_block=0", "model.window_pattern="])}
+
+
+@pytest.mark.parametrize("kind", list(LOCAL))
+def test_local_layers_train_from_the_cli(base_run, tmp_path, kind):
     from spine import TINY, copy_run, lmforge
 
-    run = copy_run(base_run, tmp_path / "swa")
-    r = lmforge("pretrain", f"run_dir={run}", *TINY, *SWA, "train.max_steps=80", "train.micro_batch=8",
+    settings, golden, dense_overrides = LOCAL[kind]
+    run = copy_run(base_run, tmp_path / kind)
+    r = lmforge("pretrain", f"run_dir={run}", *TINY, *settings, "train.max_steps=80", "train.micro_batch=8",
                 "train.save_every=80")
     assert r.returncode == 0, r.stderr
     got = losses(run)
     first = [got[s] for s in range(1, 11)]
     assert got[80] < got[1] - 1.0, got
-    assert first == pytest.approx(GOLDEN, abs=1e-4)
-    # the window matters: the same weights with full attention give other losses from the first step
+    assert first == pytest.approx(golden, abs=1e-4)
+    # the mask matters: the same weights with full attention give other losses from the first step
     dense = copy_run(base_run, tmp_path / "dense")
-    r = lmforge("pretrain", f"run_dir={dense}", *TINY, *SWA, "model.sliding_window=0", "model.window_pattern=",
+    r = lmforge("pretrain", f"run_dir={dense}", *TINY, *settings, *dense_overrides,
                 "train.max_steps=10", "train.micro_batch=8", "train.save_every=10")
     assert r.returncode == 0, r.stderr
     other = losses(dense)
     assert all(abs(other[s] - got[s]) > 1e-4 for s in range(1, 11)), (other, got)
 
 
-def test_swa_resume_after_kill_is_bit_exact(base_run, tmp_path):
+@pytest.mark.parametrize("kind", list(LOCAL))
+def test_local_layers_resume_after_kill_bit_exact(base_run, tmp_path, kind):
     from spine import TINY, assert_resume_exact
 
-    assert_resume_exact(base_run, tmp_path, [*TINY, *SWA, "train.max_steps=16", "train.save_every=8"], 11, 16)
+    settings = LOCAL[kind][0]
+    assert_resume_exact(base_run, tmp_path, [*TINY, *settings, "train.max_steps=16", "train.save_every=8"], 11, 16)
 
 
 def test_a_pipeline_stage_applies_the_window():
@@ -479,30 +494,3 @@ def test_export_refuses_block_sparse_layers(tmp_path):
         export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "out")
     with pytest.raises(LmforgeError, match=r"model\.sparse_block=4"):
         gguf_arch(model.cfg)
-
-
-SPARSE = ["model.preset=swa-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
-          "model.max_seq_len=64", "model.sliding_window=0", "model.sparse_block=4", "model.sparse_local=1",
-          "model.window_pattern=BL"]  # at train.seq_len=32: 8 blocks, a query sees at most 3 of them
-# The first ten losses of this seeded block-sparse run (fp32 on a CPU), as GOLDEN above.
-GOLDEN_SPARSE = [6.254311, 6.25463, 6.233286, 6.206196, 6.092539, 5.993951, 5.911899, 5.809972, 5.761453, 5.732131]
-
-
-def test_block_sparse_trains_from_the_cli_and_resumes_bit_exact(base_run, tmp_path):
-    from spine import TINY, assert_resume_exact, copy_run, lmforge
-
-    run = copy_run(base_run, tmp_path / "sparse")
-    r = lmforge("pretrain", f"run_dir={run}", *TINY, *SPARSE, "train.max_steps=60", "train.micro_batch=8",
-                "train.save_every=60")
-    assert r.returncode == 0, r.stderr
-    got = losses(run)
-    assert got[60] < got[1] - 1.0, got
-    assert [got[s] for s in range(1, 11)] == pytest.approx(GOLDEN_SPARSE, abs=1e-4)
-    dense = copy_run(base_run, tmp_path / "dense")
-    r = lmforge("pretrain", f"run_dir={dense}", *TINY, *SPARSE, "model.sparse_block=0", "model.window_pattern=",
-                "train.max_steps=10", "train.micro_batch=8", "train.save_every=10")
-    assert r.returncode == 0, r.stderr
-    other = losses(dense)
-    assert all(abs(other[s] - got[s]) > 1e-4 for s in range(1, 11)), (other, got)
-    assert_resume_exact(base_run, tmp_path / "resume", [*TINY, *SPARSE, "train.max_steps=16", "train.save_every=8"],
-                        11, 16)
