@@ -408,7 +408,9 @@ STAGES["demo"] = (_lazy("lmforge.data.demo:run_demo"), _lazy("lmforge.data.demo:
 STAGES["reverse"] = (_lazy("lmforge.data.reverse:run_reverse"), _lazy("lmforge.data.reverse:done_reverse"))
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo"), ("seq2seq", "seq2seq")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
-for _name in ("pretrain", "sft", "dpo", "grpo"):
+# grpo-rm: a second GRPO run, rewarded by the trained reward model, in RUN/grpo-rm.
+STAGES["grpo-rm"] = (_lazy("lmforge.train.grpo:run_grpo_rm"), _lazy("lmforge.train.sft:stage_done", "grpo", "grpo-rm"))
+for _name in ("pretrain", "sft", "dpo", "grpo", "grpo-rm"):
     STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),
                                _lazy("lmforge.eval.tasks.arith:stage_eval_done", _name))
 
