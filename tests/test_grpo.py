@@ -149,3 +149,25 @@ def test_policy_gradient_direction(tmp_path):
             p -= 0.05 * p.grad
     after = seq_logps()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_grpo_rm_stage_is_rewarded_by_the_reward_model_alone_into_its_own_folder(tmp_path):
+    from lmforge.stages import STAGES
+    from lmforge.train.lora import load_any
+    from lmforge.train.reward import RewardModel
+
+    base = tiny_checkpoint(tmp_path)
+    rm_dir = tmp_path / "rm"
+    rm_dir.mkdir()
+    RewardModel.from_policy(load_any(base), 0, likelihood=True).save_weights(rm_dir)
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)}
+                                               for i in range(8)])
+    cfg = grpo_config(tmp_path, base, data, "run", f"grpo.reward_model={rm_dir}", "grpo.train.save_every=4")
+    run, done = STAGES["grpo-rm"]
+    assert not done(cfg)
+    run(cfg)
+    assert done(cfg) and not (tmp_path / "run" / "grpo").exists()  # the exact-match run's folder is left alone
+    rows = [json.loads(line) for line in (tmp_path / "run" / "grpo-rm" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward/model" in rows[0] and "reward/exact_match" not in rows[0]
+    assert rows[0]["reward"] == pytest.approx(rows[0]["reward/model"])
+    assert cfg.grpo.rewards == ["exact_match", "format"]  # the stage changed a copy of the config

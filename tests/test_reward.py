@@ -11,7 +11,7 @@ import torch
 from test_chat import tiny_checkpoint, write_jsonl
 
 from lmforge.config import load_config
-from lmforge.train.reward import bradley_terry
+from lmforge.train.reward import bradley_terry, reply_labels
 
 PAIRS = [{"prompt": f"Is {i} even?", "chosen": f"Let me check {i}: yes, it is.", "rejected": "no idea"}
          for i in range(24)]
@@ -79,3 +79,38 @@ def test_margin_field_must_be_a_number(tmp_path):
                                                              "margin": "big"}])])
     with pytest.raises(LmforgeError, match=r"m.jsonl:1: field 'margin' must be a number"):
         encode_pairs(tiny_tokenizer(), recs, 64, 0.0)
+
+
+def test_likelihood_score_adds_the_replys_log_probs_and_survives_save_and_load(tmp_path):
+    """rm.score=likelihood: the head's score plus sum log p of the reply tokens under the model's own LM head,
+    computed here from full logits by hand; the saved checkpoint and the GRPO reward give the same number."""
+    from lmforge.data.chat import render_conversation
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.reward import ModelReward, load_reward_model, run_rm
+
+    base = tiny_checkpoint(tmp_path)
+    pairs = [{"prompt": f"Is {i} a number?", "chosen": "yes", "rejected": "no"} for i in range(40)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = load_config(overrides=[
+        f"run_dir={tmp_path / 'run'}", f"rm.data=[{data}]", f"rm.init_from={base}", "rm.val_fraction=0.25",
+        "rm.score=likelihood", "train.progress=false", "train.precision=fp32", "rm.train.seq_len=48",
+        "rm.train.micro_batch=8", "rm.train.max_steps=10", "rm.train.lr=3e-3", "rm.train.warmup_steps=1",
+        "rm.train.eval_every=10", "rm.train.save_every=0", "rm.train.log_every=1"])
+    result = run_rm(cfg)
+    assert result.metrics["val_accuracy"] == 1.0
+    rm = load_reward_model(result.checkpoint)
+    assert rm.likelihood and json.loads((result.checkpoint / "config.json").read_text())["lmforge_reward_score"] \
+        == "likelihood"
+    tok = Tokenizer.load(result.checkpoint)
+    prompt = [{"role": "user", "content": "Is 30 even?"}]
+    ids, mask = render_conversation(tok, prompt + [{"role": "assistant", "content": "no idea"}])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = Transformer.forward(rm, x).log_softmax(-1)[0]
+        h = Transformer.forward(rm, x, return_hidden=True)[0, -1]
+    by_hand = rm.score(h).item() + sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+    assert rm.rewards(x, torch.tensor([len(ids)]), torch.tensor([reply_labels(ids, mask)])).item() \
+        == pytest.approx(by_hand, abs=1e-4)
+    (value,) = ModelReward(result.checkpoint, tok, torch.device("cpu"))(["no idea"], [{}], prompts=[prompt])
+    assert value == pytest.approx(by_hand, abs=1e-4)

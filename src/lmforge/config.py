@@ -348,6 +348,9 @@ class RMConfig:
     init_from: str = ""  # checkpoint, a stage name of this run, "": latest pretrain
     margin: float = 0.0  # default margin in -log sigmoid(r_c - r_r - margin); a "margin" field overrides it
     center_coef: float = 0.0  # weight of (r_c + r_r)^2, keeping rewards centred on 0
+    # last: a linear head on the last token (transformers' LlamaForSequenceClassification reads it too);
+    # likelihood: plus the reply's summed token log-probs under the model's own LM head (reads every reply token)
+    score: Literal["last", "likelihood"] = "last"
     train: StageTrain = field(default_factory=StageTrain)
 
 

@@ -33,7 +33,7 @@ from lmforge.errors import LmforgeError
 from lmforge.io import pid_alive
 from lmforge.rundir import LOCK_FILE, lock_held, read_lock_file
 
-STAGE_DIRS = ("sft", "dpo", "rm", "grpo")
+STAGE_DIRS = ("sft", "dpo", "rm", "grpo", "grpo-rm")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WRITING_DIR = re.compile(r"^\.(step_\d+)\.tmp-(\d+)$")  # lmforge.io.AtomicDir's temporary name
 TRAIN_KEYS = ("loss", "lr", "tokens", "tokens_per_s", "mfu", "memory_gb", "grad_norm")

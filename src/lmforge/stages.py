@@ -415,7 +415,9 @@ STAGES["reverse"] = (_lazy("lmforge.data.wordlists:run_reverse"), _lazy("lmforge
 STAGES["sort"] = (_lazy("lmforge.data.wordlists:run_sort"), _lazy("lmforge.data.wordlists:done_sort"))
 for _name, _module in (("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("grpo", "grpo"), ("seq2seq", "seq2seq")):
     STAGES[_name] = (_lazy(f"lmforge.train.{_module}:run_{_name}"), _lazy("lmforge.train.sft:stage_done", _name))
-for _name in ("pretrain", "sft", "dpo", "grpo"):
+# grpo-rm: a second GRPO run, rewarded by the trained reward model, in RUN/grpo-rm.
+STAGES["grpo-rm"] = (_lazy("lmforge.train.grpo:run_grpo_rm"), _lazy("lmforge.train.sft:stage_done", "grpo", "grpo-rm"))
+for _name in ("pretrain", "sft", "dpo", "grpo", "grpo-rm"):
     STAGES[f"eval-{_name}"] = (_lazy("lmforge.eval.tasks.arith:run_stage_eval", _name),
                                _lazy("lmforge.eval.tasks.arith:stage_eval_done", _name))
 

@@ -269,13 +269,13 @@ class GRPOObjective(Objective):
         self.pending_batches = [_from_state(b, self.device) for b in state.get("pending_batches", [])]
 
 
-def run_grpo(cfg: Config):
+def run_grpo(cfg: Config, folder: str = "grpo"):
     from lmforge.data.chat import prompt_messages, read_records, render_conversation
     from lmforge.train.loop import train
     from lmforge.train.rewards import Rewards
     from lmforge.train.sft import chat_sampler, finish, prepare_stage, resolve_init
 
-    st = prepare_stage(cfg, "grpo")
+    st = prepare_stage(cfg, "grpo", folder)
     gc, tc = st.cfg.grpo, st.cfg.train
     if not gc.data:
         raise LmforgeError("no prompts: set grpo.data to .jsonl/.json files of {\"prompt\" or \"messages\", ...}")
@@ -304,6 +304,16 @@ def run_grpo(cfg: Config):
     result = train(st.cfg, model, objective, st.out_dir, tokenizer_dir=st.tok_dir,
                    sample_fn=chat_sampler(st.tok, messages[0], gc.max_new_tokens))
     return finish("grpo", result)
+
+
+def run_grpo_rm(cfg: Config):
+    """The recipe stage grpo-rm: GRPO as configured, rewarded by the trained reward model alone
+    (grpo.reward_model, default this run's rm) instead of grpo.rewards, into RUN/grpo-rm. Beside the
+    exact-match run it measures what a learned reward buys against the verifier it stands in for."""
+    sub = copy.deepcopy(cfg)
+    sub.grpo.rewards, sub.grpo.reward_weights = ["model"], []
+    sub.grpo.reward_model = sub.grpo.reward_model or "rm"
+    return run_grpo(sub, "grpo-rm")
 
 
 def cmd_grpo(argv: list[str]) -> int:

@@ -9,6 +9,12 @@ score.weight, config.json with num_labels=1) loads there too. The loss for a pai
 The margin comes from the pair's "margin" field when present (Llama 2's graded preferences), else
 `rm.margin`; the centring term (TRL's center_rewards_coefficient) keeps rewards near zero, which
 makes them usable as GRPO rewards without a separate normalisation.
+
+`rm.score=likelihood` adds to the head's score the reply's summed token log-probs under the model's own
+LM head: a verifier that reads every token of the reply, not only the state at its end. Started from
+the SFT policy, it begins as that policy's judgement of the reply (on the demo's sums, where a wrong
+digit is a token the policy finds unlikely) and Bradley-Terry training sharpens it. Such a checkpoint
+keeps its LM head; transformers' sequence-classification class reads only the last-token part.
 """
 
 from __future__ import annotations
@@ -22,34 +28,38 @@ from torch import Tensor, nn
 
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.loss import IGNORE, token_logprobs
 from lmforge.model.transformer import Transformer
 from lmforge.train.objectives import Objective
 
 
 class RewardModel(Transformer):
-    """Transformer + `score` Linear(n_embd, 1) on the last token of each sequence."""
+    """Transformer + `score` Linear(n_embd, 1) on the last token of each sequence (+ the reply's log-likelihood
+    when `likelihood`)."""
 
-    def __init__(self, cfg: ModelConfig, pad_id: int = 0):
+    def __init__(self, cfg: ModelConfig, pad_id: int = 0, likelihood: bool = False):
         super().__init__(cfg)
-        self.pad_id = pad_id
+        self.pad_id, self.likelihood = pad_id, likelihood
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, 0.0, cfg.init_std)
 
     @classmethod
-    def from_policy(cls, policy: Transformer, pad_id: int) -> RewardModel:
+    def from_policy(cls, policy: Transformer, pad_id: int, likelihood: bool = False) -> RewardModel:
         torch.manual_seed(0)  # the head's init does not depend on the run's RNG position
-        rm = cls(policy.cfg, pad_id)
+        rm = cls(policy.cfg, pad_id, likelihood)
         rm.load_state_dict(policy.state_dict(), strict=False)
-        if not policy.cfg.tie_embeddings:  # the LM head is unused: frozen, DDP expects no gradient for it
+        if not policy.cfg.tie_embeddings and not likelihood:  # the LM head is unused: frozen, DDP expects no grad
             rm.lm_head.weight.requires_grad_(False)
         return rm.to(next(policy.parameters()).device)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The LM head never runs here (the score head reads one position per row): MFU leaves it out."""
-        return super().flops_per_token(seq_len) - 6 * self.lm_head.weight.numel()
+        """The LM head runs only for a likelihood score (the score head reads one position per row)."""
+        return super().flops_per_token(seq_len) - (0 if self.likelihood else 6 * self.lm_head.weight.numel())
 
-    def forward(self, input_ids: Tensor, lengths: Tensor | None = None, **kw) -> Tensor:
-        """With lengths: (B,) scores of right-padded sequences, read at each one's last real token.
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None, reply_labels: Tensor | None = None,
+                **kw) -> Tensor:
+        """With lengths: (B,) scores of right-padded sequences, read at each one's last real token; a likelihood
+        model adds sum_t log p(reply_labels[t]) (see `reply_labels`).
 
         The score head runs inside forward, like the LM loss, so that under FSDP its weight is whole.
         """
@@ -57,11 +67,16 @@ class RewardModel(Transformer):
             return super().forward(input_ids, **kw)
         h = super().forward(input_ids, return_hidden=True)
         last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
-        return self.score(last).squeeze(-1).float()
+        score = self.score(last).squeeze(-1).float()
+        if self.likelihood:
+            if reply_labels is None:
+                raise LmforgeError("a likelihood reward model scores the reply's tokens: pass reply_labels")
+            score = score + token_logprobs(self, h, reply_labels).sum(1)
+        return score
 
-    def rewards(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    def rewards(self, input_ids: Tensor, lengths: Tensor, reply_labels: Tensor | None = None) -> Tensor:
         """(B,) scores of right-padded sequences, read at each one's last real token."""
-        return self(input_ids, lengths=lengths)
+        return self(input_ids, lengths=lengths, reply_labels=reply_labels)
 
     def save_weights(self, folder: Path, state: dict | None = None) -> None:
         """state: the whole state dict when the caller gathered it (FSDP shards it otherwise)."""
@@ -70,12 +85,14 @@ class RewardModel(Transformer):
         from lmforge.checkpoint import hf_config, model_state
         from lmforge.io import atomic_write_json
 
-        sd = {k: v for k, v in model_state(self, state).items() if not k.startswith("lm_head.")}
+        keep_head = self.likelihood and not self.cfg.tie_embeddings
+        sd = {k: v for k, v in model_state(self, state).items() if keep_head or not k.startswith("lm_head.")}
         save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
         hf = hf_config(self.cfg)
         if "architectures" in hf:
             hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
-        hf.update({"num_labels": 1, "pad_token_id": self.pad_id, "lmforge_reward_model": True})
+        hf.update({"num_labels": 1, "pad_token_id": self.pad_id, "lmforge_reward_model": True,
+                   "lmforge_reward_score": "likelihood" if self.likelihood else "last"})
         hf.pop("tie_word_embeddings", None)
         atomic_write_json(folder / "config.json", hf)
 
@@ -109,8 +126,9 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     folder = Path(folder)
     if not is_reward_checkpoint(folder):
         raise LmforgeError(f"{folder} is not a reward-model checkpoint (train one with `lmforge rm`)")
-    pad = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pad_token_id", 0)
-    rm = RewardModel(read_model_config(folder), pad)
+    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    likelihood = hf.get("lmforge_reward_score") == "likelihood"
+    rm = RewardModel(read_model_config(folder), hf.get("pad_token_id", 0), likelihood)
     rm.load_weights(folder)
     return rm.to(device).eval()
 
@@ -124,19 +142,26 @@ def bradley_terry(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float =
     return loss
 
 
-def encode_pairs(tok, records, max_len: int, default_margin: float) -> list[tuple[list[int], list[int], float]]:
-    """(chosen ids, rejected ids, margin) per preference record, rendered by the one chat renderer."""
+def reply_labels(ids: list[int], mask: list[int]) -> list[int]:
+    """Per position, the next token where it is reply text (the renderer's mask), else IGNORE: the tokens a
+    likelihood score sums log p over."""
+    return [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])] + [IGNORE]
+
+
+def encode_pairs(tok, records, max_len: int, default_margin: float) -> list[tuple]:
+    """(chosen ids, rejected ids, margin, chosen reply labels, rejected reply labels) per preference record,
+    rendered by the one chat renderer."""
     from lmforge.data.chat import preference_messages, render_conversation
 
     out = []
     for r in records:
         prompt, chosen, rejected = preference_messages(r)
-        c, _ = render_conversation(tok, prompt + chosen, max_len, r.where)
-        j, _ = render_conversation(tok, prompt + rejected, max_len, r.where)
+        c, cm = render_conversation(tok, prompt + chosen, max_len, r.where)
+        j, jm = render_conversation(tok, prompt + rejected, max_len, r.where)
         margin = r.data.get("margin", default_margin)
         if not isinstance(margin, int | float) or isinstance(margin, bool):
             raise LmforgeError(f"{r.where}: field 'margin' must be a number, got {margin!r}")
-        out.append((c, j, float(margin)))
+        out.append((c, j, float(margin), reply_labels(c, cm), reply_labels(j, jm)))
     return out
 
 
@@ -159,8 +184,10 @@ class RewardObjective(Objective):
         from lmforge.data.chat import pad_rows
 
         rows = [p[0] for p in pairs] + [p[1] for p in pairs]
+        labels = [p[3] for p in pairs] + [p[4] for p in pairs]
         return {"input_ids": pad_rows(rows, self.pad_id).to(self.device),
                 "lengths": torch.tensor([len(r) for r in rows], device=self.device),
+                "reply_labels": pad_rows(labels, IGNORE).to(self.device),
                 "margin": torch.tensor([p[2] for p in pairs], device=self.device)}
 
     def next_batches(self, model):
@@ -173,7 +200,8 @@ class RewardObjective(Objective):
         return float(batch["lengths"].sum())  # chosen and rejected rows alike
 
     def scores(self, model, batch) -> tuple[Tensor, Tensor]:
-        r = model(batch["input_ids"], lengths=batch["lengths"])  # through the DDP / FSDP wrapper, for its hooks
+        # Through the DDP / FSDP wrapper, for its hooks; a last-token model ignores the reply labels.
+        r = model(batch["input_ids"], lengths=batch["lengths"], reply_labels=batch["reply_labels"])
         n = r.shape[0] // 2
         return r[:n], r[n:]
 
@@ -223,7 +251,7 @@ def run_rm(cfg: Config):
     pairs, val_pairs = drop_tied_pairs([(pairs, train_records), (val_pairs, val)], lambda p: p[0] == p[1], seq)
     policy = st.load_policy()
     torch.manual_seed(st.cfg.seed)
-    model = RewardModel.from_policy(policy, st.tok.eot_id).train()
+    model = RewardModel.from_policy(policy, st.tok.eot_id, rc.score == "likelihood").train()
     del policy
     objective = RewardObjective(pairs, val_pairs, st.cfg.train.micro_batch, st.cfg.seed, st.tok.eot_id,
                                 rc.center_coef)
@@ -254,12 +282,13 @@ class ModelReward:
         from lmforge.data.chat import pad_rows, render_conversation
 
         max_len = self.model.cfg.max_seq_len
-        rows = [render_conversation(self.tok, p + [{"role": "assistant", "content": c}], max_len, "completion")[0]
-                for p, c in zip(prompts, completions)]
+        rendered = [render_conversation(self.tok, p + [{"role": "assistant", "content": c}], max_len, "completion")
+                    for p, c in zip(prompts, completions)]
         out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i:i + self.batch_size]
-            ids = pad_rows(chunk, self.model.pad_id).to(self.device)
-            lengths = torch.tensor([len(r) for r in chunk], device=self.device)
-            out += self.model.rewards(ids, lengths).tolist()
+        for i in range(0, len(rendered), self.batch_size):
+            chunk = rendered[i:i + self.batch_size]
+            ids = pad_rows([r[0] for r in chunk], self.model.pad_id).to(self.device)
+            lengths = torch.tensor([len(r[0]) for r in chunk], device=self.device)
+            labels = pad_rows([reply_labels(*r) for r in chunk], IGNORE).to(self.device)
+            out += self.model.rewards(ids, lengths, labels).tolist()
         return [v if math.isfinite(v) else 0.0 for v in out]

@@ -83,7 +83,8 @@ class Stage:
         return model
 
 
-def prepare_stage(cfg: Config, name: str) -> Stage:
+def prepare_stage(cfg: Config, name: str, folder: str = "") -> Stage:
+    """folder: RUN/<folder> instead of RUN/<name> (a second run of the same stage, e.g. grpo-rm)."""
     from lmforge.tokenizer import Tokenizer
 
     scfg = stage_config(cfg, name)
@@ -96,7 +97,7 @@ def prepare_stage(cfg: Config, name: str) -> Stage:
     tok = Tokenizer.load(tok_dir)
     torch.manual_seed(cfg.seed)  # a stage starts from the same RNG state whatever ran before it in this process
     log(f"{name}: starting from {init}")
-    return Stage(name, scfg, init, tok, tok_dir, cfg.run_path / name)
+    return Stage(name, scfg, init, tok, tok_dir, cfg.run_path / (folder or name))
 
 
 def finish(name: str, result):
@@ -105,9 +106,10 @@ def finish(name: str, result):
     return result
 
 
-def stage_done(cfg: Config, name: str) -> bool:
-    """True when the stage's latest checkpoint reached its planned step count (recipes skip it then)."""
-    found = latest_checkpoint(stage_checkpoints(cfg.run_dir, name), resumable=True)
+def stage_done(cfg: Config, name: str, folder: str = "") -> bool:
+    """True when the stage's latest checkpoint (in RUN/<folder or name>) reached its planned step count (recipes
+    skip it then)."""
+    found = latest_checkpoint(stage_checkpoints(cfg.run_dir, folder or name), resumable=True)
     if found is None:
         return False
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.tasks.arith import accuracy, evaluate_task, run_stage_eval, stage_eval_done
+from lmforge.eval.tasks.arith import accuracy, arith, evaluate_task, run_stage_eval, stage_eval_done
 from lmforge.eval.tasks.base import Doc, Task
 from lmforge.eval.tasks.cloze import lambada
 from lmforge.eval.tasks.code import humaneval, mbpp
@@ -35,6 +35,7 @@ READERS: dict[str, Callable[[Path], Task]] = {
     "arc_challenge": lambda p: arc(p, "arc_challenge"),
     "arc": arc, "piqa": piqa, "winogrande": winogrande, "mmlu": mmlu, "ceval": ceval, "cmmlu": cmmlu,
     "lambada": lambada, "gsm8k": gsm8k, "humaneval": humaneval, "mbpp": mbpp, "mc": generic_mc, "gen": generic_gen,
+    "arith": arith,
 }
 OPTIONS = ("shots", "limit", "as", "extract")
 

@@ -5,6 +5,10 @@
 Each prompt is rendered by the same chat renderer training used, answered greedily by the engine
 (batched, KV-cached), and counted correct when the last number in the reply equals "answer".
 Results go to RUN/eval/<stage>-<step>-<task>.json, beside the loss evaluations.
+
+The recipe stages eval-<stage> score through the benchmark suite instead (`arith:` beside the generic
+`gen:` JSONL scorer on the same file), so each stage also gets the suite's bench-<stage>-<step>.json,
+Markdown table and chart, and two ways of scoring one file check each other.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import resolve_checkpoint
+from lmforge.checkpoint import STAGES, resolve_checkpoint
 from lmforge.config import Config
 from lmforge.console import log
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import open_checkpoint, stage_label
+from lmforge.eval.tasks.base import Task
+from lmforge.eval.tasks.gen import generic_gen
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -35,6 +41,19 @@ def task_file(cfg: Config) -> tuple[str, Path]:
     if not path.is_file():
         raise LmforgeError(f"eval.task={task!r}: neither 'arith' nor a .jsonl/.json file of prompts with answers")
     return path.stem, path
+
+
+def arith(path: Path) -> Task:
+    """The suite's `arith:` family: a run folder (its demo/test.jsonl) or a {"prompt", "answer"} file, scored on
+    the last number of the reply, as `eval.task=arith` scores it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "demo" / "test.jsonl"
+        if not path.is_file():
+            raise LmforgeError(f"arith:{path.parent.parent}: no demo/test.jsonl there; run the demo stage first")
+    task = generic_gen(path, "last_number")
+    task.name, task.stop = "arith", ()  # a chat reply ends at <|im_end|>, as `eval.task=arith` reads it
+    return task
 
 
 @torch.no_grad()
@@ -93,13 +112,43 @@ def _stage_cfg(cfg: Config, stage: str) -> Config:
     import copy
 
     sub = copy.deepcopy(cfg)
-    sub.eval.checkpoint = str(resolve_checkpoint(stage, cfg.run_dir))
+    folder = stage if stage in STAGES else str(cfg.run_path / stage)  # grpo-rm: a folder of this run
+    sub.eval.checkpoint = str(resolve_checkpoint(folder, cfg.run_dir))
     sub.eval.task = cfg.eval.task or "arith"
     return sub
 
 
 def run_stage_eval(cfg: Config, stage: str) -> dict:
-    return evaluate_task(_stage_cfg(cfg, stage))
+    """The demo's eval-<stage>: the suite on the task (`arith:`) and on the same file by the generic `gen:`
+    scorer, asked in the chat template; then the task's own summary (accuracy, English / Chinese)."""
+    from lmforge.data.chat import prompt_messages, read_records
+    from lmforge.eval.suite import run_suite
+    from lmforge.io import atomic_write_json
+
+    sub = _stage_cfg(cfg, stage)
+    name, path = task_file(sub)
+    sub.eval.tasks = [f"arith:{path}:as={name}", f"gen:{path}:extract=last_number:as={path.name}"]
+    sub.eval.chat, sub.eval.num_fewshot, sub.eval.out = True, 0, str(cfg.run_path / "eval")
+    suite = run_suite(sub)
+    task = suite["tasks"][name]
+    records = read_records([str(path)], "evaluation prompts")
+    correct = task["outcomes"]
+    langs = ["zh" if CJK.search(prompt_messages(r)[-1]["content"]) else "en" for r in records]
+    result = {"task": name, "accuracy": task["acc"], "correct": int(sum(correct)), "total": len(correct),
+              "checkpoint": suite["checkpoint"], "generic_jsonl_accuracy": suite["tasks"][path.name]["acc"]}
+    for lang in ("en", "zh"):
+        hits = [c for c, g in zip(correct, langs) if g == lang]
+        if hits:
+            result[f"accuracy_{lang}"] = sum(hits) / len(hits)
+    result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": e["reply"],
+                           "answer": r.data["answer"]} for r, e in zip(records, task["examples"])]
+    ckpt = Path(suite["checkpoint"])
+    out = cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
+    atomic_write_json(out, result)
+    log(f"{stage}: {name} exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
+        + "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
+        + f"; generic JSONL scorer {100 * result['generic_jsonl_accuracy']:.1f}%) -> {out}")
+    return result
 
 
 def stage_eval_done(cfg: Config, stage: str) -> bool:
