@@ -89,21 +89,36 @@ def evaluate_task(cfg: Config) -> dict:
     if ec.max_batches:
         records = records[:ec.max_batches * ec.batch_size]
     replies, correct = accuracy(model, tok, records, ec.batch_size, cfg.generate.max_new_tokens)
-    langs = ["zh" if CJK.search(prompt_messages(r)[-1]["content"]) else "en" for r in records]
     result = {"task": name, "accuracy": sum(correct) / len(correct), "correct": int(sum(correct)),
-              "total": len(correct), "checkpoint": str(ckpt)}
+              "total": len(correct), "checkpoint": str(ckpt), **by_language(records, correct)}
+    result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": a, "answer": r.data["answer"]}
+                          for r, a in list(zip(records, replies))[:5]]
+    out = result_path(cfg, ckpt, name)
+    atomic_write_json(out, result)
+    log(f"{name}: exact-match accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
+        + languages_text(result) + f") of {ckpt} -> {out}")
+    return result
+
+
+def by_language(records: list, correct: list[float]) -> dict:
+    """accuracy_en / accuracy_zh over the records whose last prompt message is in that language."""
+    from lmforge.data.chat import prompt_messages
+
+    langs = ["zh" if CJK.search(prompt_messages(r)[-1]["content"]) else "en" for r in records]
+    out = {}
     for lang in ("en", "zh"):
         hits = [c for c, g in zip(correct, langs) if g == lang]
         if hits:
-            result[f"accuracy_{lang}"] = sum(hits) / len(hits)
-    result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": a, "answer": r.data["answer"]}
-                          for r, a in list(zip(records, replies))[:5]]
-    out = cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
-    atomic_write_json(out, result)
-    log(f"{name}: exact-match accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
-        + "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
-        + f") of {ckpt} -> {out}")
-    return result
+            out[f"accuracy_{lang}"] = sum(hits) / len(hits)
+    return out
+
+
+def languages_text(result: dict) -> str:
+    return "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
+
+
+def result_path(cfg: Config, ckpt: Path, name: str) -> Path:
+    return cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
 
 
 # --- recipe stages: eval-<stage> scores that stage's latest checkpoint on the demo task ----------
@@ -133,21 +148,16 @@ def run_stage_eval(cfg: Config, stage: str) -> dict:
     task = suite["tasks"][name]
     records = read_records([str(path)], "evaluation prompts")
     correct = task["outcomes"]
-    langs = ["zh" if CJK.search(prompt_messages(r)[-1]["content"]) else "en" for r in records]
     result = {"task": name, "accuracy": task["acc"], "correct": int(sum(correct)), "total": len(correct),
-              "checkpoint": suite["checkpoint"], "generic_jsonl_accuracy": suite["tasks"][path.name]["acc"]}
-    for lang in ("en", "zh"):
-        hits = [c for c, g in zip(correct, langs) if g == lang]
-        if hits:
-            result[f"accuracy_{lang}"] = sum(hits) / len(hits)
+              "checkpoint": suite["checkpoint"], "generic_jsonl_accuracy": suite["tasks"][path.name]["acc"],
+              **by_language(records, correct)}
     result["examples"] = [{"prompt": prompt_messages(r)[-1]["content"], "reply": e["reply"],
                            "answer": r.data["answer"]} for r, e in zip(records, task["examples"])]
     ckpt = Path(suite["checkpoint"])
-    out = cfg.run_path / "eval" / f"{stage_label(ckpt, cfg.run_path)}-{ckpt.name}-{name}.json"
+    out = result_path(cfg, ckpt, name)
     atomic_write_json(out, result)
     log(f"{stage}: {name} exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}"
-        + "".join(f", {g} {100 * result[f'accuracy_{g}']:.1f}%" for g in ("en", "zh") if f"accuracy_{g}" in result)
-        + f"; generic JSONL scorer {100 * result['generic_jsonl_accuracy']:.1f}%) -> {out}")
+        + languages_text(result) + f"; generic JSONL scorer {100 * result['generic_jsonl_accuracy']:.1f}%) -> {out}")
     return result
 
 
