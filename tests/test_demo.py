@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from test_chat import tiny_checkpoint, write_jsonl
 
 from lmforge.config import Config
 from lmforge.data.demo import make_demo, solve
+from lmforge.errors import LmforgeError
 
 PROBLEM = re.compile(r"(\d+) ([+-]) (\d+)")
 
@@ -40,6 +42,17 @@ def test_three_digit_problems_are_right_held_out_and_paired_on_the_result_only()
         assert right == solve(a, op, b) != wrong >= 0
         (head, tail), (head_r, tail_r) = (s.split(" = ") for s in (r["chosen"], r["rejected"]))
         assert head == head_r and tail.replace(str(right), "#") == tail_r.replace(str(wrong), "#")
+
+
+def test_fewer_sft_demonstrations_change_nothing_else():
+    """demo.n_sft keeps the first demonstrations; the test, pretraining, DPO and GRPO files stay identical,
+    so runs that differ in it compare SFT data alone."""
+    full = make_demo(seed=3, max_digits=3, n_train=300, n_test=100, n_pretrain=2000)
+    few = make_demo(seed=3, max_digits=3, n_train=300, n_test=100, n_pretrain=2000, n_sft=40)
+    assert few["sft.jsonl"] == full["sft.jsonl"][:40] and len(full["sft.jsonl"]) == 300
+    assert all(few[k] == full[k] for k in ("pretrain.jsonl", "dpo.jsonl", "rl.jsonl", "test.jsonl"))
+    with pytest.raises(LmforgeError, match=r"demo.n_sft=301 is more than demo.n_train=300"):
+        make_demo(seed=3, max_digits=3, n_train=300, n_test=100, n_pretrain=2000, n_sft=301)
 
 
 def test_eval_stage_scores_through_the_suite_and_agrees_with_the_arith_task(tmp_path):

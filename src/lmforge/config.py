@@ -399,7 +399,8 @@ class DemoConfig:
 
     seed: int = 0  # seed of the task's problems
     max_digits: int = 2  # operands up to this many digits
-    n_train: int = 4000  # SFT examples
+    n_train: int = 4000  # problems in each of the SFT, DPO and GRPO sets
+    n_sft: int = 0  # SFT demonstrations kept of those (0: all n_train); the DPO and GRPO sets stay whole
     n_test: int = 500  # held-out test problems
     n_pretrain: int = 40000  # lines of arithmetic text for the demo's pretraining corpus
 
@@ -666,7 +667,8 @@ RULES: dict[type, dict[str, tuple]] = {
     SpanConfig: {"noise_density": (lambda v: 0 < v < 1, "in (0, 1)"), "mean_span": (lambda v: v >= 1, ">= 1"),
                  "sentinels": _AT_LEAST_1},
     Seq2SeqConfig: {"val_fraction": _FRACTION, "source_len": _NONNEG, "target_len": _NONNEG},
-    DemoConfig: {"max_digits": _AT_LEAST_1, "n_train": _NONNEG, "n_test": _NONNEG, "n_pretrain": _NONNEG},
+    DemoConfig: {"max_digits": _AT_LEAST_1, "n_train": _NONNEG, "n_sft": _NONNEG, "n_test": _NONNEG,
+                 "n_pretrain": _NONNEG},
 }
 POST_STAGES = ("sft", "dpo", "rm", "grpo", "seq2seq")
 

@@ -68,13 +68,21 @@ def wrong(rng: random.Random, c: int) -> int:
             return w
 
 
-def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain: int) -> dict[str, list]:
-    """All demo files' rows, as lists (pretrain rows are texts; the others are JSON objects)."""
+def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain: int,
+              n_sft: int = 0) -> dict[str, list]:
+    """All demo files' rows, as lists (pretrain rows are texts; the others are JSON objects).
+
+    `n_sft` keeps only the first n_sft SFT demonstrations (0: all n_train). All n_train are still drawn,
+    so every other file is the same whatever n_sft is: runs that differ in it differ in nothing else.
+    """
+    from lmforge.errors import LmforgeError
+
+    if n_sft > n_train:
+        raise LmforgeError(f"demo.n_sft={n_sft} is more than demo.n_train={n_train}: the SFT demonstrations are "
+                           "the first n_sft of the n_train drawn (raise demo.n_train or lower demo.n_sft)")
     rng = random.Random(seed)
     space = (10 ** max_digits) ** 2  # about how many distinct problems exist per operator
     if n_test > space // 4 or n_test + 2 * n_train > space // 2:
-        from lmforge.errors import LmforgeError
-
         raise LmforgeError(f"demo.n_test={n_test} and demo.n_train={n_train} are too many for "
                            f"max_digits={max_digits}; the held-out test, DPO and GRPO problems must stay a small "
                            "part of all problems (raise demo.max_digits)")
@@ -119,6 +127,8 @@ def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain:
         a, op, b = fresh()
         q, ans = question(rng, a, op, b)
         out["sft.jsonl"].append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    if n_sft:
+        del out["sft.jsonl"][n_sft:]
     for a, op, b in dpo:
         w = wrong(rng, solve(a, op, b))
         state = rng.getstate()  # the same wording for the right and the wrong answer
@@ -140,11 +150,12 @@ def write_demo(cfg: Config) -> Path:
     """Write the demo's JSONL files into RUN/demo/ (each atomically); returns the folder."""
     d = demo_dir(cfg)
     dc = cfg.demo
-    rows = make_demo(dc.seed, dc.max_digits, dc.n_train, dc.n_test, dc.n_pretrain)
+    rows = make_demo(dc.seed, dc.max_digits, dc.n_train, dc.n_test, dc.n_pretrain, dc.n_sft)
     for name, items in rows.items():
         objs = [{"text": t} for t in items] if name == "pretrain.jsonl" else items
         atomic_write_text(d / name, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
-    log(f"demo task: {len(rows['test.jsonl'])} held-out problems, {dc.n_train} SFT / DPO / RL examples, "
+    log(f"demo task: {len(rows['test.jsonl'])} held-out problems, {len(rows['sft.jsonl'])} SFT demonstrations, "
+        f"{dc.n_train} DPO pairs and {dc.n_train} GRPO prompts, "
         f"{dc.n_pretrain} lines of pretraining text -> {d}")
     return d
 
