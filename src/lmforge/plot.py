@@ -28,9 +28,8 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocat
 from lmforge.cli import CommandParser
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
-from lmforge.monitor import hms
+from lmforge.monitor import STAGE_DIRS, hms
 
-STAGE_DIRS = ("sft", "dpo", "rm", "grpo", "grpo-rm")
 # Bookkeeping columns, not curves. val_ppl is exp(val_loss), already drawn as the loss; val_pairs a count;
 # mfu_peak_flops the ceiling the MFU panel is already a fraction of; state_mb one figure, logged once.
 NOT_SERIES = {"step", "time", "tokens", "generated_tokens", "total_steps", "eta_s", "val_ppl", "ppl", "val_pairs",

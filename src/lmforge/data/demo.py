@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lmforge.config import Config
 from lmforge.console import log
+from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
 
 EN_QUESTIONS = {"+": ["What is {a} + {b}?", "Compute {a} + {b}.", "What is {a} plus {b}?"],
@@ -75,8 +76,6 @@ def make_demo(seed: int, max_digits: int, n_train: int, n_test: int, n_pretrain:
     `n_sft` keeps only the first n_sft SFT demonstrations (0: all n_train). All n_train are still drawn,
     so every other file is the same whatever n_sft is: runs that differ in it differ in nothing else.
     """
-    from lmforge.errors import LmforgeError
-
     if n_sft > n_train:
         raise LmforgeError(f"demo.n_sft={n_sft} is more than demo.n_train={n_train}: the SFT demonstrations are "
                            "the first n_sft of the n_train drawn (raise demo.n_train or lower demo.n_sft)")
